@@ -1,0 +1,80 @@
+"""The application object of one worker: config, routes, resolver, connector, metrics, relay choice.
+
+No global state: tests and workers build their own. A reload replaces the parts a new
+config changes; connections already running keep the objects they started with.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from sniproxy.proxy.relay import Relay, splice_available
+from sniproxy.proxy.resolver import MemoryDnsCache, Resolver
+from sniproxy.proxy.routes import RouteTable
+from sniproxy.proxy.server import ConnectionInfo
+from sniproxy.proxy.upstream import Connector
+from sniproxy.telemetry.metrics import ProxyMetrics
+
+log = logging.getLogger("sniproxy")
+access_log = logging.getLogger("sniproxy.access")
+
+
+class ProxyApp:
+    def __init__(self, config, metrics: ProxyMetrics, *, kernel_relay=None, dns_cache=None):
+        self.metrics = metrics
+        self.kernel_relay = kernel_relay          # sniproxy.ebpf.sockmap relay when active, else None
+        self.splice_ok = splice_available()
+        self._dns_cache = dns_cache
+        self.config = config
+        self.apply(config)
+
+    def apply(self, config) -> None:
+        """Build everything that depends on the config (start and reload)."""
+        self.config = config
+        self.routes = RouteTable(config.routes, config.default_backend)
+        cache = self._dns_cache or MemoryDnsCache(config.dns.cache_size)
+        self._dns_cache = cache
+        self.resolver = Resolver(
+            cache,
+            nameservers=config.dns.nameservers,
+            min_ttl_s=config.dns.min_ttl_s,
+            max_ttl_s=config.dns.max_ttl_s,
+            negative_ttl_s=config.dns.negative_ttl_s,
+            timeout_s=config.timeouts.dns_s,
+        )
+        self.connector = Connector(self.resolver, config.upstreams, config.timeouts.connect_s)
+        mode = config.relay.mode
+        if mode == "splice" and not self.splice_ok:
+            log.warning("relay.mode is \"splice\" but splice(2) does not work here: using copy")
+        self.use_splice = self.splice_ok and mode in ("auto", "splice")
+
+    def relay_factory(self, client: socket.socket, backend: socket.socket):
+        idle = self.config.timeouts.idle_s
+        if self.kernel_relay is not None:
+            relay = self.kernel_relay.try_relay(client, backend, idle_timeout_s=idle)
+            if relay is not None:
+                self.metrics.relay_mode.labels("sockmap").inc()
+                return relay
+        relay = Relay(client, backend, use_splice=self.use_splice, idle_timeout_s=idle,
+                      buffer_bytes=self.config.relay.buffer_bytes)
+        self.metrics.relay_mode.labels(relay.kind).inc()
+        return relay
+
+    def access_logger(self, info: ConnectionInfo, result: Any, duration: float) -> None:
+        fields = {
+            "client": info.client,
+            "sni": info.sni,
+            "route": info.route,
+            "backend": info.backend,
+            "upstream": info.upstream,
+            "relay": info.relay,
+            "bytes_up": result.bytes_up,
+            "bytes_down": result.bytes_down,
+            "duration_s": round(duration, 4),
+            "outcome": result.outcome,
+        }
+        if result.detail:
+            fields["detail"] = result.detail
+        level = logging.INFO if result.outcome in ("ok", "idle_timeout") else logging.WARNING
+        access_log.log(level, "", extra={"fields": fields})

