@@ -36,8 +36,9 @@ def feed_all(client: Socks5Client, chunks: list[bytes]) -> list:
 
 
 def splits(data: bytes):
-    """Every way of cutting `data` into two pieces, plus one byte at a time."""
-    for i in range(len(data) + 1):
+    """Every way of cutting `data` into two non-empty pieces, plus one byte at a time.
+    (An empty read is EOF, so it never stands for "nothing yet".)"""
+    for i in range(1, len(data)):
         yield [data[:i], data[i:]]
     yield [data[i : i + 1] for i in range(len(data))]
 
@@ -145,7 +146,7 @@ def test_bytes_after_connected_are_not_ours():
 @given(st.lists(st.integers(min_value=0, max_value=40), max_size=12), st.binary(max_size=64))
 def test_any_fragmentation_gives_the_same_events(cuts, early):
     stream = METHOD_USERPASS + AUTH_OK + REPLY_V6 + early
-    points = sorted({min(c, len(stream)) for c in cuts})
+    points = sorted({c for c in cuts if 0 < c < len(stream)})
     chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
     client = Socks5Client("example.com", 443, "u", "p")
     events = []
@@ -266,3 +267,23 @@ def test_failed_client_refuses_more_bytes():
         client.receive_data(b"\x04\x00")
     with pytest.raises(RuntimeError, match="failed"):
         client.receive_data(b"\x05\x00")
+
+
+@pytest.mark.parametrize(
+    ("creds", "before", "words"),
+    [
+        (None, b"", "configure \"username\" and \"password\" for upstream 'corp'"),
+        (("u", "p"), b"", "check that it is a SOCKS5 server"),
+        (("u", "p"), METHOD_USERPASS, "probably rejected them"),
+        (None, METHOD_NOAUTH, "before answering CONNECT example.com:443"),
+        (None, METHOD_NOAUTH + b"\x05\x00\x00", "before answering CONNECT"),
+    ],
+)
+def test_eof_says_at_which_step(creds, before, words):
+    client = Socks5Client("example.com", 443, *(creds or ()), upstream="corp")
+    if before:
+        client.receive_data(before)
+    with pytest.raises(Socks5Error) as err:
+        client.receive_data(b"")
+    assert err.value.code == "server_closed"
+    assert words in str(err.value) and "closed the connection" in str(err.value)

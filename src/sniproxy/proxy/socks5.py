@@ -14,7 +14,8 @@ No sockets here. The caller owns the IO and drives the state machine::
                 ...
 
 `receive_data` buffers partial replies, so bytes may arrive split anywhere (one byte at a time
-works). Every protocol failure raises `Socks5Error` whose `code` is a short stable slug (usable as a
+works). `receive_data(b"")` means the server closed the connection (EOF) and raises an error that
+says at which step it happened, since many servers (pproxy) close instead of answering a failure. Every protocol failure raises `Socks5Error` whose `code` is a short stable slug (usable as a
 metric label) and whose `message` tells what happened and what to do.
 
 Domain names are sent as ATYP 3 so that the SOCKS server resolves them (remote DNS: the name may only
@@ -155,6 +156,10 @@ class Socks5Client:
             raise RuntimeError("SOCKS5 negotiation already finished; bytes now belong to the relay")
         if self.state is State.FAILED:
             raise RuntimeError("SOCKS5 negotiation already failed")
+        if not data:
+            error = self._closed_error()
+            self.state = State.FAILED
+            raise error
         self._buf += data
         events: list[Event] = []
         try:
@@ -168,6 +173,21 @@ class Socks5Client:
             self.state = State.FAILED
             raise
         return events
+
+    def _closed_error(self) -> Socks5Error:
+        where = f"SOCKS5 server of upstream {self.upstream!r} closed the connection"
+        if self.state is State.AWAIT_METHOD:
+            hint = ("before choosing an authentication method; if it requires authentication, "
+                    f"configure \"username\" and \"password\" for upstream {self.upstream!r}"
+                    if self._auth is None else
+                    "before choosing an authentication method; check that it is a SOCKS5 server")
+        elif self.state is State.AWAIT_AUTH:
+            hint = (f"after receiving the username/password for user {self.username!r}: it "
+                    "probably rejected them; check the credentials in the config")
+        else:
+            hint = (f"before answering CONNECT {self.host}:{self.port}; it may refuse this "
+                    "destination or be unable to reach it (see the SOCKS server's log)")
+        return Socks5Error("server_closed", f"{where} {hint}")
 
     # -- one reader per state, as h11 does -------------------------------------------------------
 
