@@ -227,7 +227,9 @@ def _is_grease(value: int) -> bool:
     return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
 
 
-def parse_client_hello(buf: bytes | bytearray | memoryview, limit: int = MAX_CLIENT_HELLO) -> Outcome:
+def parse_client_hello(
+    buf: bytes | bytearray | memoryview, limit: int = MAX_CLIENT_HELLO
+) -> Outcome:
     """Parse the ClientHello at the start of `buf` (everything the client sent so far).
 
     `limit` caps the handshake body length. Never raises for any content of `buf`.
@@ -536,7 +538,8 @@ def _validate_host_name(raw: bytes) -> str:
         # refuse and name the correct form when there is one.
         suggestion = ""
         try:
-            suggestion = f" (the A-label form would be {raw.decode('utf-8').encode('idna').decode()!r})"
+            a_label = raw.decode("utf-8").encode("idna").decode("ascii")
+            suggestion = f" (the A-label form would be {a_label!r})"
         except Exception:
             pass
         raise _Reject(
@@ -563,7 +566,9 @@ def _parse_alpn(data: bytes) -> tuple[str, ...]:
         raise _Reject("malformed", "ALPN extension is too short for its list length")
     list_len = _U16.unpack_from(data, 0)[0]
     if list_len + 2 != len(data) or list_len < 2:
-        raise _Reject("malformed", f"ALPN list claims {list_len} bytes in a {len(data)}-byte extension")
+        raise _Reject(
+            "malformed", f"ALPN list claims {list_len} bytes in a {len(data)}-byte extension"
+        )
     names: list[str] = []
     pos = 2
     while pos < len(data):
@@ -596,8 +601,9 @@ class ClientHelloReader:
 
     `feed(data)` returns the current outcome; after a `ClientHello` or `Rejected` it keeps
     returning that same outcome. `buffered` holds every byte fed, for forwarding upstream.
-    The buffer is bounded: a decision always comes within limit + 4 + 5 * MAX_HELLO_RECORDS +
-    MAX_RECORD_PAYLOAD bytes.
+    Before the decision the buffer is bounded: one always comes within limit + 4 +
+    5 * MAX_HELLO_RECORDS + MAX_RECORD_PAYLOAD bytes. After it, the caller stops feeding and
+    relays `buffered` plus whatever it reads next.
     """
 
     def __init__(self, limit: int = MAX_CLIENT_HELLO) -> None:
