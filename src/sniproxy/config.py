@@ -313,7 +313,7 @@ def _check_metrics_addr(value: str) -> str:
 
 
 def _check_plain_addr(value: str) -> str:
-    return str(parse_hostport(value, what="an address", example="127.0.0.1:1080"))
+    return str(parse_hostport(value, what="the SOCKS5 server", example="127.0.0.1:1080"))
 
 
 def _check_backend(value: str) -> str:
@@ -365,7 +365,7 @@ def _check_match(value: str) -> str:
 
 def _check_name(value: str) -> str:
     if not value or len(value) > 128 or not value.isprintable():
-        raise ValueError("expected a non-empty printable name of at most 128 characters")
+        raise ValueError("expected a printable name of 1 to 128 characters")
     return value
 
 
@@ -640,10 +640,13 @@ def _cross_field_problems(cfg: Config) -> list[ConfigProblem]:
                 )
             )
         elif label in name_seen and route.match != cfg.routes[name_seen[label]].match:
+            # Blame the route whose explicit "name" caused the clash (a default name is the match).
+            earlier = name_seen[label]
+            blamed, other = (i, earlier) if route.name is not None else (earlier, i)
             problems.append(
                 ConfigProblem(
-                    f"routes[{i}].name",
-                    _got(label, f"already the name of routes[{name_seen[label]}]; route names label metrics and must be unique"),
+                    f"routes[{blamed}].name",
+                    _got(label, f"already the name of routes[{other}]; route names label metrics and must be unique"),
                 )
             )
         else:
