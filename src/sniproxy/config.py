@@ -38,6 +38,9 @@ __all__ = [
     "Backend",
     "Config",
     "ConfigError",
+    "DnsCacheMapConfig",
+    "SockmapConfig",
+    "StatsConfig",
     "ConfigProblem",
     "DnsConfig",
     "EbpfConfig",
@@ -398,7 +401,6 @@ GiB = 1024 * MiB
 
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
-Seconds = Annotated[float, Strict(), Field(gt=0, le=86400)]
 ListenAddr = Annotated[Str, AfterValidator(_check_listen_addr)]
 
 
@@ -411,10 +413,6 @@ def _hint(expected: str, default: Any = PydanticUndefined) -> Any:
     return Field(default=default, json_schema_extra={"expected": expected})
 
 
-def _int(lo: int, hi: int) -> Any:
-    return Annotated[int, Strict(), Field(ge=lo, le=hi)]
-
-
 class Timeouts(_Model):
     client_hello_s: Annotated[float, Strict(), Field(gt=0, le=300)] = 5.0
     connect_s: Annotated[float, Strict(), Field(gt=0, le=300)] = 5.0
@@ -425,14 +423,14 @@ class Timeouts(_Model):
 
 class SockmapConfig(_Model):
     enabled: Bool = True
-    max_entries: _int(2, 1 << 24) = 65536
-    max_inflight_bytes: _int(64 * KiB, 1 * GiB) = 4 * MiB
-    sndbuf_bytes: _int(4 * KiB, 1 * GiB) | None = None
+    max_entries: Annotated[int, Strict(), Field(ge=2, le=1 << 24)] = 65536
+    max_inflight_bytes: Annotated[int, Strict(), Field(ge=64 * KiB, le=1 * GiB)] = 4 * MiB
+    sndbuf_bytes: Annotated[int, Strict(), Field(ge=4 * KiB, le=1 * GiB)] | None = None
 
 
 class DnsCacheMapConfig(_Model):
     enabled: Bool = True
-    max_entries: _int(1, 1 << 24) = 10000
+    max_entries: Annotated[int, Strict(), Field(ge=1, le=1 << 24)] = 10000
     pin_path: Annotated[Str, AfterValidator(_check_abs_path)] | None = _hint(
         'an absolute path on a bpffs mount (e.g. "/sys/fs/bpf/sni-proxy")', "/sys/fs/bpf/sni-proxy"
     )
@@ -454,10 +452,10 @@ class DnsConfig(_Model):
         Annotated[tuple[Annotated[Str, AfterValidator(_check_nameserver)], ...], Field(min_length=1, max_length=8)]
         | None
     ) = _hint('a list of IP addresses or "ip:port" (e.g. ["1.1.1.1", "[2606:4700::1111]:53"])', None)
-    min_ttl_s: _int(0, 86400) = 5
-    max_ttl_s: _int(1, 7 * 86400) = 3600
-    negative_ttl_s: _int(0, 3600) = 5
-    cache_size: _int(1, 10_000_000) = 10000
+    min_ttl_s: Annotated[int, Strict(), Field(ge=0, le=86400)] = 5
+    max_ttl_s: Annotated[int, Strict(), Field(ge=1, le=7 * 86400)] = 3600
+    negative_ttl_s: Annotated[int, Strict(), Field(ge=0, le=3600)] = 5
+    cache_size: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 10000
 
 
 class LogConfig(_Model):
@@ -471,7 +469,7 @@ class LogConfig(_Model):
 
 class RelayConfig(_Model):
     mode: Literal["auto", "splice", "copy"] = "auto"
-    buffer_bytes: _int(4 * KiB, 16 * MiB) = 64 * KiB
+    buffer_bytes: Annotated[int, Strict(), Field(ge=4 * KiB, le=16 * MiB)] = 64 * KiB
 
 
 class Socks5Upstream(_Model):
@@ -516,9 +514,9 @@ class Config(_Model):
         'a "host:port" string or a list of 1 to 64 of them (e.g. "0.0.0.0:8443", ["0.0.0.0:8443", "[::]:8443"])',
         ("0.0.0.0:8443",),
     )
-    listen_backlog: _int(1, 65535) = 4096
-    max_connections: _int(1, 10_000_000) = 50000
-    workers: _int(1, 256) = 1
+    listen_backlog: Annotated[int, Strict(), Field(ge=1, le=65535)] = 4096
+    max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 50000
+    workers: Annotated[int, Strict(), Field(ge=1, le=256)] = 1
     metrics_addr: Annotated[Str, AfterValidator(_check_metrics_addr)] | None = _hint(
         '"host:port" of the HTTP endpoint (e.g. "127.0.0.1:9090"), or null to disable it', "127.0.0.1:9090"
     )
