@@ -1,0 +1,419 @@
+"""How the proxy reaches a backend: direct (Happy Eyeballs) or through a SOCKS5 upstream.
+
+The results are connected, NON-BLOCKING raw `socket.socket`s with TCP_NODELAY, never asyncio
+streams: the relay later works on raw file descriptors (splice, sockmap). All IO goes through
+`loop.sock_connect / sock_recv / sock_sendall`, which asyncio and uvloop both provide.
+
+`Connector.connect` is the one entry point for the server: it resolves (direct) or delegates the
+resolution (SOCKS5), refuses internal destinations of dynamic routes, connects, and writes the
+PROXY protocol header so that the returned socket is ready for the client's bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sniproxy.proxy import proxy_protocol, socks5
+from sniproxy.proxy.resolver import ResolveError, Resolver, ip_literal
+from sniproxy.proxy.routes import is_forbidden_destination
+
+UPSTREAM_ERROR_KINDS = ("refused", "timeout", "unreachable", "dns", "socks", "forbidden")
+
+# SOCKS5 handshake replies are at most 262 bytes; a bigger read may also bring early backend bytes,
+# which are returned as leftover.
+SOCKS_RECV_SIZE = 16384
+
+
+class UpstreamError(Exception):
+    """Could not reach the backend. `kind` is one of UPSTREAM_ERROR_KINDS (a metric label);
+    `attempts` lists (address, error) for every address tried."""
+
+    def __init__(self, kind: str, message: str, attempts: Sequence[tuple[str, str]] = ()) -> None:
+        assert kind in UPSTREAM_ERROR_KINDS, kind
+        self.kind = kind
+        self.message = message
+        self.attempts = list(attempts)
+        detail = "; ".join(f"{a}: {e}" for a, e in self.attempts)
+        super().__init__(f"{message} (tried {detail})" if detail else message)
+
+
+# -- destination safety for dynamic routes ---------------------------------------------------------
+
+def forbidden_reason(ip: str) -> str | None:
+    """Why a dynamic ($sni) route must not reach `ip` ("loopback", "private", ...), or None."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return "not an IP address"
+    return is_forbidden_destination(addr)
+
+
+# -- direct connection: Happy Eyeballs (RFC 8305) --------------------------------------------------
+
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def interleave_families(addresses: Sequence[str]) -> list[str]:
+    """RFC 8305 section 4: alternate families, starting with the family of the first address."""
+    if not addresses:
+        return []
+    first = _family(addresses[0])
+    primary = [a for a in addresses if _family(a) == first]
+    secondary = [a for a in addresses if _family(a) != first]
+    out: list[str] = []
+    for i in range(max(len(primary), len(secondary))):
+        out += primary[i : i + 1] + secondary[i : i + 1]
+    return out
+
+
+def format_addr(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _describe_oserror(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _connect_one(ip: str, port: int, local_addr: tuple[str, int] | None) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(_family(ip), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if local_addr is not None:
+            sock.bind(local_addr)
+        target = (ip, port, 0, 0) if ":" in ip else (ip, port)
+        await loop.sock_connect(sock, target)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def open_direct(
+    addresses: list[str],
+    port: int,
+    *,
+    timeout_s: float,
+    happy_eyeballs_delay_s: float = 0.25,
+    local_addr: tuple[str, int] | None = None,
+) -> socket.socket:
+    """Connect to the first of `addresses` that answers, racing them as RFC 8305 says.
+
+    Attempts start in interleaved family order, each `happy_eyeballs_delay_s` after the previous
+    one or as soon as the previous one fails; the first success wins and every other attempt is
+    cancelled and closed. Raises UpstreamError("refused" | "timeout" | "unreachable" | "dns").
+    """
+    literals = [ip_literal(a) for a in addresses]
+    bad = [a for a, lit in zip(addresses, literals) if lit is None]
+    if bad:
+        raise ValueError(f"open_direct needs IP addresses, got {bad!r}: resolve names first")
+    order = interleave_families(list(dict.fromkeys(lit for lit in literals if lit)))
+    if not order:
+        raise UpstreamError("dns", f"no addresses to connect to for port {port}")
+    tasks: dict[asyncio.Task[socket.socket], str] = {}
+    errors: dict[str, str] = {}
+    winner: socket.socket | None = None
+    timed_out = False
+    next_index = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while winner is None:
+                if next_index < len(order):
+                    ip = order[next_index]
+                    next_index += 1
+                    tasks[asyncio.ensure_future(_connect_one(ip, port, local_addr))] = ip
+                pending = [t for t in tasks if not t.done()]
+                if not pending:
+                    break  # every address failed
+                # Wait for a result, or for the moment to start the next attempt.
+                more_to_start = next_index < len(order)
+                done, _ = await asyncio.wait(
+                    pending,
+                    timeout=happy_eyeballs_delay_s if more_to_start else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        if winner is None:
+                            winner = task.result()
+                    else:
+                        errors[tasks[task]] = _describe_oserror(exc)
+    except TimeoutError:
+        timed_out = True
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        # Collect losers; one may have connected in the same instant as the winner.
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for res in results:
+            if isinstance(res, socket.socket) and res is not winner:
+                res.close()
+    if winner is not None:
+        return winner
+    attempts = []
+    for ip in order:
+        target = format_addr(ip, port)
+        if ip in errors:
+            attempts.append((target, errors[ip]))
+        elif any(v == ip for v in tasks.values()):
+            attempts.append((target, f"no answer within {timeout_s:g}s"))
+    targets = ", ".join(format_addr(ip, port) for ip in order)
+    if timed_out:
+        raise UpstreamError(
+            "timeout",
+            f"connecting to {targets} timed out after {timeout_s:g}s; the backend may be down or "
+            f"filtered, or raise connect_timeout",
+            attempts,
+        )
+    if any(e == "connection refused" for e in errors.values()):
+        raise UpstreamError(
+            "refused",
+            f"backend refused the connection at {targets}; is the service listening on port {port}?",
+            attempts,
+        )
+    raise UpstreamError("unreachable", f"backend {targets} is unreachable from this host", attempts)
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Write all of `data` to a non-blocking socket."""
+    if data:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+
+# -- SOCKS5 ----------------------------------------------------------------------------------------
+
+_SOCKS_KIND = {
+    "connection_refused": "refused",
+    "host_unreachable": "unreachable",
+    "network_unreachable": "unreachable",
+    "ttl_expired": "timeout",
+}
+
+
+def parse_host_port(addr: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port)."""
+    if addr.startswith("["):
+        host, sep, rest = addr[1:].partition("]")
+        port_s = rest[1:] if sep and rest.startswith(":") else ""
+    else:
+        host, _, port_s = addr.rpartition(":")
+    if not host or not port_s.isdigit() or not 0 < int(port_s) <= 0xFFFF:
+        raise ValueError(f"expected \"host:port\", got {addr!r}")
+    return host, int(port_s)
+
+
+async def open_socks5(
+    server: tuple[str, int],
+    target_host: str,
+    target_port: int,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    timeout_s: float,
+    upstream_name: str = "socks5",
+    resolver: Resolver | None = None,
+    happy_eyeballs_delay_s: float = 0.25,
+) -> tuple[socket.socket, bytes]:
+    """Connect to `server` and CONNECT to target_host:target_port through it.
+
+    Names are sent to the server unresolved (it resolves them). Returns the socket and the leftover
+    bytes the backend sent right after the server's reply: deliver those to the client first.
+    The whole thing (connect + handshake) is bounded by `timeout_s`.
+    """
+    server_host, server_port = server
+    label = f"SOCKS5 upstream {upstream_name!r} ({format_addr(server_host, server_port)})"
+    start = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout_s):
+            if ip_literal(server_host) is not None:
+                server_ips = [ip_literal(server_host) or server_host]
+            elif resolver is not None:
+                server_ips = await resolver.resolve(server_host)
+            else:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    server_host, server_port, type=socket.SOCK_STREAM)
+                server_ips = list(dict.fromkeys(info[4][0] for info in infos))
+    except ResolveError as exc:
+        raise UpstreamError("dns", f"{label}: {exc}") from exc
+    except (TimeoutError, OSError) as exc:
+        raise UpstreamError("dns", f"{label}: cannot resolve its host name: {exc}") from exc
+    remaining = max(0.001, timeout_s - (time.monotonic() - start))
+    try:
+        sock = await open_direct(server_ips, server_port, timeout_s=remaining,
+                                 happy_eyeballs_delay_s=happy_eyeballs_delay_s)
+    except UpstreamError as exc:
+        raise UpstreamError("socks", f"{label} is not reachable: {exc.message}", exc.attempts) from exc
+    loop = asyncio.get_running_loop()
+    try:
+        client = socks5.Socks5Client(target_host, target_port, username, password,
+                                     upstream=upstream_name)
+        remaining = max(0.001, timeout_s - (time.monotonic() - start))
+        async with asyncio.timeout(remaining):
+            await loop.sock_sendall(sock, client.initial_bytes())
+            # Bounded: each read either ends the handshake, advances it, or hits EOF / the deadline.
+            while True:
+                data = await loop.sock_recv(sock, SOCKS_RECV_SIZE)
+                # b"" (EOF) makes the client raise an error naming the step that failed.
+                for event in client.receive_data(data):
+                    if isinstance(event, socks5.SendData):
+                        await loop.sock_sendall(sock, event.data)
+                    else:
+                        return sock, event.leftover
+    except socks5.Socks5Error as exc:
+        sock.close()
+        raise UpstreamError(_SOCKS_KIND.get(exc.code, "socks"), f"{label}: {exc.message}") from exc
+    except TimeoutError:
+        sock.close()
+        raise UpstreamError(
+            "timeout",
+            f"{label} did not finish the SOCKS5 handshake for {target_host}:{target_port} within "
+            f"{timeout_s:g}s (state {client.state.value})",
+        ) from None
+    except OSError as exc:
+        sock.close()
+        raise UpstreamError("socks", f"{label}: {_describe_oserror(exc)} during the handshake") from exc
+    except BaseException:
+        sock.close()
+        raise
+
+
+# -- Connector -------------------------------------------------------------------------------------
+
+class ConnectDecision(Protocol):
+    """What the route table decided; routes.RouteDecision satisfies it."""
+
+    host: str
+    port: int
+    upstream: str  # "direct" or the name of a configured upstream
+    proxy_protocol: str | None  # None, "v1" or "v2"
+    dynamic: bool  # the backend host came from the client's SNI ("$sni")
+    allow_private: bool
+
+
+@dataclass
+class Connected:
+    sock: socket.socket  # connected, non-blocking, TCP_NODELAY; the PROXY header already sent
+    leftover: bytes  # backend bytes that arrived with the SOCKS5 reply: send to the client first
+    backend_addr: str  # "ip:port" for direct, "host:port" as asked of the SOCKS5 server
+    connect_seconds: float  # resolution + connect + handshake + PROXY header
+    upstream: str = "direct"
+    attempts: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Connector:
+    """Connects route decisions to backends. `upstreams` maps names to objects with `addr`
+    ("host:port"), `username` and `password` attributes (SOCKS5 upstreams of the config)."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        upstreams: dict[str, Any],
+        connect_timeout_s: float,
+        *,
+        happy_eyeballs_delay_s: float = 0.25,
+    ) -> None:
+        self.resolver = resolver
+        self.upstreams = dict(upstreams)
+        self.connect_timeout_s = connect_timeout_s
+        self.happy_eyeballs_delay_s = happy_eyeballs_delay_s
+
+    async def connect(
+        self,
+        decision: ConnectDecision,
+        client_addr: Sequence | None,
+        server_addr: Sequence | None,
+    ) -> Connected:
+        start = time.monotonic()
+        if decision.upstream == "direct":
+            sock, backend = await self._direct(decision)
+            leftover = b""
+        else:
+            sock, leftover, backend = await self._socks(decision)
+        try:
+            if decision.proxy_protocol:
+                header = proxy_protocol.encode(decision.proxy_protocol, client_addr, server_addr)
+                async with asyncio.timeout(self.connect_timeout_s):
+                    await send_all(sock, header)
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, (TimeoutError, OSError)):
+                raise UpstreamError(
+                    "unreachable", f"sending the PROXY header to {backend} failed: "
+                    f"{_describe_oserror(exc)}") from exc
+            raise
+        return Connected(sock, leftover, backend, time.monotonic() - start, decision.upstream)
+
+    def _check_destination(self, decision: ConnectDecision, ip: str) -> str | None:
+        if not decision.dynamic or decision.allow_private:
+            return None
+        return forbidden_reason(ip)
+
+    def _forbidden(self, decision: ConnectDecision, refused: list[tuple[str, str]]) -> UpstreamError:
+        listing = ", ".join(f"{ip} ({why})" for ip, why in refused)
+        return UpstreamError(
+            "forbidden",
+            f"refusing dynamic destination {decision.host}:{decision.port}: it resolves to {listing}; "
+            f"a route that takes its backend from the SNI must not reach internal addresses. "
+            f"If this is intended, set \"allow_private\": true on the route",
+        )
+
+    async def _direct(self, decision: ConnectDecision) -> tuple[socket.socket, str]:
+        try:
+            addresses = await self.resolver.resolve(decision.host)
+        except ResolveError as exc:
+            raise UpstreamError("dns", str(exc)) from exc
+        allowed, refused = [], []
+        for ip in addresses:
+            why = self._check_destination(decision, ip)
+            if why:
+                refused.append((ip, why))
+            else:
+                allowed.append(ip)
+        if not allowed:
+            raise self._forbidden(decision, refused)
+        # A name resolving to public and internal addresses (DNS rebinding) only gets the public ones.
+        sock = await open_direct(
+            allowed, decision.port, timeout_s=self.connect_timeout_s,
+            happy_eyeballs_delay_s=self.happy_eyeballs_delay_s,
+        )
+        peer = sock.getpeername()
+        return sock, format_addr(peer[0], peer[1])
+
+    async def _socks(self, decision: ConnectDecision) -> tuple[socket.socket, bytes, str]:
+        cfg = self.upstreams.get(decision.upstream)
+        if cfg is None:
+            known = ", ".join(sorted(self.upstreams)) or "none"
+            raise UpstreamError(
+                "socks", f"route uses upstream {decision.upstream!r} which is not configured "
+                f"(configured: {known}); add it under \"upstreams\"")
+        literal = ip_literal(decision.host)
+        if literal is not None:
+            why = self._check_destination(decision, literal)
+            if why:
+                raise self._forbidden(decision, [(literal, why)])
+        try:
+            server = parse_host_port(cfg.addr)
+        except ValueError as exc:
+            raise UpstreamError("socks", f"upstream {decision.upstream!r}: addr {exc}") from exc
+        sock, leftover = await open_socks5(
+            server, decision.host, decision.port,
+            username=getattr(cfg, "username", None), password=getattr(cfg, "password", None),
+            timeout_s=self.connect_timeout_s, upstream_name=decision.upstream,
+            resolver=self.resolver, happy_eyeballs_delay_s=self.happy_eyeballs_delay_s,
+        )
+        return sock, leftover, format_addr(literal or decision.host, decision.port)
