@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /* CPU profiler: a perf_event program attached to one software cpu-clock event per CPU.
  *
- * Every sample is counted in sni_prof_counts under (tgid, tid, comm, kernel stack id, user
- * stack id); the stacks themselves live in sni_prof_stacks (a STACK_TRACE map). User space
+ * Every sample is counted in sni_proxy_pcnt under (tgid, tid, comm, kernel stack id, user
+ * stack id); the stacks themselves live in sni_proxy_pstk (a STACK_TRACE map). User space
  * sizes both maps from EbpfConfig.max_samples before load and symbolizes at snapshot time.
- * Nothing is dropped silently: every outcome has a slot in the per-CPU sni_prof_stats array.
+ * Nothing is dropped silently: every outcome has a slot in the per-CPU sni_proxy_pstat array.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -19,7 +19,7 @@
 /* Which tasks to sample; set from user space through .rodata before load, so the verifier
  * prunes the unused branches. */
 #define FILTER_NONE 0
-#define FILTER_TGIDS 1			/* tgid must be a key of sni_prof_tgids */
+#define FILTER_TGIDS 1			/* tgid must be a key of sni_proxy_ptgid */
 #define FILTER_CGROUP 2			/* task's cgroup v2 id must equal filter_cgroup_id */
 const volatile __u32 filter_mode = FILTER_NONE;
 const volatile __u64 filter_cgroup_id = 0;
@@ -27,7 +27,7 @@ const volatile __u64 filter_cgroup_id = 0;
  * them by default and so do we. */
 const volatile bool include_idle = false;
 
-/* Slots of sni_prof_stats; keep in sync with profiler.py STAT_* */
+/* Slots of sni_proxy_pstat; keep in sync with profiler.py STAT_* */
 enum stat_slot {
 	STAT_SAMPLES = 0,	/* samples that passed the filter */
 	STAT_DROPPED,		/* counts map full (max_samples reached): sample lost */
@@ -53,32 +53,41 @@ struct {
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, PERF_MAX_STACK_DEPTH * sizeof(__u64));
 	__uint(max_entries, 16384);	/* resized from max_samples before load */
-} sni_prof_stacks SEC(".maps");
+} sni_proxy_pstk SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct sample_key);
 	__type(value, __u64);
 	__uint(max_entries, 10000);	/* = max_samples, set before load */
-} sni_prof_counts SEC(".maps");
+} sni_proxy_pcnt SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);		/* tgid */
 	__type(value, __u8);
 	__uint(max_entries, MAX_TARGET_TGIDS);
-} sni_prof_tgids SEC(".maps");
+} sni_proxy_ptgid SEC(".maps");
+
+/* Processes seen sampling, so user space can snapshot their /proc/PID/maps while they live
+ * (a process that exits before symbolization is still resolved). LRU: bounded, oldest go. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __u32);		/* tgid */
+	__type(value, __u8);
+	__uint(max_entries, 4096);
+} sni_proxy_pseen SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, __u64);
 	__uint(max_entries, STAT_MAX);
-} sni_prof_stats SEC(".maps");
+} sni_proxy_pstat SEC(".maps");
 
 static __always_inline void stat_inc(__u32 slot)
 {
-	__u64 *value = bpf_map_lookup_elem(&sni_prof_stats, &slot);
+	__u64 *value = bpf_map_lookup_elem(&sni_proxy_pstat, &slot);
 
 	if (value)	/* per-CPU slot: no other writer, no atomic needed */
 		*value += 1;
@@ -89,18 +98,19 @@ static __always_inline bool wanted(__u32 tgid)
 	if (tgid == 0 && !include_idle)
 		return false;
 	if (filter_mode == FILTER_TGIDS)
-		return bpf_map_lookup_elem(&sni_prof_tgids, &tgid) != NULL;
+		return bpf_map_lookup_elem(&sni_proxy_ptgid, &tgid) != NULL;
 	if (filter_mode == FILTER_CGROUP)
 		return bpf_get_current_cgroup_id() == filter_cgroup_id;
 	return true;
 }
 
 SEC("perf_event")
-int sni_prof_sample(struct bpf_perf_event_data *ctx)
+int sni_proxy_prof(struct bpf_perf_event_data *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct sample_key key = {};
 	__u64 one = 1, *count;
+	__u8 zero = 0;
 	long err;
 
 	key.tgid = id >> 32;
@@ -109,8 +119,11 @@ int sni_prof_sample(struct bpf_perf_event_data *ctx)
 		return 0;
 	stat_inc(STAT_SAMPLES);
 	bpf_get_current_comm(&key.comm, sizeof(key.comm));
+	/* Look up first: an LRU update allocates (and may evict) even when the key exists. */
+	if (!bpf_map_lookup_elem(&sni_proxy_pseen, &key.tgid))
+		bpf_map_update_elem(&sni_proxy_pseen, &key.tgid, &zero, BPF_ANY);
 
-	key.kernel_stack_id = bpf_get_stackid(ctx, &sni_prof_stacks, 0);
+	key.kernel_stack_id = bpf_get_stackid(ctx, &sni_proxy_pstk, 0);
 	if (key.kernel_stack_id == -EFAULT)
 		stat_inc(STAT_USER_ONLY);	/* normal: the CPU was in user mode */
 	else if (key.kernel_stack_id == -EEXIST)
@@ -118,7 +131,7 @@ int sni_prof_sample(struct bpf_perf_event_data *ctx)
 	else if (key.kernel_stack_id < 0)
 		stat_inc(STAT_KSTACK_ERROR);
 
-	key.user_stack_id = bpf_get_stackid(ctx, &sni_prof_stacks, BPF_F_USER_STACK);
+	key.user_stack_id = bpf_get_stackid(ctx, &sni_proxy_pstk, BPF_F_USER_STACK);
 	if (key.user_stack_id == -EEXIST)
 		stat_inc(STAT_USTACK_COLLISION);
 	else if (key.user_stack_id == -EFAULT)
@@ -128,15 +141,15 @@ int sni_prof_sample(struct bpf_perf_event_data *ctx)
 
 	/* The sample is counted even when a stack was lost, so totals stay right; the key
 	 * then carries the negative errno and user space shows "[lost stack]". */
-	count = bpf_map_lookup_elem(&sni_prof_counts, &key);
+	count = bpf_map_lookup_elem(&sni_proxy_pcnt, &key);
 	if (count) {
 		__sync_fetch_and_add(count, 1);	/* two CPUs may share a key (same thread migrated) */
 		return 0;
 	}
-	err = bpf_map_update_elem(&sni_prof_counts, &key, &one, BPF_NOEXIST);
+	err = bpf_map_update_elem(&sni_proxy_pcnt, &key, &one, BPF_NOEXIST);
 	if (err == -EEXIST) {
 		/* another CPU inserted the same key between our lookup and update */
-		count = bpf_map_lookup_elem(&sni_prof_counts, &key);
+		count = bpf_map_lookup_elem(&sni_proxy_pcnt, &key);
 		if (count)
 			__sync_fetch_and_add(count, 1);
 	} else if (err) {
