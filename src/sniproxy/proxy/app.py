@@ -30,23 +30,26 @@ class ProxyApp:
         self.apply(config)
 
     def apply(self, config) -> None:
-        """Build everything that depends on the config (start and reload)."""
-        self.config = config
-        self.routes = RouteTable(config.routes, config.default_backend)
+        """Build everything that depends on the config (start and reload).
+
+        All parts are built first and swapped in together: a failure leaves the old ones.
+        """
+        routes = RouteTable(config.routes, config.default_backend)
         cache = self._dns_cache or MemoryDnsCache(config.dns.cache_size)
-        self._dns_cache = cache
-        self.resolver = Resolver(
+        resolver = Resolver(
             cache,
-            nameservers=config.dns.nameservers,
+            nameservers=list(config.dns.nameservers) if config.dns.nameservers else None,
             min_ttl_s=config.dns.min_ttl_s,
             max_ttl_s=config.dns.max_ttl_s,
             negative_ttl_s=config.dns.negative_ttl_s,
             timeout_s=config.timeouts.dns_s,
         )
-        self.connector = Connector(self.resolver, config.upstreams, config.timeouts.connect_s)
+        connector = Connector(resolver, config.upstreams, config.timeouts.connect_s)
         mode = config.relay.mode
         if mode == "splice" and not self.splice_ok:
             log.warning("relay.mode is \"splice\" but splice(2) does not work here: using copy")
+        self.config, self.routes, self.resolver, self.connector = config, routes, resolver, connector
+        self._dns_cache = cache
         self.use_splice = self.splice_ok and mode in ("auto", "splice")
 
     def relay_factory(self, client: socket.socket, backend: socket.socket):

@@ -179,6 +179,10 @@ class CopyPump:
                 raise
             self.start += n
             written += n
+        if self.start == self.end:
+            # Drained: reuse the buffer from its start (else `full` would stay true and
+            # the direction would never read again).
+            self.start = self.end = 0
         return written
 
     def close(self) -> None:

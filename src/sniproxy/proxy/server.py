@@ -205,6 +205,7 @@ class Worker:
                                  if hello.sni else "ClientHello without SNI and no default_backend")
                 _discard_queued(client)
                 _send_quietly(client, clienthello.tls_alert(clienthello.UNRECOGNIZED_NAME))
+                info.relay = "none"
                 return
             info.route = decision.route_name
             info.upstream = decision.upstream
@@ -239,6 +240,9 @@ class Worker:
             result.outcome = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
             result.detail = str(exc)
         finally:
+            if info.relay == "-":
+                # Never relayed: consume the peeked bytes so close() sends FIN, not RST.
+                _discard_queued(client)
             client.close()
             if backend is not None:
                 backend.close()
