@@ -60,7 +60,8 @@ async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
     loop = asyncio.get_running_loop()
     metrics = ProxyMetrics()
     kernel_relay = kernel_relay_factory(metrics) if kernel_relay_factory else None
-    app = ProxyApp(config, metrics, kernel_relay=kernel_relay)
+    app = ProxyApp(config, metrics, kernel_relay=kernel_relay,
+                   dns_cache=getattr(kernel_relay, "dns_cache", None))
     worker = Worker(app, listeners)
     worker.start()
     stop = asyncio.Event()
