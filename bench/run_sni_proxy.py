@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Start sni-proxy for ../shared/bench: turn the harness's routes file into a config.json.
+
+    --cmd '.venv/bin/python bench/run_sni_proxy.py --listen {listen} --routes {routes} --workers {workers}'
+    add --ebpf for the kernel data path, --socks {socks} to route through the harness's SOCKS5 server,
+    --metrics ADDR to move /metrics (default 127.0.0.1:19090, off the harness's ports).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--listen", required=True)
+    p.add_argument("--routes", required=True, help="file with lines 'SNI-NAME HOST:PORT'")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--ebpf", action="store_true", help="kernel data path (sockmap, BPF DNS cache, stats)")
+    p.add_argument("--socks", help="host:port of a SOCKS5 upstream for every route")
+    p.add_argument("--relay", default="auto", choices=["auto", "splice", "copy"])
+    p.add_argument("--metrics", default="127.0.0.1:19090")
+    args = p.parse_args()
+    routes = []
+    for line in Path(args.routes).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, backend = line.split()[:2]
+        route = {"match": name, "backend": backend}
+        if args.socks:
+            route["upstream"] = "bench"
+        routes.append(route)
+    config = {
+        "listen_addr": args.listen,
+        "metrics_addr": args.metrics,
+        "workers": max(1, args.workers),
+        "max_connections": 4000,
+        "routes": routes,
+        "relay": {"mode": args.relay},
+        "log": {"level": "warning", "access_log": False},
+        "ebpf": {"enabled": args.ebpf},
+    }
+    if args.socks:
+        config["upstreams"] = {"bench": {"type": "socks5", "addr": args.socks}}
+    fd, path = tempfile.mkstemp(prefix="sni-proxy-bench-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f, indent=2)
+    exe = str(ROOT / ".venv" / "bin" / "sni-proxy")
+    os.execv(exe, [exe, "--config", path])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
