@@ -214,6 +214,7 @@ class _Direction:
         budget = MAX_BYTES_PER_WAKEUP
         try:
             while budget > 0:
+                room = pump.capacity - pump.pending
                 n = pump.fill()
                 if n is None:
                     break
@@ -223,7 +224,9 @@ class _Direction:
                 written = pump.flush()
                 self.moved += written
                 budget -= n
-                if pump.pending:
+                if pump.pending or n < room:
+                    # A short read means the socket is (very likely) drained: skip the
+                    # read that would only say EAGAIN; epoll tells us when more arrives.
                     break
         except ConnectionReset as exc:
             self.relay.reset(f"{self.name} read/write: {exc}")
