@@ -1,4 +1,5 @@
-# sni-proxy: the two README commands are `make demo` and `make test`.
+# sni-proxy developer targets. The README's two commands are scripts/demo.sh and scripts/test.sh
+# (they need no make on a fresh machine); `make demo` / `make test` call them.
 BPF_DIR   := src/sniproxy/ebpf/bpf
 BPF_SRCS  := $(wildcard $(BPF_DIR)/*.bpf.c)
 BPF_OBJS  := $(BPF_SRCS:.bpf.c=.bpf.o)
@@ -22,12 +23,12 @@ $(BPF_DIR)/%.bpf.o: $(BPF_DIR)/%.bpf.c $(VMLINUX_H) $(wildcard $(BPF_DIR)/*.h)
 		-c $< -o $@
 
 # The whole test suite; eBPF tests fail (not skip) when eBPF is missing.
-test: setup
-	SNI_PROXY_REQUIRE_EBPF=1 .venv/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+test:
+	./scripts/test.sh $(PYTEST_ARGS)
 
 # Sets everything up and starts the proxy on examples/demo-config.json with local demo backends.
-demo: setup
-	.venv/bin/python examples/demo.py
+demo:
+	./scripts/demo.sh
 
 clean:
 	rm -f $(BPF_DIR)/*.bpf.o $(VMLINUX_H)

@@ -36,7 +36,7 @@ class ProxyApp:
         """
         routes = RouteTable(config.routes, config.default_backend)
         cache = self._dns_cache or MemoryDnsCache(config.dns.cache_size)
-        resolver = Resolver(
+        resolver = self._reusable_resolver(config) or Resolver(
             cache,
             nameservers=list(config.dns.nameservers) if config.dns.nameservers else None,
             min_ttl_s=config.dns.min_ttl_s,
@@ -51,6 +51,29 @@ class ProxyApp:
         self.config, self.routes, self.resolver, self.connector = config, routes, resolver, connector
         self._dns_cache = cache
         self.use_splice = self.splice_ok and mode in ("auto", "splice")
+
+    def _reusable_resolver(self, config):
+        """Keep the resolver (its cache, in-flight lookups and counters) when DNS settings stay."""
+        old = getattr(self, "resolver", None)
+        if old is not None and self.config.dns == config.dns and \
+                self.config.timeouts.dns_s == config.timeouts.dns_s:
+            return old
+        return None
+
+    # Resolver counters -> (level, result) labels of sniproxy_dns_cache_lookups
+    _DNS_COUNTERS = {"hits": ("cache", "hit"), "misses": ("cache", "miss"),
+                     "negative_hits": ("cache", "negative_hit"), "hosts_hits": ("hosts", "hit"),
+                     "errors": ("dns", "error"), "queries": ("dns", "query")}
+
+    def sync_dns_metrics(self) -> None:
+        """Publish the resolver's counters as deltas (workers write metrics, the supervisor reads)."""
+        stats = self.resolver.stats()
+        last = self._dns_last if getattr(self, "_dns_last_owner", None) is self.resolver else {}
+        for key, (level, result) in self._DNS_COUNTERS.items():
+            delta = stats.get(key, 0) - last.get(key, 0)
+            if delta > 0:
+                self.metrics.dns_lookups.labels(level, result).inc(delta)
+        self._dns_last, self._dns_last_owner = stats, self.resolver
 
     def relay_factory(self, client: socket.socket, backend: socket.socket):
         idle = self.config.timeouts.idle_s

@@ -152,7 +152,13 @@ class Supervisor:
         if time.monotonic() - slot.started > 30:
             slot.restarts = 0      # it ran fine for a while: not a crash loop
             delay = RESTART_BACKOFF_S[0]
-        log.error("worker %d (pid %d) died with %s; restarting in %.1fs", slot.index, slot.pid, why, delay)
+        if code == 0:
+            # A stop signal sent to the whole process group (Ctrl-C, `timeout`) reaches the
+            # worker before the supervisor: restart unless the supervisor's stop follows.
+            log.warning("worker %d (pid %d) exited without being asked; restarting in %.1fs",
+                        slot.index, slot.pid, delay)
+        else:
+            log.error("worker %d (pid %d) died with %s; restarting in %.1fs", slot.index, slot.pid, why, delay)
         slot.restarts += 1
         self.own_metrics.worker_restarts.inc()
         self.loop.call_later(delay, self._respawn, slot)

@@ -19,6 +19,8 @@ log = logging.getLogger("sniproxy")
 # and child are the same program, and a pickled Config needs no second validation.
 MAX_CONTROL_MESSAGE = 256 << 20
 _FRAME = struct.Struct("!Q")
+# How often a worker publishes counters kept in plain Python (the resolver's) to /metrics.
+METRICS_SYNC_S = 1.0
 
 
 def encode_control(message: dict) -> bytes:
@@ -97,10 +99,17 @@ async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
             _handle_control(app, pickle.loads(body))
 
     loop.add_reader(control.fileno(), on_control)
+
+    def sync_metrics() -> None:
+        app.sync_dns_metrics()
+        loop.call_later(METRICS_SYNC_S, sync_metrics)
+
+    loop.call_later(METRICS_SYNC_S, sync_metrics)
     log.debug("worker %d ready (pid %d)", index, os.getpid())
     await stop.wait()
     loop.remove_reader(control.fileno())
     await worker.drain(app.config.timeouts.shutdown_grace_s)
+    app.sync_dns_metrics()
     if kernel_relay is not None:
         kernel_relay.close()
     return 0
