@@ -134,6 +134,9 @@ _VERIFIER_END = "-- END PROG LOAD LOG --"
 _VERIFIER_TAIL_LINES = 40
 
 
+_ENOTSUPP = 524  # kernel-internal "operation not supported" that leaks out of bpf()
+
+
 def _hint_for(err: int) -> str:
     if err in (errno_mod.EPERM, errno_mod.EACCES):
         return (
@@ -144,7 +147,7 @@ def _hint_for(err: int) -> str:
         return "the kernel object, file or attach point does not exist"
     if err == errno_mod.E2BIG:
         return "map full or value too big"
-    if err in (errno_mod.EINVAL, errno_mod.EOPNOTSUPP, errno_mod.ENOTSUPP if hasattr(errno_mod, "ENOTSUPP") else 524):
+    if err in (errno_mod.EINVAL, errno_mod.EOPNOTSUPP, _ENOTSUPP):
         return "the kernel refused the request (unsupported feature or wrong argument)"
     return ""
 
@@ -395,8 +398,8 @@ def _error(what: str, err: int, lines: list[str] | None = None, hint: str | None
 
 def _check_int(ret: int, what: str, lines: list[str] | None = None) -> int:
     if ret < 0:
-        err = -ret if ret != -1 else (ctypes.get_errno() or 1)
-        raise _error(what, err, lines)
+        # libbpf 1.x returns -errno (and sets errno to the same value)
+        raise _error(what, -ret, lines)
     return ret
 
 
@@ -819,7 +822,7 @@ def map_lookup_batch(fd: int, key_size: int, value_size: int, batch_size: int,
     ret = fn(fd, in_buf, out_buf, keys, values, ctypes.byref(count), ctypes.byref(opts))
     done = False
     if ret < 0:
-        err = ctypes.get_errno() if ret == -1 else -ret
+        err = -ret
         if err != errno_mod.ENOENT:
             raise BpfError(f"batch lookup in map fd {fd}", err,
                            hint="batch operations need kernel >= 5.6 and a hash/array map")

@@ -121,13 +121,23 @@ class SupportReport:
 
     def reason(self, feature: str) -> str:
         """Why a feature is unavailable (what, what it disables, the fix); '' when available."""
-        reasons = []
+        unknown: list[str] = []
+        # checks failing the same way (same detail, effect and fix) are named together once
+        groups: dict[tuple[str, str, str], list[str]] = {}
         for key in self._keys(feature):
             c = self.check(key)
             if c is None:
-                reasons.append(f"{key}: unknown check")
+                unknown.append(f"{key}: unknown check")
             elif not c.ok:
-                reasons.append(c.reason())
+                groups.setdefault((c.detail or "not available", c.disables, c.fix), []).append(c.label)
+        reasons = list(unknown)
+        for (detail, disables, fix), labels in groups.items():
+            parts = [f"{', '.join(labels)}: {detail}"]
+            if disables:
+                parts.append(f"disables {disables}")
+            if fix:
+                parts.append(f"fix: {fix}")
+            reasons.append("; ".join(parts))
         return " | ".join(reasons)
 
     def missing(self, keys: Iterable[str] | None = None) -> list[Check]:
