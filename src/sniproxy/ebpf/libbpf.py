@@ -210,8 +210,11 @@ def _load_libbpf() -> ctypes.CDLL | None:
 _lib = _load_libbpf()
 _libc = ctypes.CDLL(None, use_errno=True)
 
-_libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
-_libc.vsnprintf.restype = c_int
+# vsnprintf runs inside libbpf's print callback: a handle without use_errno, so formatting a
+# message never swaps errno under libbpf's feet.
+_libc_fmt = ctypes.CDLL(None)
+_libc_fmt.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
+_libc_fmt.vsnprintf.restype = c_int
 _libc.syscall.restype = c_long
 
 
@@ -337,11 +340,11 @@ def _format_va(fmt: bytes, va_list: int) -> str:
     va_copy = ctypes.create_string_buffer(ctypes.string_at(va_list, _VA_LIST_COPY_SIZE),
                                           _VA_LIST_COPY_SIZE)
     buf = ctypes.create_string_buffer(_PRINT_BUF_SIZE)
-    needed = _libc.vsnprintf(buf, _PRINT_BUF_SIZE, fmt, va_list)
+    needed = _libc_fmt.vsnprintf(buf, _PRINT_BUF_SIZE, fmt, va_list)
     if needed >= _PRINT_BUF_SIZE:
         size = min(needed + 1, _PRINT_MAX_MESSAGE)
         buf = ctypes.create_string_buffer(size)
-        _libc.vsnprintf(buf, size, fmt, ctypes.addressof(va_copy))
+        _libc_fmt.vsnprintf(buf, size, fmt, ctypes.addressof(va_copy))
     return buf.value.decode("utf-8", "replace")
 
 
