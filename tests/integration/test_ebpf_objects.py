@@ -157,6 +157,50 @@ def test_verifier_rejection_carries_the_verifier_log(tmp_path: Path) -> None:
     assert open_fds() == before  # a failed load leaks nothing
 
 
+LONG_LOG_PROG = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+char LICENSE[] SEC("license") = "GPL";
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, __u64);
+} sni_proxy_long SEC(".maps");
+SEC("raw_tp/sys_enter")
+int sni_proxy_longp(void *ctx)
+{
+	__u64 acc = bpf_ktime_get_ns();
+	__u32 key = 0;
+	__u64 *value;
+#pragma unroll
+	for (int i = 0; i < 400; i++)
+		acc = acc * 31 + bpf_get_prandom_u32();
+	value = bpf_map_lookup_elem(&sni_proxy_long, &key);
+	if (acc == 7)
+		return 1;
+	return *value;
+}
+"""
+
+
+def test_verifier_log_longer_than_the_print_buffer_arrives_whole(tmp_path: Path) -> None:
+    """libbpf prints the whole log as one message: the callback must re-format it, not cut it."""
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.skip("clang not installed")
+    src, obj_path = tmp_path / "long.bpf.c", tmp_path / "long.bpf.o"
+    src.write_text(LONG_LOG_PROG)
+    subprocess.run([clang, "-O2", "-g", "-target", "bpf", f"-I{BPF_DIR}", "-c", str(src),
+                    "-o", str(obj_path)], check=True, timeout=120)
+    with pytest.raises(BpfError) as exc:
+        BpfObject(obj_path).load()
+    log = exc.value.verifier_log
+    assert log is not None and len(log) > 64 * 1024
+    assert "invalid mem access 'map_value_or_null'" in log.splitlines()[-2]
+    assert "last 40 of" in str(exc.value)
+
+
 # --------------------------------------------------------------------------------------------
 # Maps
 # --------------------------------------------------------------------------------------------
