@@ -9,12 +9,12 @@ import logging
 import socket
 from typing import Any
 
-from sniproxy.proxy.relay import Relay, splice_available
+from sniproxy.proxy.relay import PipePool, Relay, splice_available
 from sniproxy.proxy.resolver import MemoryDnsCache, Resolver
 from sniproxy.proxy.routes import RouteTable
 from sniproxy.proxy.server import ConnectionInfo
 from sniproxy.proxy.upstream import Connector
-from sniproxy.telemetry.metrics import ProxyMetrics
+from sniproxy.telemetry.metrics import HotPath, ProxyMetrics
 
 log = logging.getLogger("sniproxy")
 access_log = logging.getLogger("sniproxy.access")
@@ -23,6 +23,8 @@ access_log = logging.getLogger("sniproxy.access")
 class ProxyApp:
     def __init__(self, config, metrics: ProxyMetrics, *, kernel_relay=None, dns_cache=None):
         self.metrics = metrics
+        self.hot = HotPath(metrics)
+        self.pipes = PipePool()
         self.kernel_relay = kernel_relay          # sniproxy.ebpf.sockmap relay when active, else None
         self.splice_ok = splice_available()
         self._dns_cache = dns_cache
@@ -65,6 +67,10 @@ class ProxyApp:
                      "negative_hits": ("cache", "negative_hit"), "hosts_hits": ("hosts", "hit"),
                      "errors": ("dns", "error"), "queries": ("dns", "query")}
 
+    def flush_metrics(self) -> None:
+        self.hot.flush()
+        self.sync_dns_metrics()
+
     def sync_dns_metrics(self) -> None:
         """Publish the resolver's counters as deltas (workers write metrics, the supervisor reads)."""
         stats = self.resolver.stats()
@@ -80,11 +86,11 @@ class ProxyApp:
         if self.kernel_relay is not None:
             relay = self.kernel_relay.try_relay(client, backend, idle_timeout_s=idle)
             if relay is not None:
-                self.metrics.relay_mode.labels("sockmap").inc()
+                self.hot.relay_chosen("sockmap")
                 return relay
         relay = Relay(client, backend, use_splice=self.use_splice, idle_timeout_s=idle,
-                      buffer_bytes=self.config.relay.buffer_bytes)
-        self.metrics.relay_mode.labels(relay.kind).inc()
+                      buffer_bytes=self.config.relay.buffer_bytes, pipes=self.pipes)
+        self.hot.relay_chosen(relay.kind)
         return relay
 
     def access_logger(self, info: ConnectionInfo, result: Any, duration: float) -> None:

@@ -16,6 +16,7 @@ Eyeballs. The cache is a protocol so that a BPF LRU map can stand behind it late
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import socket
@@ -107,6 +108,7 @@ class ResolveError(Exception):
         self.reason = reason
 
 
+@functools.lru_cache(maxsize=4096)   # fixed backends ask about the same few strings every time
 def ip_literal(host: str) -> str | None:
     """The normalised IP if `host` is an IP literal ("[::1]" accepted), else None."""
     if host.startswith("[") and host.endswith("]"):

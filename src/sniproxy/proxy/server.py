@@ -90,6 +90,7 @@ class Worker:
         self.accepting = False
         self.draining = False
         self.drained = asyncio.Event()
+        self._last_accept_error_log = 0.0
 
     # ---------------- accept ----------------
     def start(self) -> None:
@@ -127,8 +128,13 @@ class Worker:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed: %s; pausing accept for 100 ms "
-                              "(raise the fd limit: ulimit -n, or lower max_connections)", exc)
+                    self.app.metrics.accept_errors.labels(errno.errorcode.get(exc.errno, "?")).inc()
+                    now = time.monotonic()
+                    if now - self._last_accept_error_log >= 1.0:    # one line a second, not a flood
+                        self._last_accept_error_log = now
+                        log.error("accept failed: %s with %d connections open; pausing accept for "
+                                  "100 ms (raise the fd limit: ulimit -n / LimitNOFILE=, or lower "
+                                  "max_connections)", exc.strerror, len(self.active))
                     self._pause_accept()
                     self.loop.call_later(0.1, self._resume_accept)
                     return
@@ -139,11 +145,11 @@ class Worker:
             task = self.loop.create_task(self._serve(conn, addr))
             self.active.add(task)
             task.add_done_callback(self._connection_done)
-            self.app.metrics.active.inc()
+            self.app.hot.active += 1
 
     def _connection_done(self, task: asyncio.Task) -> None:
         self.active.discard(task)
-        self.app.metrics.active.dec()
+        self.app.hot.active -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("internal error in a connection handler: %r", task.exception(),
                       exc_info=task.exception())
@@ -212,7 +218,7 @@ class Worker:
             info.backend = f"{decision.host}:{decision.port}"
             try:
                 connected = await app.connector.connect(
-                    decision, client.getpeername(), client.getsockname())
+                    decision, addr, client.getsockname() if decision.proxy_protocol else None)
             except Exception as exc:  # UpstreamError and anything the OS says
                 kind = getattr(exc, "kind", "error")
                 result.outcome = "forbidden" if kind == "forbidden" else "connect_failed"
@@ -221,7 +227,7 @@ class Worker:
                 return
             backend = connected.sock
             info.backend = connected.backend_addr
-            app.metrics.connect_seconds.labels(decision.upstream).observe(connected.connect_seconds)
+            app.hot.connect_time(decision.upstream, connected.connect_seconds)
             if connected.leftover:
                 # Bytes the backend sent right after the SOCKS reply: they come first.
                 await self.loop.sock_sendall(client, connected.leftover)
@@ -290,12 +296,7 @@ class Worker:
     def _account(self, info: ConnectionInfo, result: RelayResult) -> None:
         app = self.app
         duration = time.monotonic() - info.started
-        m = app.metrics
-        m.connections.labels(info.route, result.outcome).inc()
-        if result.bytes_up:
-            m.bytes.labels("client_to_backend").inc(result.bytes_up)
-        if result.bytes_down:
-            m.bytes.labels("backend_to_client").inc(result.bytes_down)
+        app.hot.connection_done(info.route, result.outcome, result.bytes_up, result.bytes_down)
         if app.config.log.access_log:
             app.access_logger(info, result, duration)
 

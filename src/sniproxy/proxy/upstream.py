@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from sniproxy.proxy import proxy_protocol, socks5
 from sniproxy.proxy.resolver import ResolveError, Resolver, ip_literal
@@ -128,6 +128,16 @@ async def open_direct(
     winner: socket.socket | None = None
     timed_out = False
     next_index = 0
+    if len(order) == 1:
+        # The common case (a fixed backend): no race to run, so no tasks to create and reap.
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await _connect_one(order[0], port, local_addr)
+        except TimeoutError:
+            timed_out = True
+        except OSError as exc:
+            errors[order[0]] = _describe_oserror(exc)
+        return _raise_connect_failure(order, port, timeout_s, errors, {order[0]}, timed_out)
     try:
         async with asyncio.timeout(timeout_s):
             while winner is None:
@@ -165,12 +175,17 @@ async def open_direct(
                 res.close()
     if winner is not None:
         return winner
+    return _raise_connect_failure(order, port, timeout_s, errors, set(tasks.values()), timed_out)
+
+
+def _raise_connect_failure(order: list[str], port: int, timeout_s: float, errors: dict[str, str],
+                           tried: set[str], timed_out: bool) -> NoReturn:
     attempts = []
     for ip in order:
         target = format_addr(ip, port)
         if ip in errors:
             attempts.append((target, errors[ip]))
-        elif any(v == ip for v in tasks.values()):
+        elif ip in tried:
             attempts.append((target, f"no answer within {timeout_s:g}s"))
     targets = ", ".join(format_addr(ip, port) for ip in order)
     if timed_out:

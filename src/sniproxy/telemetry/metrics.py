@@ -6,9 +6,11 @@ its own `ProxyMetrics` on a private registry: no global state.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import tempfile
+from collections import defaultdict
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -73,6 +75,9 @@ class ProxyMetrics:
         self.limit_reached = Counter(
             "sniproxy_connection_limit_reached",
             "Times max_connections was reached and accepting paused", registry=r)
+        self.accept_errors = Counter(
+            "sniproxy_accept_errors", "accept() failures by errno (EMFILE: out of fds)",
+            ["errno"], registry=r)
         self.dns_lookups = Counter(
             "sniproxy_dns_cache_lookups", "DNS cache lookups by level and result",
             ["level", "result"], registry=r)
@@ -83,3 +88,72 @@ class ProxyMetrics:
             "sniproxy_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.worker_restarts = Counter(
             "sniproxy_worker_restarts", "Worker processes restarted after dying", registry=r)
+
+
+class HotPath:
+    """Per-connection counts kept in plain Python and published once a second.
+
+    In multiprocess mode every metric update is an mmap write behind a lock plus a
+    getpid() syscall; a connection made ~15 of them. Summing here and flushing deltas
+    made the per-connection metrics cost negligible; /metrics lags by at most a second.
+    """
+
+    def __init__(self, metrics: ProxyMetrics):
+        self.metrics = metrics
+        self.active = 0
+        self._active_published = 0
+        self._connections: dict[tuple[str, str], int] = defaultdict(int)
+        self._relays: dict[str, int] = defaultdict(int)
+        self._bytes_up = 0
+        self._bytes_down = 0
+        bounds = list(CONNECT_BUCKETS) + [float("inf")]
+        self._bounds = bounds
+        self._connect: dict[str, list] = {}
+
+    def connection_done(self, route: str, outcome: str, bytes_up: int, bytes_down: int) -> None:
+        self._connections[(route, outcome)] += 1
+        self._bytes_up += bytes_up
+        self._bytes_down += bytes_down
+
+    def relay_chosen(self, kind: str) -> None:
+        self._relays[kind] += 1
+
+    def connect_time(self, upstream: str, seconds: float) -> None:
+        entry = self._connect.get(upstream)
+        if entry is None:
+            entry = self._connect[upstream] = [[0] * len(self._bounds), 0.0]
+        entry[0][bisect.bisect_left(self._bounds, seconds)] += 1
+        entry[1] += seconds
+
+    def flush(self) -> None:
+        m = self.metrics
+        if self.active != self._active_published:
+            m.active.set(self.active)
+            self._active_published = self.active
+        if self._connections:
+            for (route, outcome), n in self._connections.items():
+                m.connections.labels(route, outcome).inc(n)
+            self._connections.clear()
+        for kind, n in self._relays.items():
+            m.relay_mode.labels(kind).inc(n)
+        self._relays.clear()
+        if self._bytes_up:
+            m.bytes.labels("client_to_backend").inc(self._bytes_up)
+            self._bytes_up = 0
+        if self._bytes_down:
+            m.bytes.labels("backend_to_client").inc(self._bytes_down)
+            self._bytes_down = 0
+        for upstream, (counts, total) in self._connect.items():
+            hist = m.connect_seconds.labels(upstream)
+            buckets = getattr(hist, "_buckets", None)
+            if buckets is not None and len(buckets) == len(counts):
+                # Histogram stores per-bucket (non-cumulative) counts: add ours in one go.
+                for value, n in zip(buckets, counts):
+                    if n:
+                        value.inc(n)
+                hist._sum.inc(total)
+            else:   # prometheus_client changed its internals: the slow, public way
+                for bound, n in zip(self._bounds, counts):
+                    for _ in range(n):
+                        hist.observe(min(bound, total))
+        self._connect.clear()
