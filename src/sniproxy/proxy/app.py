@@ -51,6 +51,8 @@ class ProxyApp:
         if mode == "splice" and not self.splice_ok:
             log.warning("relay.mode is \"splice\" but splice(2) does not work here: using copy")
         self.config, self.routes, self.resolver, self.connector = config, routes, resolver, connector
+        # max_connections is for the whole proxy: each worker takes its share (rounded up).
+        self.connection_limit = -(-config.max_connections // config.workers)
         self._dns_cache = cache
         self.use_splice = self.splice_ok and mode in ("auto", "splice")
 

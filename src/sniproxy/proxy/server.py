@@ -111,15 +111,16 @@ class Worker:
         self.accepting = False
 
     def _on_acceptable(self, lsock: socket.socket) -> None:
-        limit = self.app.config.max_connections
+        limit = self.app.connection_limit
         # Accept in a burst: one wake-up can serve many waiting clients.
         for _ in range(64):
             if len(self.active) >= limit:
                 # At the limit: stop accepting; clients wait in the listen backlog and
                 # are served as slots free up (like HAProxy's maxconn).
                 self.app.metrics.limit_reached.inc()
-                log.warning("max_connections=%d reached: new connections wait in the listen backlog",
-                            limit)
+                log.warning("max_connections reached (%d in this worker, %d over %d workers): new "
+                            "connections wait in the listen backlog", limit,
+                            self.app.config.max_connections, self.app.config.workers)
                 self._pause_accept()
                 return
             try:
@@ -156,7 +157,7 @@ class Worker:
         if self.draining:
             if not self.active:
                 self.drained.set()
-        elif not self.accepting and len(self.active) < self.app.config.max_connections:
+        elif not self.accepting and len(self.active) < self.app.connection_limit:
             self._resume_accept()
 
     # ---------------- drain ----------------
