@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.integration.harness import (
-    ProxyProcess, RawBackend, base_config, client_hello_bytes, curl, free_port, make_pki,
+    _PATTERN, ProxyProcess, RawBackend, base_config, client_hello_bytes, curl, free_port, make_pki,
     pattern_sha256, send_pattern, tls_backend, wait_until,
 )
 from tests.integration.socks_servers import start_danted, start_pproxy
@@ -240,16 +240,12 @@ def test_one_gib_each_way_is_byte_exact(proxy_factory):
         digest, count = _transfer(p, backend, size, hello)
         session = backend.wait_sessions(1)[0]
         assert count == size and digest == pattern_sha256(size)
-        expected_up = hashlib.sha256(hello)
-        expected_up.update(b"")  # hello then the pattern
-        h = hashlib.sha256()
-        h.update(hello)
-        from tests.integration.harness import _PATTERN
+        expected_up = hashlib.sha256(hello)             # what the backend must have seen
         full, rest = divmod(size, len(_PATTERN))
         for _ in range(full):
-            h.update(_PATTERN)
-        h.update(_PATTERN[:rest])
-        assert session.nbytes == len(hello) + size and session.sha256 == h.hexdigest()
+            expected_up.update(_PATTERN)
+        expected_up.update(_PATTERN[:rest])
+        assert session.nbytes == len(hello) + size and session.sha256 == expected_up.hexdigest()
         wait_until(lambda: p.metric("sniproxy_bytes_total", direction="backend_to_client") == size, 5,
                    "bytes counted")
     finally:
@@ -432,7 +428,8 @@ def test_ipv6_listener(proxy_factory, backends, pki):
     r = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(pki.ca_path),
                         "--resolve", f"a.test:{port}:::1", f"https://a.test:{port}/whoami"],
                        capture_output=True, timeout=15)
-    assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r.stderr
+    assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r.stderr + p.log().encode()
+    assert "client=[::1]:" in p.log()
 
 
 def test_reload_valid_then_invalid_config(proxy_factory, backends, pki):
