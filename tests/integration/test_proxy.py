@@ -429,7 +429,7 @@ def test_ipv6_listener(proxy_factory, backends, pki):
                         "--resolve", f"a.test:{port}:::1", f"https://a.test:{port}/whoami"],
                        capture_output=True, timeout=15)
     assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r.stderr + p.log().encode()
-    assert "client=[::1]:" in p.log()
+    wait_until(lambda: "client=[::1]:" in p.log(), 5, "access log line with the IPv6 client")
 
 
 def test_reload_valid_then_invalid_config(proxy_factory, backends, pki):
