@@ -496,3 +496,44 @@ def test_check_config_reports_json_path(tmp_path):
     good.write_text(json.dumps({"listen_addr": "127.0.0.1:8443", "default_backend": "127.0.0.1:443"}))
     r = subprocess.run([SNI_PROXY, "--config", str(good), "--check-config"], capture_output=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("relay_mode", ["splice", "copy"])
+def test_slow_reader_does_not_make_the_proxy_buffer(proxy_factory, relay_mode):
+    """A backend that never reads: the client must soon be unable to send more (TCP pushes back)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    t = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+    t.start()
+    p = proxy_factory(routes=[{"match": "slow.test", "backend": f"127.0.0.1:{listener.getsockname()[1]}"}],
+                      relay={"mode": relay_mode})
+    chunk = b"z" * 65536
+    sent = 0
+    with raw_connect(p) as s:
+        s.sendall(client_hello_bytes("slow.test"))
+        s.settimeout(1.0)
+        limit = 256 << 20
+        try:
+            while sent < limit:
+                sent += s.send(chunk)
+        except (TimeoutError, socket.timeout):
+            pass
+        # everything in flight fits in socket buffers plus one pipe / buffer per direction
+        assert sent < 64 << 20, f"{sent} bytes accepted from a client whose backend never reads"
+        worker = [w["pid"] for w in p.status()["workers"]][0]
+        rss_kb = int([line for line in open(f"/proc/{worker}/status") if line.startswith("VmRSS")][0].split()[1])
+        assert rss_kb < 200_000
+    listener.close()
+    for conn, _ in accepted:
+        conn.close()
+
+
+def test_json_access_log(proxy_factory, backends, pki):
+    p = proxy_factory(routes=[{"match": "a.test", "backend": f"127.0.0.1:{backends['A']}"}],
+                      log={"format": "json"})
+    whoami(p, "a.test", pki)
+    lines = wait_until(lambda: [json.loads(x) for x in p.log().splitlines() if '"sniproxy.access"' in x],
+                       5, "a JSON access log line")
+    entry = lines[0]
+    assert entry["sni"] == "a.test" and entry["outcome"] == "ok" and entry["relay"] == "splice"
+    assert entry["bytes_up"] > 500 and entry["bytes_down"] > 500 and entry["backend"].endswith(str(backends["A"]))
