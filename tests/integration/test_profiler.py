@@ -27,6 +27,24 @@ HERE = Path(__file__).resolve().parent
 RATE = 99
 
 
+def assert_sample_count(n: int, rate: int, cpu_s: float, rel: float = 0.10) -> None:
+    """n samples for cpu_s seconds on CPU at `rate` Hz: within `rel`, or within 4 sigma of the
+    counting noise when other work shares the CPUs (a tick then lands on the workload with
+    probability < 1: a binomial count, sigma <= sqrt(expected))."""
+    expected = rate * cpu_s
+    tolerance = max(rel * expected, 4 * expected ** 0.5)
+    assert abs(n - expected) <= tolerance, f"{n} samples, expected {expected:.0f} +- {tolerance:.0f}"
+
+
+def on_cpu_s(pid: int) -> float:
+    """Time `pid`'s threads spent on a CPU so far (ns-precise, /proc/PID/schedstat per thread)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
 @pytest.fixture
 def ebpf():
     require_ebpf()
@@ -107,8 +125,7 @@ def test_known_ratio_and_sample_count(ebpf, burns):
         b = burns("ratio", 3, threads=2)
         cpu_s = b.wait()
     profile = profiler.snapshot()
-    n = profile.samples_of(b.pid)
-    assert abs(n - rate * cpu_s) <= 0.10 * rate * cpu_s, (n, cpu_s)
+    assert_sample_count(profile.samples_of(b.pid), rate, cpu_s)
     share_a = profile.function_share("burn_a", tgid=b.pid)
     share_b = profile.function_share("burn_b", tgid=b.pid)
     assert share_a + share_b > 0.9, (share_a, share_b)
@@ -145,10 +162,14 @@ def test_kernel_stacks_for_a_syscall_heavy_workload(ebpf, burns):
 def test_pid_filter(ebpf, burns):
     wanted, other = burns("ratio", 10), burns("ratio", 10)
     with EbpfCpuProfiler(EbpfConfig().with_pids(wanted.pid)) as profiler:
-        time.sleep(1.5)
+        cpu0 = on_cpu_s(wanted.pid)
+        time.sleep(1.5)   # sampling time, not synchronisation
+        cpu_s = on_cpu_s(wanted.pid) - cpu0
     profile = profiler.snapshot()
     assert profile.tgids == {wanted.pid}
-    assert profile.samples_of(wanted.pid) > 0.5 * RATE * 1.5
+    # Filtering, not accuracy, is tested here: other tests' and engineers' load shares the CPUs
+    # and biases which task a tick lands on, hence 25 %.
+    assert_sample_count(profile.samples_of(wanted.pid), RATE, cpu_s, rel=0.25)
 
 
 def test_current_process_target(ebpf):
@@ -191,15 +212,18 @@ def test_cgroup_target(ebpf, burns):
 
 def test_two_profilers_at_once(ebpf, burns):
     one, two = burns("ratio", 3), burns("ratio", 3)
-    p1 = EbpfCpuProfiler(EbpfConfig().with_pids(one.pid))
-    p2 = EbpfCpuProfiler(EbpfConfig().with_pids(one.pid, two.pid).with_sample_rate(49))
+    p1 = EbpfCpuProfiler(EbpfConfig().with_pids(one.pid).with_sample_rate(199))
+    p2 = EbpfCpuProfiler(EbpfConfig().with_pids(one.pid, two.pid).with_sample_rate(149))
     with p1, p2:
         cpu_one, cpu_two = one.wait(), two.wait()
     a, b = p1.snapshot(), p2.snapshot()
     assert a.tgids == {one.pid} and b.tgids == {one.pid, two.pid}
-    assert abs(a.samples_of(one.pid) - RATE * cpu_one) <= 0.1 * RATE * cpu_one
-    assert abs(b.samples_of(one.pid) - 49 * cpu_one) <= 0.1 * 49 * cpu_one
-    assert abs(b.samples_of(two.pid) - 49 * cpu_two) <= 0.1 * 49 * cpu_two
+    # Interference would show as missing or doubled samples; sharing the CPUs with other load
+    # biases single counts by up to ~20 % here (see test_pid_filter), hence 25 %.
+    assert_sample_count(a.samples_of(one.pid), 199, cpu_one, rel=0.25)
+    assert_sample_count(b.samples_of(one.pid), 149, cpu_one, rel=0.25)
+    assert_sample_count(b.samples_of(two.pid), 149, cpu_two, rel=0.25)
+    assert a.stats.dropped == b.stats.dropped == 0
 
 
 # -- limits, overhead, lifecycle ----------------------------------------------------------
