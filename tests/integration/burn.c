@@ -73,15 +73,20 @@ static void *run(void *arg)
 	long id = (long)arg;
 	double end = now() + seconds;
 	int devnull = open("/dev/null", O_WRONLY);
-	uint64_t units = 0;
+	uint64_t units = 0, rng = 0x9E3779B97F4A7C15ULL ^ (uint64_t)(id + 1) * 0xBF58476D1CE4E5B9ULL;
 
 	if (devnull < 0)
 		abort();
 	while (now() < end) {
 		for (int i = 0; i < 100; i++) {
 			if (mode == 0) {
-				burn_a(SLICE_CYCLES * 7 / 10);
-				burn_b(SLICE_CYCLES * 3 / 10);
+				/* Slice length varies at random (0.5x..1.5x) so a fixed sampling period
+				 * cannot alias with a fixed slice period and favour one function. */
+				rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+				uint64_t slice = SLICE_CYCLES / 2 + rng % SLICE_CYCLES;
+
+				burn_a(slice * 7 / 10);
+				burn_b(slice * 3 / 10);
 			} else if (mode == 1) {
 				syscall_loop(devnull);
 				units++;
