@@ -262,7 +262,7 @@ _RECOMMENDED: dict[str, tuple[int, bool, bool, bool, int]] = {
     "production": (19, False, False, False, DEFAULT_MAX_SAMPLES),
     "staging": (49, True, True, False, DEFAULT_MAX_SAMPLES),
     "development": (99, True, True, True, 20_000),
-    "debug": (199, True, True, True, 50_000),
+    "debug": (199, True, True, True, 20_000),
 }
 ENVIRONMENTS = tuple(_RECOMMENDED)
 
