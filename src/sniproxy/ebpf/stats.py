@@ -1,0 +1,85 @@
+"""Counters of the kernel data path, shared by every worker process.
+
+Two sources, both created in the supervisor before it forks, so all workers write the same ones:
+* the BPF per-CPU array `sni_proxy_stat` (redirected skbs/bytes per direction, FIN skbs
+  dropped, redirect failures, notifications), summed over CPUs when read;
+* `SharedCounters`: an anonymous shared mapping with one row of u64 counters per worker slot,
+  for what user space decides (insertions, fallbacks by reason, pauses, DNS cache levels).
+  Each row has a single writer (its worker, single-threaded), so no locking is needed;
+  readers sum the rows.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+
+from sniproxy.ebpf.objects import Map
+from sniproxy.ebpf.sockmap import STAT_NAMES as BPF_STAT_NAMES
+
+FALLBACK_REASONS = ("map_full", "close_wait", "duplicate", "insert_error", "socket_error")
+
+COUNTER_NAMES = (
+    "inserted", "removed", "pauses", "resumes",
+    *(f"fallback_{r}" for r in FALLBACK_REASONS),
+    "dns_l1_hit", "dns_l2_hit", "dns_miss", "dns_l2_expired", "dns_put", "dns_l2_errors",
+)
+_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
+_U64 = struct.Struct("=Q")
+
+
+def bpf_stats(stat_map: Map) -> dict[str, int]:
+    """The per-CPU BPF counters, each summed over all possible CPUs."""
+    return {name: stat_map.percpu_sum(i) for i, name in enumerate(BPF_STAT_NAMES)}
+
+
+class CounterRow:
+    """The counters one worker writes."""
+
+    __slots__ = ("_mem", "_base")
+
+    def __init__(self, mem: mmap.mmap, base: int):
+        self._mem, self._base = mem, base
+
+    def add(self, name: str, n: int = 1) -> None:
+        off = self._base + _INDEX[name] * 8
+        _U64.pack_into(self._mem, off, _U64.unpack_from(self._mem, off)[0] + n)
+
+    def get(self, name: str) -> int:
+        return _U64.unpack_from(self._mem, self._base + _INDEX[name] * 8)[0]
+
+    def retire_active(self) -> None:
+        """A new worker takes this row: the previous one's pairs are gone with its process."""
+        off_removed = self._base + _INDEX["removed"] * 8
+        _U64.pack_into(self._mem, off_removed, self.get("inserted"))
+
+
+class SharedCounters:
+    """Rows of u64 counters in memory shared across fork()."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.row_bytes = len(COUNTER_NAMES) * 8
+        self._mem = mmap.mmap(-1, rows * self.row_bytes, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def row(self, index: int) -> CounterRow:
+        if not 0 <= index < self.rows:
+            raise IndexError(f"counter row {index} of {self.rows}")
+        return CounterRow(self._mem, index * self.row_bytes)
+
+    def total(self, name: str) -> int:
+        i = _INDEX[name] * 8
+        return sum(_U64.unpack_from(self._mem, r * self.row_bytes + i)[0] for r in range(self.rows))
+
+    def totals(self) -> dict[str, int]:
+        return {name: self.total(name) for name in COUNTER_NAMES}
+
+    def close(self) -> None:
+        try:
+            self._mem.close()
+        except (BufferError, ValueError):
+            pass
+
+
+def hit_rate(hits: int, lookups: int) -> float:
+    return hits / lookups if lookups else 0.0
