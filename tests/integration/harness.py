@@ -38,6 +38,20 @@ def free_port(family: int = socket.AF_INET) -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, family: int = socket.AF_INET) -> list[int]:
+    """n distinct free ports: the sockets stay bound until all are chosen, so no two collide."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition", interval: float = 0.02):
     deadline = time.monotonic() + timeout
     while True:

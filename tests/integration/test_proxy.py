@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.integration.harness import (
-    _PATTERN, ProxyProcess, RawBackend, base_config, client_hello_bytes, curl, free_port, make_pki,
+    _PATTERN, ProxyProcess, RawBackend, base_config, client_hello_bytes, curl, free_port, free_ports, make_pki,
     pattern_sha256, send_pattern, tls_backend, wait_until,
 )
 from tests.integration.socks_servers import start_danted, start_pproxy
@@ -38,7 +38,7 @@ def proxy_factory(tmp_path):
     started: list[ProxyProcess] = []
 
     def start(wait: bool = True, **over) -> ProxyProcess:
-        cfg = base_config(free_port(), free_port(), **over)
+        cfg = base_config(*free_ports(2), **over)
         workdir = tmp_path / f"proxy{len(started)}"
         workdir.mkdir()
         p = ProxyProcess(cfg, workdir)
