@@ -49,6 +49,13 @@ class ConnectionReset(Exception):
     """One side reset the connection (or vanished); the relay resets the other."""
 
 
+def _as_reset(exc: OSError) -> Exception:
+    """The exception to raise for an IO error: ConnectionReset when the peer went away."""
+    if exc.errno in _RESET_ERRNOS:
+        return ConnectionReset(os.strerror(exc.errno))
+    return exc
+
+
 @dataclass
 class RelayResult:
     bytes_up: int          # client -> backend
@@ -135,9 +142,7 @@ class SplicePump:
         except BlockingIOError:
             return None
         except OSError as exc:
-            if exc.errno in _RESET_ERRNOS:
-                raise ConnectionReset(os.strerror(exc.errno)) from None
-            raise
+            raise _as_reset(exc) from None
         self.pending += n
         return n
 
@@ -150,9 +155,7 @@ class SplicePump:
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno in _RESET_ERRNOS:
-                    raise ConnectionReset(os.strerror(exc.errno)) from None
-                raise
+                raise _as_reset(exc) from None
             self.pending -= n
             written += n
         return written
@@ -193,9 +196,7 @@ class CopyPump:
         except BlockingIOError:
             return None
         except OSError as exc:
-            if exc.errno in _RESET_ERRNOS:
-                raise ConnectionReset(os.strerror(exc.errno)) from None
-            raise
+            raise _as_reset(exc) from None
         self.end += n
         return n
 
@@ -207,9 +208,7 @@ class CopyPump:
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno in _RESET_ERRNOS:
-                    raise ConnectionReset(os.strerror(exc.errno)) from None
-                raise
+                raise _as_reset(exc) from None
             self.start += n
             written += n
         if self.start == self.end:
