@@ -202,8 +202,7 @@ class SockmapDataPath:
     @classmethod
     def load(cls, max_entries: int, *, stats_on: bool = True, attach: bool = True,
              rings: int = MAX_RINGS) -> "SockmapDataPath":
-        """Load and attach; attach=False (stats only) does not even load the program, which
-        needs CAP_NET_ADMIN. Raises BpfError with the reason."""
+        """Load and attach (attach=False: maps only). Raises BpfError with the reason."""
         sizes = {f"sni_proxy_{n}": max_entries for n in ("sks", "dst", "conn", "cred")}
         sizes["sni_proxy_rings"] = rings
         obj = BpfObject(OBJECT, rodata={"sni_proxy_stats_on": int(stats_on)}, map_sizes=sizes,

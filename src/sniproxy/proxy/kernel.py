@@ -25,7 +25,7 @@ from typing import Any
 
 from sniproxy.ebpf import sockmap as sm
 from sniproxy.ebpf.modes import Modes, decide_modes
-from sniproxy.ebpf.objects import BpfError, Map
+from sniproxy.ebpf.objects import BPF_MAP_TYPE_PERCPU_ARRAY, BpfError, Map
 from sniproxy.ebpf.stats import BPF_STAT_NAMES, FALLBACK_REASONS, CounterRow, SharedCounters, hit_rate
 from sniproxy.proxy.relay import RelayResult
 
@@ -448,6 +448,7 @@ class KernelDataPath:
         self.sndbuf_force_ok = sndbuf_force_ok
         self._spawned = 0
         self._rows = counters.rows
+        self.stat_map: Map | None = sockmap.maps.stat if sockmap is not None else None
 
     # --- start ----------------------------------------------------------------------------
     @classmethod
@@ -464,16 +465,22 @@ class KernelDataPath:
         sockmap_dp = None
         want_sockmap = requested["sockmap"] and support.ok("sockmap")
         want_stats = requested["stats"] and support.ok("stats")
-        if want_sockmap or want_stats:
+        stat_map = None
+        if want_sockmap:
             try:
                 sockmap_dp = sm.SockmapDataPath.load(config.ebpf.sockmap.max_entries,
-                                                     stats_on=requested["stats"],
-                                                     attach=want_sockmap, rings=rows)
+                                                     stats_on=requested["stats"], rings=rows)
+                stat_map = sockmap_dp.maps.stat
             except (BpfError, OSError) as exc:
-                why = f"loading the sockmap program failed: {exc}"
-                for name in ("sockmap", "stats"):
-                    if requested[name]:
-                        failures[name] = why
+                failures["sockmap"] = f"loading the sockmap program failed: {exc}"
+        if want_stats and stat_map is None:
+            # No program to count (the sockmap is off): the counters still exist, shared,
+            # so /metrics keeps its shape. SOCKHASH maps need CAP_NET_ADMIN, this one does not.
+            try:
+                stat_map = Map.create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(BPF_STAT_NAMES),
+                                      "sni_proxy_stat")
+            except (BpfError, OSError) as exc:
+                failures["stats"] = f"creating the per-CPU stats map failed: {exc}"
         sndbuf_ok = _sndbuf_force_allowed()
         if config.ebpf.sockmap.sndbuf_bytes and not sndbuf_ok:
             degraded["sockmap"] = (
@@ -492,6 +499,7 @@ class KernelDataPath:
                                          "in-memory DNS cache is used")
         modes = decide_modes(requested, support, failures=failures, degraded=degraded)
         self = cls(config, modes, sockmap_dp, dns_map, SharedCounters(rows), sndbuf_ok)
+        self.stat_map = stat_map
         missing = modes.unavailable()
         if config.fallback_mode == "strict" and any(f.state != "degraded" for _, f in missing):
             self.close()
@@ -541,6 +549,11 @@ class KernelDataPath:
             out["pinning"] = "off"
         totals = self.counters.totals()
         out["active_connections"] = totals["inserted"] - totals["removed"]
+        if self.sockmap is not None:
+            try:
+                out["map_entries"] = self.sockmap.entries()
+            except BpfError:
+                pass
         out["fallbacks"] = {r: totals[f"fallback_{r}"] for r in FALLBACK_REASONS}
         return out
 
@@ -548,6 +561,9 @@ class KernelDataPath:
         return KernelCollector(self)
 
     def close(self) -> None:
+        if self.stat_map is not None and self.sockmap is None:
+            self.stat_map.close()
+        self.stat_map = None
         if self.sockmap is not None:
             try:
                 self.sockmap.close()
@@ -618,8 +634,8 @@ class KernelCollector:
         yield CounterMetricFamily("ebpf_sockmap_pauses",
                                   "Sources paused because max_inflight_bytes were in flight",
                                   value=totals["pauses"])
-        if modes.running("stats") and kdp.sockmap is not None:
-            bpf = {n: kdp.sockmap.maps.stat.percpu_sum(i) for i, n in enumerate(BPF_STAT_NAMES)}
+        if modes.running("stats") and kdp.stat_map is not None:
+            bpf = {n: kdp.stat_map.percpu_sum(i) for i, n in enumerate(BPF_STAT_NAMES)}
             redirects = CounterMetricFamily("ebpf_sockmap_redirects",
                                             "skbs redirected by the verdict program",
                                             labels=["direction"])
