@@ -97,7 +97,9 @@ def main() -> int:
         server = TlsServer(port, label, contexts[label])
         threading.Thread(target=server.serve_forever, daemon=True).start()
     print(__doc__.split("\n", 1)[1])
-    proxy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "sni-proxy"), "--config", str(CONFIG)])
+    # Own session: a Ctrl-C reaches the proxy once, through the handler below, not twice.
+    proxy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "sni-proxy"), "--config", str(CONFIG)],
+                             start_new_session=True)
     signal.signal(signal.SIGINT, lambda *_: proxy.send_signal(signal.SIGTERM))
     signal.signal(signal.SIGTERM, lambda *_: proxy.send_signal(signal.SIGTERM))
     return proxy.wait()
