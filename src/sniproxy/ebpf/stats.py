@@ -19,7 +19,7 @@ from sniproxy.ebpf.sockmap import STAT_NAMES as BPF_STAT_NAMES
 FALLBACK_REASONS = ("map_full", "close_wait", "duplicate", "insert_error", "socket_error")
 
 COUNTER_NAMES = (
-    "inserted", "removed", "pauses", "resumes",
+    "inserted", "removed", "pauses", "resumes", "over_limit",
     *(f"fallback_{r}" for r in FALLBACK_REASONS),
     "dns_l1_hit", "dns_l2_hit", "dns_miss", "dns_l2_expired", "dns_put", "dns_l2_errors",
 )
