@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.ebpf_required import require_ebpf
+from tests.ebpf_required import require_ebpf, skip_or_fail
 from tests.integration.harness import (
     SNI_PROXY, ProxyProcess, RawBackend, base_config, client_hello_bytes, free_port, wait_until,
 )
@@ -24,7 +24,7 @@ CAP_BIT = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF
 def _ebpf():
     require_ebpf()         # the point is to prove the difference; the full run must be possible
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is needed to drop capabilities")
+        skip_or_fail("setpriv (util-linux) is needed to drop capabilities")
 
 
 def drop(*caps: str) -> list[str]:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.ebpf_required import require_ebpf
+from tests.ebpf_required import require_ebpf, skip_or_fail
 from tests.integration.harness import ProxyProcess, RawBackend, base_config, client_hello_bytes, free_port
 from tests.integration.socks_servers import start_dns_server
 
@@ -81,7 +81,7 @@ def bpffs(tmp_path):
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a bpffs here: {r.stderr.strip()}")
+        skip_or_fail(f"cannot mount a bpffs here: {r.stderr.strip()}")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=False)
 

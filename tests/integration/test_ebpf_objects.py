@@ -33,7 +33,7 @@ from sniproxy.ebpf.objects import (
     perf_event_open_cpu_clock,
     possible_cpus,
 )
-from tests.ebpf_required import require_ebpf
+from tests.ebpf_required import require_ebpf, skip_or_fail
 
 pytestmark = pytest.mark.ebpf
 
@@ -140,7 +140,7 @@ def test_map_sizes_set_before_load() -> None:
 def test_verifier_rejection_carries_the_verifier_log(tmp_path: Path) -> None:
     clang = shutil.which("clang")
     if clang is None:
-        pytest.skip("clang not installed")
+        skip_or_fail("clang not installed")
     obj_path = tmp_path / "bad_prog.bpf.o"
     subprocess.run(
         [clang, "-O2", "-g", "-target", "bpf", f"-I{BPF_DIR}",
@@ -188,7 +188,7 @@ def test_verifier_log_longer_than_the_print_buffer_arrives_whole(tmp_path: Path)
     """libbpf prints the whole log as one message: the callback must re-format it, not cut it."""
     clang = shutil.which("clang")
     if clang is None:
-        pytest.skip("clang not installed")
+        skip_or_fail("clang not installed")
     src, obj_path = tmp_path / "long.bpf.c", tmp_path / "long.bpf.o"
     src.write_text(LONG_LOG_PROG)
     subprocess.run([clang, "-O2", "-g", "-target", "bpf", f"-I{BPF_DIR}", "-c", str(src),
@@ -267,7 +267,7 @@ def test_user_created_map_pin_and_reuse(tmp_path: Path) -> None:
     bpffs.mkdir()
     mounted = subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a bpffs here: {mounted.stderr.decode().strip()}")
+        skip_or_fail(f"cannot mount a bpffs here: {mounted.stderr.decode().strip()}")
     try:
         with Map.create(BPF_MAP_TYPE_LRU_HASH, 8, 8, 128, "sni_proxy_dns") as m:
             assert m.info()["name"] == "sni_proxy_dns"

@@ -160,7 +160,7 @@ def test_kernel_stacks_for_a_syscall_heavy_workload(ebpf, burns):
 
 # -- targets ------------------------------------------------------------------------------
 def test_pid_filter(ebpf, burns):
-    wanted, other = burns("ratio", 10), burns("ratio", 10)
+    wanted, _competitor = burns("ratio", 10), burns("ratio", 10)   # the competitor must not show up
     with EbpfCpuProfiler(EbpfConfig().with_pids(wanted.pid)) as profiler:
         cpu0 = on_cpu_s(wanted.pid)
         time.sleep(1.5)   # sampling time, not synchronisation
@@ -189,12 +189,12 @@ def test_current_process_target(ebpf):
 def test_cgroup_target(ebpf, burns):
     mounts = cgroup2_mounts()
     if not mounts:
-        pytest.skip("no cgroup2 hierarchy mounted")
+        skip_or_fail("no cgroup2 hierarchy mounted")
     path = Path(mounts[0]) / f"sni-proxy-test-{os.getpid()}"
     try:
         path.mkdir()
     except OSError as exc:
-        pytest.skip(f"cannot create a cgroup here: {exc}")
+        skip_or_fail(f"cannot create a cgroup here: {exc}")
     inside = outside = None
     try:
         inside, outside = burns("ratio", 10), burns("ratio", 10)
@@ -314,7 +314,7 @@ def test_start_errors_are_specific(ebpf):
 def test_permission_denied_without_capabilities(ebpf):
     capsh = shutil.which("capsh")
     if capsh is None or os.geteuid() != 0:
-        pytest.skip("needs root and capsh (libcap2-bin) to drop capabilities")
+        skip_or_fail("needs root and capsh (libcap2-bin) to drop capabilities")
     code = (
         "from sniproxy.ebpf.profiler import EbpfCpuProfiler, PermissionDenied\n"
         "try:\n    EbpfCpuProfiler().start()\n"
@@ -366,7 +366,7 @@ def test_cli_bad_usage_exits_2():
 def test_same_top_functions_as_perf(ebpf, burns, tmp_path):
     perf = shutil.which("perf")
     if perf is None:
-        pytest.skip("linux-perf not installed")
+        skip_or_fail("linux-perf not installed")
     b = burns("ratio", 10)
     data = tmp_path / "perf.data"
     with EbpfCpuProfiler(EbpfConfig().with_pids(b.pid)) as profiler:
@@ -374,7 +374,7 @@ def test_same_top_functions_as_perf(ebpf, burns, tmp_path):
                               "--", "sleep", "2"], capture_output=True, text=True, timeout=60)
     b.kill()
     if rec.returncode != 0:
-        pytest.skip(f"perf record failed here: {rec.stderr.strip()[-200:]}")
+        skip_or_fail(f"perf record failed here: {rec.stderr.strip()[-200:]}")
     report = subprocess.run([perf, "report", "-i", str(data), "--stdio", "--no-children",
                              "--sort", "sym"], capture_output=True, text=True, timeout=60).stdout
     perf_top = re.findall(r"^\s+([\d.]+)%\s+\[\.\]\s+(\S+)", report, re.M)[:2]
