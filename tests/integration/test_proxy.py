@@ -89,7 +89,7 @@ def test_routes_exact_wildcard_regex_with_curl(proxy_factory, backends, pki):
     # workers publish their counts once a second
     wait_until(lambda: p.metric("sniproxy_connections_total", route="*.test", outcome="ok") == 1, 5, "count")
     assert p.metric("sniproxy_connections_total", route="api", outcome="ok") == 1
-    assert "sni=api-7.example.net route=api" in p.log()
+    wait_until(lambda: "sni=api-7.example.net route=api" in p.log(), 5, "access log line")
 
 
 def test_openssl_s_client(proxy_factory, backends, pki):
@@ -301,7 +301,7 @@ def test_unreachable_backend_is_logged_and_counted(proxy_factory):
         s.sendall(client_hello_bytes("dead.test"))
         assert recv_all(s) == b""
     wait_until(lambda: p.metric("sniproxy_upstream_connect_failures_total", kind="refused") == 1, 5, "counted")
-    assert "outcome=connect_failed" in p.log() and "refused" in p.log()
+    wait_until(lambda: "outcome=connect_failed" in p.log() and "refused" in p.log(), 5, "access log line")
 
 
 # ------------------------------------------------------------------ limits
@@ -338,7 +338,7 @@ def test_socks5_upstream_with_auth_pproxy(proxy_factory, backends, pki, tmp_path
             routes=[{"match": "a.test", "backend": f"localhost:{backends['A']}", "upstream": "corp"}],
             upstreams={"corp": {"type": "socks5", "addr": socks.addr, "username": "u", "password": "p"}})
         assert whoami(p, "a.test", pki)["backend"] == "A"
-        assert "upstream=corp" in p.log()
+        wait_until(lambda: "upstream=corp" in p.log(), 5, "access log line")
 
 
 def test_socks5_upstream_bad_password_is_a_clear_failure(proxy_factory, backends, tmp_path):
@@ -360,7 +360,7 @@ def test_socks5_upstream_dante_resolves_the_name(proxy_factory, backends, pki, t
             routes=[{"match": "a.test", "backend": f"localhost:{backends['A']}", "upstream": "dante"}],
             upstreams={"dante": {"type": "socks5", "addr": socks.addr}})
         assert whoami(p, "a.test", pki)["backend"] == "A"
-        assert "upstream=dante" in p.log() and "localhost" in p.log()
+        wait_until(lambda: "upstream=dante" in p.log() and "localhost" in p.log(), 5, "access log line")
 
 
 def test_dynamic_sni_refuses_loopback_unless_allowed(proxy_factory, backends, pki):
@@ -449,7 +449,8 @@ def test_reload_valid_then_invalid_config(proxy_factory, backends, pki):
         p.config_path.write_text(json.dumps({**cfg, "max_connections": "lots"}))
         p.signal(signal.SIGHUP)
         wait_until(lambda: p.metric("sniproxy_config_reloads_total", result="rejected") == 1, 10, "rejected")
-        assert "max_connections" in p.log() and "keeping the running config" in p.log()
+        wait_until(lambda: "max_connections" in p.log() and "keeping the running config" in p.log(), 5,
+                   "the rejection logged with its JSON path")
         assert whoami(p, "a.test", pki)["backend"] == "B"
         # the connection opened before the reload is still relayed: backend A's ServerHello arrives
         wait_until(lambda: p.status()["active_connections"] >= 1, 5, "old connection still active")
