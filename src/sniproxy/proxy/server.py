@@ -287,8 +287,11 @@ class Worker:
             readable = self.loop.create_future()
             self.loop.add_reader(fd, _set_done, readable)
             try:
-                await asyncio.wait_for(readable, remaining)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: wait_for wraps the future in a Task, a cost
+                # paid by most connections (accept usually runs before the hello arrives).
+                async with asyncio.timeout(remaining):
+                    await readable
+            except TimeoutError:
                 raise HelloTimeout() from None
             finally:
                 self.loop.remove_reader(fd)
