@@ -8,6 +8,7 @@ import errno
 import gzip
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -381,7 +382,14 @@ def test_same_top_functions_as_perf(ebpf, burns, tmp_path):
     assert [name for _, name in perf_top] == ["burn_a", "burn_b"], report[:500]
     ours = profiler.snapshot().top_functions(2, tgid=b.pid)
     assert [f.name for f in ours] == ["burn_a", "burn_b"]
-    assert abs(float(perf_top[0][0]) / 100 - profiler.snapshot().function_share("burn_a")) < 0.07
+    # Both are ~200-300 samples of a randomised 70/30 workload, each with its own sampling
+    # noise: compare the shares within 4 standard deviations of their difference (the accuracy
+    # against the known ratio is test_known_ratio_and_sample_count's job).
+    snap = profiler.snapshot()
+    n = max(1, sum(s.count for s in snap.samples))
+    ours_share = snap.function_share("burn_a")
+    sigma = math.sqrt(ours_share * (1 - ours_share) * 2 / n)
+    assert abs(float(perf_top[0][0]) / 100 - ours_share) < max(0.05, 4 * sigma), (perf_top, ours_share, n)
 
 
 def test_errno_values_match_the_bpf_program():
