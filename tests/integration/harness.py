@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.unit.hello_builder import real_hello  # one way to capture a hello, for all tests
+
 REPO = Path(__file__).resolve().parents[2]
 SNI_PROXY = str(REPO / ".venv" / "bin" / "sni-proxy")
 
@@ -312,18 +314,7 @@ def send_pattern(conn: socket.socket, n: int) -> None:
 # ---------------------------------------------------------------- ClientHello bytes
 def client_hello_bytes(server_name: str | None, alpn: list[str] | None = None) -> bytes:
     """A real ClientHello produced by Python's ssl module (OpenSSL)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
+    return real_hello(server_name, alpn or ())
 
 
 # ---------------------------------------------------------------- the proxy
