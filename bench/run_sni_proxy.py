@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--ebpf", action="store_true", help="kernel data path (sockmap, BPF DNS cache, stats)")
     p.add_argument("--socks", help="host:port of a SOCKS5 upstream for every route")
     p.add_argument("--sndbuf", type=int, default=8 << 20, help="ebpf.sockmap.sndbuf_bytes with --ebpf")
+    p.add_argument("--inflight", type=int, help="ebpf.sockmap.max_inflight_bytes with --ebpf")
     p.add_argument("--relay", default="auto", choices=["auto", "splice", "copy"])
     p.add_argument("--metrics", default="127.0.0.1:19090")
     args = p.parse_args()
@@ -48,7 +49,9 @@ def main() -> None:
         "routes": routes,
         "relay": {"mode": args.relay},
         "log": {"level": "warning", "access_log": False},
-        "ebpf": {"enabled": args.ebpf, "sockmap": {"sndbuf_bytes": args.sndbuf},
+        "ebpf": {"enabled": args.ebpf,
+                 "sockmap": {"sndbuf_bytes": args.sndbuf,
+                             **({"max_inflight_bytes": args.inflight} if args.inflight else {})},
                  "dns_cache": {"pin_path": None}},
     }
     if args.socks:

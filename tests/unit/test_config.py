@@ -158,6 +158,7 @@ BAD_VALUES: list[tuple[str, Any, list[str]]] = [
     ("ebpf.sockmap.enabled", "true", ["true or false"]),
     ("ebpf.sockmap.max_entries", 1, ["from 2 to 16777216"]),
     ("ebpf.sockmap.max_inflight_bytes", 1024, ["from 65536 to 1073741824"]),
+    ("ebpf.sockmap.backpressure", "on", ["true or false"]),
     ("ebpf.sockmap.sndbuf_bytes", 1, ["from 4096 to 1073741824 or null"]),
     ("ebpf.dns_cache.enabled", None, ["true or false"]),
     ("ebpf.dns_cache.max_entries", 0, ["from 1 to 16777216"]),

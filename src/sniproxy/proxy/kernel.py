@@ -42,17 +42,14 @@ DRAIN_CHECK_MAX_S = 0.05
 # A paused direction is checked this often until its peer has drained below half the limit.
 RESUME_CHECK_FIRST_S = 0.002
 RESUME_CHECK_MAX_S = 0.02
-# Pausing a direction above max_inflight_bytes (the program keeps the source's bytes, user
-# space moves them) is OFF: under ../shared/bench (curl TLS download of 256 MiB, proxy pinned
-# apart from client and backend) 5 of 20 transfers that paused were corrupted (bad record MAC)
-# while 16 of 16 without pauses were exact, and the cause is not found yet. The limit is
-# observed instead (ebpf_sockmap_inflight_over_limit_total). See docs/kernel-datapath.md.
-PAUSE_ENABLED = False
 # After a resume, when to check that no skb was kept by a verdict that raced with it.
 RESUME_RECHECK_S = 0.01
-# Moving the bytes a paused source kept: read size, and bytes per turn before re-checking.
-MOVE_CHUNK = 256 * 1024
-MOVE_BUDGET = 4 * 1024 * 1024
+# Moving the bytes a paused source kept: most bytes per read (whole kept messages: reads
+# that split one duplicated a segment now and then on 6.18), and per turn before re-checking.
+MOVE_CHUNK = 8 * 1024 * 1024
+# Kept bytes are read only once the program has kept nothing new for this long (see _movable).
+MOVE_QUIET_S = 0.002
+MOVE_BUDGET = 16 * 1024 * 1024
 # Events handled per epoll wake-up before yielding to the event loop.
 EPOLL_BATCH = 512
 
@@ -84,6 +81,7 @@ class SockmapRelay:
         self._drain_delay = [DRAIN_CHECK_FIRST_S, DRAIN_CHECK_FIRST_S]
         self._movers: list[asyncio.Task | None] = [None, None]
         self._activity: tuple = ()
+        self._seen_passed = [(-1, 0.0), (-1, 0.0)]   # per direction: (`passed`, since when)
 
     async def run(self) -> RelayResult:
         self._activity = self._snapshot()
@@ -120,7 +118,7 @@ class SockmapRelay:
             inflight, redirected = self._inflight(side)
         except OSError:
             return
-        if inflight >= self.limit and not PAUSE_ENABLED:
+        if inflight >= self.limit and not self.worker.backpressure:
             self.worker.counters.add("over_limit")
             self.pair.set_cred(side, credit=redirected + self.limit, copied=self.copied[side])
         elif inflight >= self.limit:
@@ -239,15 +237,22 @@ class SockmapRelay:
         return st.fin or st.redirected + st.passed >= self.pair.received_since_insert(side) - 1
 
     def _movable(self, side: int) -> int:
-        """Kept bytes that may be written to the peer now (0: not yet).
+        """Kept bytes that may be read and written to the peer now (0: not yet).
 
-        Only once every byte redirected *before* them is in the peer's send queue. The two
-        counters are read twice: a verdict still running when the pause began may add to
-        `redirected` after we looked (its skb precedes every kept one); a changed value
-        means "look again later", never "write now".
+        Only once every byte redirected *before* them is in the peer's send queue, and only
+        while the source is quiet: `passed` has not moved for MOVE_QUIET_S. Reading the psock queue while the program was still appending to it
+        duplicated or reordered a segment now and then on 6.18 (docs/kernel-datapath.md);
+        once the kept bytes fill the source's receive buffer TCP's window is closed and no
+        skb can arrive during the read.
         """
         first = self.pair.state(side)
+        now = self.loop.time()
+        if first.passed != self._seen_passed[side][0]:
+            self._seen_passed[side] = (first.passed, now)
+        quiet = now - self._seen_passed[side][1] >= MOVE_QUIET_S
         if first.passed <= self.copied[side] or not self._landed_at(side, first.redirected):
+            return 0
+        if not quiet:
             return 0
         if self.pair.state(side).redirected != first.redirected:
             return 0
@@ -365,6 +370,7 @@ class WorkerKernel:
         self.counters = counters
         sockmap_cfg = owner.config.ebpf.sockmap
         self.max_inflight = sockmap_cfg.max_inflight_bytes
+        self.backpressure = sockmap_cfg.backpressure
         self.sndbuf = sockmap_cfg.sndbuf_bytes
         self.sndbuf_forced = owner.sndbuf_force_ok
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -682,7 +688,7 @@ class KernelCollector:
                                   value=totals["pauses"])
         yield CounterMetricFamily("ebpf_sockmap_inflight_over_limit",
                                   "Times a direction had more than max_inflight_bytes in the kernel "
-                                  "(observed, not enforced while pausing is off)",
+                                  "(counted only with ebpf.sockmap.backpressure off)",
                                   value=totals["over_limit"])
         if modes.running("stats") and kdp.stat_map is not None:
             bpf = {n: kdp.stat_map.percpu_sum(i) for i, n in enumerate(BPF_STAT_NAMES)}
