@@ -594,3 +594,51 @@ def test_counts_return_to_baseline(start_proxy):
     # No socket of ours left in CLOSE_WAIT on the proxy port.
     out = os.popen(f"ss -tanH state close-wait '( sport = :{port_of(p)} )'").read()
     assert out.strip() == ""
+
+
+def _connected_pair() -> tuple[socket.socket, socket.socket]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    return a, b
+
+
+def test_half_inserted_pair_rolls_back_every_map():
+    """The source map fills between the two sources: the first source leaves again, the other
+    maps are emptied, and the error says nothing was redirected, so user space may take over."""
+    from sniproxy.ebpf import sockmap as sm
+
+    dp = sm.SockmapDataPath.load(4)
+    socks = []
+    try:
+        client, backend_side = _connected_pair()
+        backend, peer = _connected_pair()
+        other, other_peer = _connected_pair()
+        socks = [client, backend_side, backend, peer, other, other_peer]
+        # Three of the four source slots taken by strangers: room for the client only.
+        strangers = [other, other_peer, peer]
+        for s in strangers:
+            dp.maps.sks.update(sm.socket_cookie(s), s.fileno())
+        pair = sm.SockPair(dp.maps, client, backend, ring_index=0, credit_bytes=MiB)
+        with pytest.raises(sm.InsertError) as info:
+            pair.insert()
+        assert info.value.reason == "map_full"
+        assert info.value.bytes_in_kernel == 0
+        assert not pair.inserted
+        for m in (dp.maps.conn, dp.maps.cred):
+            assert m.lookup_batch() == [], m
+        for cookie in pair.cookies:             # sockhashes have no batch lookup
+            assert dp.maps.sks.lookup(cookie) is None
+            assert dp.maps.dst.lookup(cookie) is None
+        for s in strangers:
+            assert dp.maps.sks.lookup(sm.socket_cookie(s)) is not None
+        # The sockets still work in user space, untouched.
+        client.sendall(b"ping")
+        assert backend_side.recv(4) == b"ping"
+    finally:
+        for s in socks:
+            s.close()
+        dp.close()

@@ -73,9 +73,12 @@ STAT_NAMES = ("up_skbs", "up_bytes", "down_skbs", "down_bytes", "fin_drops", "no
 class InsertError(Exception):
     """A pair could not enter the maps; `reason` is a metric label, str() says what happened."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, *, bytes_in_kernel: int = 0):
         super().__init__(message)
         self.reason = reason
+        # Bytes the program redirected before a later insertion failed: the kernel sends them
+        # on its own, so the connection cannot continue in user space without reordering.
+        self.bytes_in_kernel = bytes_in_kernel
 
 
 # ----------------------------------------------------------------------------- socket facts
@@ -289,16 +292,39 @@ class SockPair:
                     target.update(cookie, sock.fileno(), BPF_NOEXIST)
                     done.append((target, cookie))
         except BpfError as exc:
-            self._rollback(done)
-            raise _insert_error(exc, self.socks) from None
+            error = _insert_error(exc, self.socks)
+            error.bytes_in_kernel = self._rollback(done)
+            raise error from None
         self.inserted = True
 
-    def _rollback(self, done: list[tuple[Map, int]]) -> None:
-        for target, cookie in reversed(done):
+    def _rollback(self, done: list[tuple[Map, int]]) -> int:
+        """Undo a partial insertion; bytes the program redirected meanwhile (see InsertError).
+
+        Sources leave first, then the counters are read (no verdict can add to them any more),
+        then the rest goes.
+        """
+        sources = [(t, c) for t, c in done if t is self.maps.sks]
+        for target, cookie in sources:
             try:
                 target.delete(cookie)
             except BpfError:
                 pass
+        moved = 0
+        if sources:
+            for side in (0, 1):
+                try:
+                    st = self.state(side)
+                except BpfError:
+                    continue
+                moved += st.redirected + st.passed
+        for target, cookie in reversed(done):
+            if target is self.maps.sks:
+                continue
+            try:
+                target.delete(cookie)
+            except BpfError:
+                pass
+        return moved
 
     def trigger(self, side: int | None = None) -> None:
         """Call sk_data_ready (SO_RCVLOWAT 1) so queued bytes go through the program, in order."""

@@ -347,6 +347,27 @@ class SockmapRelay:
 _NAMES = ("client", "backend")
 
 
+class FailedHandOver:
+    """A pair that entered the maps only partly after bytes were redirected: reset both."""
+
+    kind = "sockmap"
+
+    def __init__(self, socks: tuple[socket.socket, socket.socket], detail: str):
+        self.socks = socks
+        self.detail = detail
+
+    async def run(self) -> RelayResult:
+        for sock in self.socks:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        return RelayResult(0, 0, "reset", self.detail)
+
+    def abort(self, outcome: str, detail: str = "") -> None:
+        pass
+
+
 def _current_task() -> asyncio.Task | None:
     try:
         return asyncio.current_task()
@@ -433,6 +454,14 @@ class WorkerKernel:
                                credit_bytes=self.max_inflight)
             pair.insert()
         except sm.InsertError as exc:
+            if exc.bytes_in_kernel:
+                # Half in: the kernel already forwards some bytes; a user-space relay now would
+                # race them and reorder the stream. Reset this connection instead (loudly).
+                self.counters.add(f"fallback_{exc.reason}")
+                log.warning("sockmap: %s after %d bytes were already redirected; resetting "
+                            "this connection rather than risk reordering it", exc,
+                            exc.bytes_in_kernel)
+                return FailedHandOver((client, backend), f"{exc} (half-inserted)")
             return self._fallback(exc.reason, str(exc))
         except OSError as exc:
             return self._fallback("socket_error", f"cannot read the socket state: {exc}")
