@@ -59,6 +59,9 @@ def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool) -> 
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Accepted sockets inherit it (no syscall per connection). Without it a response the
+        # kernel relays in two skbs waits for the client's delayed ACK before its second part.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
