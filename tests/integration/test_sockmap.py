@@ -431,8 +431,8 @@ def test_without_backpressure_the_kernel_holds_the_upload(start_proxy):
     # Nothing held the client back: the kernel took the whole upload at once. (MemAvailable
     # fell by ~170 MiB when measured alone; other processes exiting during a suite run can
     # hide part of it, so the memory check here is loose.)
-    assert sent_s < 1.5, f"the client needed {sent_s:.2f} s: was it held back after all?"
-    assert peak > 48 * MiB, f"only {peak / MiB:.0f} MiB held: is the measurement still valid?"
+    assert sent_s < 2.0, f"the client needed {sent_s:.2f} s: was it held back after all?"
+    assert peak > 32 * MiB, f"only {peak / MiB:.0f} MiB held: is the measurement still valid?"
 
 
 def bursty_read(s: socket.socket, seed: int) -> tuple[int, str]:

@@ -131,10 +131,12 @@ class SockmapRelay:
                                copied=self.copied[side])
 
     def _inflight(self, side: int) -> tuple[int, int]:
-        """(bytes of direction `side` held by the kernel, bytes redirected so far)."""
+        """(bytes of direction `side` waiting in the kernel's redirect queue, bytes redirected
+        so far). Only that queue is unbounded: what already entered the peer's send queue is
+        bounded by its send buffer, as on any TCP socket."""
         redirected = self.pair.redirected(side)
-        _, acked = self.pair.written_since_insert(1 - side)
-        return max(0, redirected + self.copied[side] - acked), redirected
+        written, _ = self.pair.written_since_insert(1 - side)
+        return max(0, redirected + self.copied[side] - written), redirected
 
     def _landed(self, side: int) -> bool:
         """Every byte of direction `side` (redirected or copied) is in the peer's send queue."""
@@ -265,6 +267,15 @@ class SockmapRelay:
     async def _move_kept(self, src: socket.socket, dst: socket.socket, side: int) -> int:
         """Copy the bytes the program kept in src to dst (bounded per call); bytes moved.
 
+        Each batch is peeked, written to dst, and only then consumed. While it is merely
+        peeked the source's receive buffer stays full, so TCP's window stays closed and the
+        sender waits; the program is told to resume (`copied == passed`) before the consume
+        reopens the window. The first skb that arrives after that is redirected, and it
+        lands behind the kept bytes, which are already in dst's send queue. Consuming first
+        would reopen the window early. The sender would then refill the buffer within
+        microseconds on loopback. Those bytes would be kept too, and the direction would
+        never resume.
+
         Never more than the program says it kept: a recv on a sockmap socket whose psock
         queue is empty reads the TCP receive queue directly, bypassing the program, and the
         program would later see that skb again (duplicated bytes, measured on 6.18).
@@ -275,15 +286,28 @@ class SockmapRelay:
             if kept <= 0:
                 break
             try:
-                data = src.recv(min(MOVE_CHUNK, kept))
+                data = src.recv(min(MOVE_CHUNK, kept), socket.MSG_PEEK)
             except BlockingIOError:
                 break                    # still on its way to the psock queue
             if not data:
                 break
             await self.loop.sock_sendall(dst, data)
             self.copied[side] += len(data)
+            if len(data) == kept and not self.eof[side]:
+                self.pair.set_cred(side, credit=self.pair.redirected(side) + self.limit,
+                                   copied=self.copied[side], pause=False)
+            self._consume(src, len(data))
             moved += len(data)
         return moved
+
+    def _consume(self, src: socket.socket, n: int) -> None:
+        """Drop the n peeked bytes now that they are in the peer's send queue."""
+        scratch = self.worker.scratch(min(n, MOVE_CHUNK))
+        while n > 0:
+            got = src.recv_into(scratch, min(n, len(scratch)))
+            if not got:
+                raise OSError(errno.EPIPE, "the kept bytes vanished before they were consumed")
+            n -= got
 
     # --- idle ---------------------------------------------------------------------------
     def _snapshot(self) -> tuple:
@@ -400,10 +424,17 @@ class WorkerKernel:
         self._by_fd: dict[int, tuple[SockmapRelay, int]] = {}
         self._by_cookie: dict[int, tuple[SockmapRelay, int]] = {}
         self._warned: set[str] = set()
+        self._scratch = memoryview(bytearray(0))
         self.dns_cache = None
         if owner.dns_map is not None and owner.modes.running("dns_cache"):
             from sniproxy.ebpf.dnscache import BpfDnsCache
             self.dns_cache = BpfDnsCache(owner.dns_map.map, counters)
+
+    def scratch(self, n: int) -> memoryview:
+        """A reusable buffer of at least n bytes for discarding moved bytes."""
+        if len(self._scratch) < n:
+            self._scratch = memoryview(bytearray(n))
+        return self._scratch[:n]
 
     # --- event loop plumbing --------------------------------------------------------------
     def _ensure_loop(self) -> None:
