@@ -356,7 +356,10 @@ class ProxyProcess:
             return e.code, e.read()
 
     def status(self) -> dict:
-        return json.loads(self.get("/status")[1])
+        code, body = self.get("/status")
+        if code != 200:
+            raise AssertionError(f"/status answered {code}: {body[:500]!r}\n{self.log()[-3000:]}")
+        return json.loads(body)
 
     def metrics(self) -> str:
         return self.get("/metrics")[1].decode()
