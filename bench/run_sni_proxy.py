@@ -4,7 +4,8 @@
     --cmd '.venv/bin/python bench/run_sni_proxy.py --listen {listen} --routes {routes} --workers {workers}'
     add --ebpf for the kernel data path (sockmap relay with an 8 MiB forced send buffer: measured
     598 MB/s with the default buffer, 1.7 GB/s with 8 MiB; BPF DNS cache not pinned; per-CPU stats),
-    --inflight BYTES / --no-backpressure to change ebpf.sockmap.max_inflight_bytes / backpressure,
+    --inflight BYTES, --[no-]backpressure to set ebpf.sockmap.max_inflight_bytes / backpressure
+    (omitted: the config's defaults),
     --socks {socks} to route through the harness's SOCKS5 server,
     --metrics ADDR to move /metrics (default 127.0.0.1:19090, off the harness's ports).
 """
@@ -29,8 +30,11 @@ def main() -> None:
     p.add_argument("--socks", help="host:port of a SOCKS5 upstream for every route")
     p.add_argument("--sndbuf", type=int, default=8 << 20, help="ebpf.sockmap.sndbuf_bytes with --ebpf")
     p.add_argument("--inflight", type=int, help="ebpf.sockmap.max_inflight_bytes with --ebpf")
-    p.add_argument("--no-backpressure", action="store_true",
-                   help="ebpf.sockmap.backpressure = false (zero-copy at any speed, unbounded memory)")
+    bp = p.add_mutually_exclusive_group()
+    bp.add_argument("--backpressure", dest="backpressure", action="store_const", const=True,
+                    help="ebpf.sockmap.backpressure = true (experimental; default: the config's)")
+    bp.add_argument("--no-backpressure", dest="backpressure", action="store_const", const=False,
+                    help="ebpf.sockmap.backpressure = false")
     p.add_argument("--relay", default="auto", choices=["auto", "splice", "copy"])
     p.add_argument("--metrics", default="127.0.0.1:19090")
     args = p.parse_args()
@@ -54,7 +58,7 @@ def main() -> None:
         "log": {"level": "warning", "access_log": False},
         "ebpf": {"enabled": args.ebpf,
                  "sockmap": {"sndbuf_bytes": args.sndbuf,
-                             "backpressure": not args.no_backpressure,
+                             **({} if args.backpressure is None else {"backpressure": args.backpressure}),
                              **({"max_inflight_bytes": args.inflight} if args.inflight else {})},
                  "dns_cache": {"pin_path": None}},
     }

@@ -349,11 +349,13 @@ def test_idle_timeout_closes_quiet_pair(start_proxy):
 
 
 # ---------------------------------------------------------------------------- backpressure
-def upload_to_slow_reader(start, total: int, rate: float) -> tuple[int, float, dict]:
-    """Push `total` bytes as fast as possible to a backend reading at `rate` bytes/s.
+def upload_to_slow_reader(start_proxy, *, backpressure: bool, total: int = 200 * MiB,
+                          rate: float = 50e6) -> tuple[ProxyProcess, int, float]:
+    """Push `total` bytes as fast as possible through a proxy (4 MiB in-flight limit) to a
+    backend reading at `rate` bytes/s, and check every byte arrived in order.
 
-    Returns (the most bytes ever sent by the client and not yet read by the backend, seconds
-    the client took to hand over every byte, backend result). Sent-but-unread bytes are
+    Returns (the proxy, the most bytes ever sent by the client and not yet read by the
+    backend, seconds the client took to hand over every byte). Sent-but-unread bytes are
     exactly what the machine holds for this connection (kernel queues and socket buffers),
     counted from both ends instead of guessed from MemAvailable, which moved too little and
     too late to be trusted here.
@@ -373,7 +375,8 @@ def upload_to_slow_reader(start, total: int, rate: float) -> tuple[int, float, d
         r["n"], r["sha"] = n, h.hexdigest()
 
     be = ScriptedBackend(script)
-    p_target = start(be.port)
+    p_target = start_proxy(be.port, sockmap={"max_inflight_bytes": 4 * MiB, "sndbuf_bytes": 8 * MiB,
+                                             "backpressure": backpressure})
     held = [0]
     stop = threading.Event()
 
@@ -399,38 +402,26 @@ def upload_to_slow_reader(start, total: int, rate: float) -> tuple[int, float, d
     finally:
         stop.set()
         sampler.join()
-    r["proxy"] = p_target
-    return held[0], sent_s, r
+    assert (r["n"], r["sha"]) == (len(HELLO) + total, stream_sha(HELLO, total))
+    return p_target, held[0], sent_s
 
 
 def test_slow_reader_memory_stays_bounded(start_proxy):
     """A fast client and a backend reading at 50 MB/s: the program keeps the client's bytes in
     its socket above max_inflight_bytes (TCP's window closes), so the bytes held between them
     stay near the limit plus socket buffers instead of the whole upload."""
-    total = 200 * MiB
-    held, sent_s, r = upload_to_slow_reader(
-        lambda port: start_proxy(port, sockmap={"max_inflight_bytes": 4 * MiB,
-                                                "sndbuf_bytes": 8 * MiB, "backpressure": True}),
-        total, 50e6)
-    p = r["proxy"]
-    assert (r["n"], r["sha"]) == (len(HELLO) + total, stream_sha(HELLO, total))
+    p, held, sent_s = upload_to_slow_reader(start_proxy, backpressure=True)
     assert p.metric("ebpf_sockmap_pauses_total") >= 1
     # 4 MiB limit + 8 MiB forced send buffer + receive buffers (tcp_rmem max 32 MiB here).
-    assert held < 64 * MiB, f"{held / MiB:.0f} MiB were in flight for a {total // MiB} MiB upload"
-    assert sent_s > 2.0, f"the client handed over {total // MiB} MiB in {sent_s:.2f} s"
+    assert held < 64 * MiB, f"{held / MiB:.0f} MiB were in flight for a 200 MiB upload"
+    assert sent_s > 2.0, f"the client handed over 200 MiB in {sent_s:.2f} s"
     assert_no_leak(p)
 
 
 def test_without_backpressure_the_kernel_holds_the_upload(start_proxy):
     """The measurement above can fail: with backpressure off the kernel takes the whole upload
     at once (the redirect queue has no bound) and the excess is only counted."""
-    total = 200 * MiB
-    held, sent_s, r = upload_to_slow_reader(
-        lambda port: start_proxy(port, sockmap={"max_inflight_bytes": 4 * MiB,
-                                                "sndbuf_bytes": 8 * MiB, "backpressure": False}),
-        total, 50e6)
-    p = r["proxy"]
-    assert (r["n"], r["sha"]) == (len(HELLO) + total, stream_sha(HELLO, total))
+    p, held, _ = upload_to_slow_reader(start_proxy, backpressure=False)
     assert p.metric("ebpf_sockmap_pauses_total") == 0
     assert p.metric("ebpf_sockmap_inflight_over_limit_total") >= 1
     assert held > 100 * MiB, f"only {held / MiB:.0f} MiB were in flight: was the client held back?"
