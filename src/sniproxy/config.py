@@ -516,6 +516,7 @@ class Config(_Model):
         ("0.0.0.0:8443",),
     )
     listen_backlog: Annotated[int, Strict(), Field(ge=1, le=65535)] = 4096
+    listen_defer_accept: Annotated[bool, Strict()] = True
     max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 50000
     workers: Annotated[int, Strict(), Field(ge=1, le=256)] = 1
     metrics_addr: Annotated[Str, AfterValidator(_check_metrics_addr)] | None = _hint(

@@ -233,6 +233,27 @@ def test_hash_map_round_trip_flags_iterate_and_batch() -> None:
             m.lookup(b"\x01\x02")
 
 
+def test_batch_update_and_delete_in_one_syscall_each() -> None:
+    with BpfObject(PROBE) as obj:
+        m = obj.map("sni_proxy_hash")
+        m.update_batch([(1, 10), (2, 20), (3, 30)])
+        assert dict(m.typed().items()) == {1: 10, 2: 20, 3: 30}
+        assert m.delete_batch([1, 2]) == 2 and dict(m.typed().items()) == {3: 30}
+        # The kernel stops at the first missing key: the count says where.
+        assert m.delete_batch([3, 99, 4]) == 1 and m.count() == 0
+
+
+def test_sockhash_refuses_batch_updates() -> None:
+    """Why SockPair inserts sockets one by one and batches only its hash maps."""
+    with Map.create(18, 8, 8, 4, name="t_sockhash") as m:      # BPF_MAP_TYPE_SOCKHASH
+        lsock = socket.create_server(("127.0.0.1", 0))
+        a = socket.create_connection(lsock.getsockname())
+        b, _ = lsock.accept()
+        with lsock, a, b, pytest.raises(BpfError) as exc:
+            m.update_batch([(1, a.fileno()), (2, b.fileno())])
+        assert exc.value.errno == 524 and m.count() == 0          # ENOTSUPP
+
+
 def test_percpu_values_are_lists_one_per_possible_cpu() -> None:
     ncpu = possible_cpus()
     with BpfObject(PROBE) as obj:

@@ -205,6 +205,36 @@ def test_slowloris_is_cut_at_client_hello_timeout(proxy_factory):
     wait_until(lambda: p.metric("sniproxy_connections_total", outcome="hello_timeout") == 1, 5, "count")
 
 
+@pytest.mark.parametrize("defer", [True, False])
+def test_listener_defer_accept_option(defer):
+    from sniproxy.proxy.server import create_listener
+    lsock = create_listener("127.0.0.1", 0, backlog=8, reuse_port=False, defer_accept=defer)
+    try:
+        value = lsock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+        assert (value > 0) is defer
+    finally:
+        lsock.close()
+
+
+def test_silent_client_takes_no_slot_until_it_speaks(proxy_factory, backends, pki):
+    """listen_defer_accept (default): a connection that says nothing is not handed to the proxy,
+    so with one slot a real client is served at once. The silent one is handed over after
+    about a second (SYN-ACK retransmitted) and then cut at client_hello_s."""
+    p = proxy_factory(routes=[{"match": "a.test", "backend": f"127.0.0.1:{backends['A']}"}],
+                      max_connections=1,
+                      timeouts={"client_hello_s": 3.0, "connect_s": 5, "idle_s": 60})
+    with raw_connect(p) as silent:
+        assert whoami(p, "a.test", pki)["backend"] == "A"
+        # Without deferral the silent client would have held the only slot: curl would have
+        # been served only after the hello timeout had cut the silent one.
+        silent.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            silent.recv(1)
+        silent.setblocking(True)
+        assert recv_all(silent) == b""
+    wait_until(lambda: p.metric("sniproxy_connections_total", outcome="hello_timeout") == 1, 5, "count")
+
+
 # ------------------------------------------------------------------ bytes, exactly once
 def _transfer(p: ProxyProcess, backend: RawBackend, up_bytes: int, hello: bytes) -> tuple[str, int]:
     """Client sends hello + up_bytes and half-closes while reading everything the backend sends."""

@@ -292,6 +292,9 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
         [c_int, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.POINTER(c_uint32), c_void_p], c_int),
     "bpf_map_lookup_and_delete_batch": (
         [c_int, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.POINTER(c_uint32), c_void_p], c_int),
+    "bpf_map_update_batch": (
+        [c_int, c_void_p, c_void_p, ctypes.POINTER(c_uint32), c_void_p], c_int),
+    "bpf_map_delete_batch": ([c_int, c_void_p, ctypes.POINTER(c_uint32), c_void_p], c_int),
     "bpf_obj_pin": ([c_int, c_char_p], c_int),
     "bpf_obj_get": ([c_char_p], c_int),
     "bpf_obj_get_info_by_fd": ([c_int, c_void_p, ctypes.POINTER(c_uint32)], c_int),
@@ -835,6 +838,38 @@ def map_lookup_batch(fd: int, key_size: int, value_size: int, batch_size: int,
     pairs = [(kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size])
              for i in range(n)]
     return pairs, (None if done else out_buf.raw)
+
+
+def map_update_batch(fd: int, keys: bytes, values: bytes, count: int,
+                     flags: int = BPF_ANY) -> int:
+    """One ``bpf_map_update_batch`` call over `count` packed keys and values: all or raises.
+
+    On an error the kernel stops at the failing element; the BpfError's `done` attribute says
+    how many went in before it, so the caller can undo exactly those.
+    """
+    n = c_uint32(count)
+    opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts), elem_flags=flags)
+    ret = _require_lib().bpf_map_update_batch(fd, keys, values, ctypes.byref(n),
+                                              ctypes.byref(opts))
+    if ret < 0:
+        err = -ret
+        hint = {errno_mod.EEXIST: "a key exists and BPF_NOEXIST was given",
+                errno_mod.E2BIG: "map is full (max_entries reached)"}.get(err)
+        exc = BpfError(f"batch update of {count} keys in map fd {fd}", err, hint=hint)
+        exc.done = n.value
+        raise exc
+    return n.value
+
+
+def map_delete_batch(fd: int, keys: bytes, count: int) -> int:
+    """One ``bpf_map_delete_batch`` call; returns how many were deleted. Stops at the first
+    missing key (ENOENT): the caller deletes the rest one by one."""
+    n = c_uint32(count)
+    opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+    ret = _require_lib().bpf_map_delete_batch(fd, keys, ctypes.byref(n), ctypes.byref(opts))
+    if ret < 0 and -ret != errno_mod.ENOENT:
+        _check_int(ret, f"batch delete of {count} keys in map fd {fd}")
+    return n.value
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -284,6 +284,20 @@ class Map:
         """True if the key was there."""
         return _lb.map_delete(self.fd, self._key(key))
 
+    def update_batch(self, items: list[tuple[Any, Any]]) -> None:
+        """All items in one syscall (hash and array maps; not sockmaps, which refuse batches).
+
+        The kernel takes no BPF_NOEXIST here. If it stops at an element, the BpfError's
+        `done` says how many went in before it.
+        """
+        keys = b"".join(self._key(k) for k, _ in items)
+        values = b"".join(self._encode_value(v) for _, v in items)
+        _lb.map_update_batch(self.fd, keys, values, len(items))
+
+    def delete_batch(self, keys: list[Any]) -> int:
+        """Delete keys in one syscall; stops at the first missing one. How many went."""
+        return _lb.map_delete_batch(self.fd, b"".join(self._key(k) for k in keys), len(keys))
+
     def __contains__(self, key: Any) -> bool:
         return self.lookup(key) is not None
 

@@ -4,9 +4,9 @@ Knows nothing of the proxy: sockets in, counters and events out. The BPF side is
 `bpf/sni_proxy_sockmap.bpf.c`; read its header comment for the maps.
 
 Hand-over (lossless and ordered, facts measured on 6.18):
-1. conn + credit entries for both sockets, then both sockets into the redirect-target map
-   `sni_proxy_dst`, then both into the source map `sni_proxy_sks` (the verdict program's).
-   Targets go in first so that no redirect can find its peer missing.
+1. Both sockets into the redirect-target map `sni_proxy_dst`, then conn + credit entries for
+   both (one batch per map), then both into the source map `sni_proxy_sks` (the verdict
+   program's). Targets and state go in first so that no redirect can find its peer missing.
 2. ``trigger()``: ``setsockopt(SO_RCVLOWAT, 1)`` on both calls ``sk_data_ready``, which
    flushes what was queued before insertion (the peeked ClientHello, an early ServerHello,
    pipelined data) through the program, in order. Writing those bytes from user space after
@@ -264,13 +264,20 @@ class SockPair:
         self.cookies = (socket_cookie(client), socket_cookie(backend))
         self.ring_index = ring_index
         self.credit_bytes = credit_bytes
+        written, acked, consumed = [], [], []
+        for sock in self.socks:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+            acked.append(_U64.unpack_from(info, _TCPI_BYTES_ACKED)[0])
+            written.append(acked[-1] + tcp_outq(sock))
+            # SIOCINQ is only truthful now, before the socket enters the map.
+            consumed.append(_U64.unpack_from(info, _TCPI_BYTES_RECEIVED)[0] - tcp_inq(sock))
         # Bytes each socket had queued for sending before the hand-over (PROXY header, SOCKS
         # leftover): the redirected bytes come on top.
-        self.base_written = tuple(tcp_written(s)[0] for s in self.socks)
+        self.base_written = tuple(written)
+        self.base_acked = tuple(acked)
         # Bytes each socket received that user space consumed before the hand-over (a SOCKS
-        # reply): everything received after them goes through the program. SIOCINQ is only
-        # truthful now, before the sockets enter the map.
-        self.base_consumed = tuple(tcp_bytes_received(s) - tcp_inq(s) for s in self.socks)
+        # reply): everything received after them goes through the program.
+        self.base_consumed = tuple(consumed)
         self.inserted = False
 
     # insertion ---------------------------------------------------------------------------
@@ -279,18 +286,28 @@ class SockPair:
         m = self.maps
         done: list[tuple[Map, int]] = []
         try:
-            for side, cookie in enumerate(self.cookies):
-                m.conn.update(cookie, _CONN.pack(self.cookies[1 - side], 0, 0, 0,
-                                                 DIR_UP if side == 0 else DIR_DOWN, 0, 0, 0),
-                              BPF_NOEXIST)
-                done.append((m.conn, cookie))
-                m.cred.update(cookie, _CRED.pack(self.credit_bytes, 0, 0, self.ring_index, 0, 0),
-                              BPF_NOEXIST)
-                done.append((m.cred, cookie))
-            for target in (m.dst, m.sks):
-                for sock, cookie in zip(self.socks, self.cookies):
-                    target.update(cookie, sock.fileno(), BPF_NOEXIST)
-                    done.append((target, cookie))
+            # Targets first, one by one with BPF_NOEXIST (sockmaps take no batches): this
+            # also refuses a socket that is already in. No program runs on a target.
+            for sock, cookie in zip(self.socks, self.cookies):
+                m.dst.update(cookie, sock.fileno(), BPF_NOEXIST)
+                done.append((m.dst, cookie))
+            # Then the per-socket state the program reads, one batch per map (a syscall each
+            # instead of two): the cookies are new, as the dst insertion just proved.
+            for table, values in (
+                    (m.conn, [_CONN.pack(self.cookies[1 - side], 0, 0, 0,
+                                         DIR_UP if side == 0 else DIR_DOWN, 0, 0, 0)
+                              for side in (0, 1)]),
+                    (m.cred, [_CRED.pack(self.credit_bytes, 0, 0, self.ring_index, 0, 0)] * 2)):
+                try:
+                    table.update_batch(list(zip(self.cookies, values)))
+                except BpfError as exc:
+                    done.extend((table, c) for c in self.cookies[:getattr(exc, "done", 0)])
+                    raise
+                done.extend((table, c) for c in self.cookies)
+            # Sources last: from here on the program runs on their bytes.
+            for sock, cookie in zip(self.socks, self.cookies):
+                m.sks.update(cookie, sock.fileno(), BPF_NOEXIST)
+                done.append((m.sks, cookie))
         except BpfError as exc:
             error = _insert_error(exc, self.socks)
             error.bytes_in_kernel = self._rollback(done)
@@ -340,12 +357,22 @@ class SockPair:
             return
         self.inserted = False
         m = self.maps
-        for target in (m.sks, m.dst, m.cred, m.conn):
+        for target in (m.sks, m.dst):
             for cookie in self.cookies:
                 try:
                     target.delete(cookie)
                 except BpfError:
                     pass             # the kernel already dropped a closed socket from a sockhash
+        for table in (m.cred, m.conn):
+            try:
+                gone = table.delete_batch(list(self.cookies))
+            except BpfError:
+                gone = 0
+            for cookie in self.cookies[gone:]:      # the batch stops at a missing key
+                try:
+                    table.delete(cookie)
+                except BpfError:
+                    pass
 
     # counters ----------------------------------------------------------------------------
     def state(self, side: int) -> ConnState:

@@ -47,8 +47,19 @@ class ClientGone(Exception):
     pass
 
 
-def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool) -> socket.socket:
-    """A non-blocking listening socket; IPv6 wildcard listens on IPv6 only (list both if wanted)."""
+# TCP_DEFER_ACCEPT, in seconds: a client that connects and stays silent is handed over after
+# about this long anyway (the kernel retransmits its SYN-ACK once), then client_hello_s applies.
+DEFER_ACCEPT_S = 1
+
+
+def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool,
+                    defer_accept: bool = True) -> socket.socket:
+    """A non-blocking listening socket; IPv6 wildcard listens on IPv6 only (list both if wanted).
+
+    defer_accept (nginx's `deferred`, HAProxy's `defer-accept`): accept() returns a connection
+    only once its first bytes (the ClientHello) are in, so the hello is usually read at the
+    first peek, with no wait on the event loop, and silent connections never take a slot.
+    """
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
     family, _, _, _, sockaddr = infos[0]
@@ -62,6 +73,8 @@ def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool) -> 
         # Accepted sockets inherit it (no syscall per connection). Without it a response the
         # kernel relays in two skbs waits for the client's delayed ACK before its second part.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if defer_accept:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)

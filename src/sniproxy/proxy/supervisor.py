@@ -103,7 +103,8 @@ class Supervisor:
         return 0
 
     def _spawn(self, slot: WorkerSlot) -> None:
-        listeners = [create_listener(a.host, a.port, backlog=self.config.listen_backlog, reuse_port=True)
+        listeners = [create_listener(a.host, a.port, backlog=self.config.listen_backlog, reuse_port=True,
+                                     defer_accept=self.config.listen_defer_accept)
                      for a in self.config.listen]
         parent_end, child_end = socket.socketpair()
         kernel_factory = self.ebpf.worker_factory() if self.ebpf is not None else None
@@ -206,7 +207,8 @@ class Supervisor:
             self.own_metrics.reloads.labels("rejected").inc()
             log.error("reload rejected, keeping the running config: %s", exc)
             return
-        fixed = [key for key in ("listen", "workers", "metrics_addr", "listen_backlog", "ebpf")
+        fixed = [key for key in ("listen", "workers", "metrics_addr", "listen_backlog",
+                                          "listen_defer_accept", "ebpf")
                  if getattr(new, key) != getattr(self.config, key)]
         if fixed:
             log.warning("reload: %s changed but only take effect after a restart", ", ".join(fixed))
