@@ -248,9 +248,21 @@ class Map:
         return self.value_size
 
     def _key(self, key: Any) -> bytes:
+        # Fast paths first: the sockmap hand-over encodes ~20 keys and values per connection.
+        kind = type(key)
+        if kind is int and key >= 0 and key.bit_length() <= 8 * self.key_size:
+            return key.to_bytes(self.key_size, sys.byteorder)
+        if kind is bytes and len(key) == self.key_size:
+            return key
         return _encode(key, self.key_size, f"key of map {self.name}")
 
     def _encode_value(self, value: Any) -> bytes:
+        if not self.percpu:
+            kind = type(value)
+            if kind is bytes and len(value) == self.value_size:
+                return value
+            if kind is int and value >= 0 and value.bit_length() <= 8 * self.value_size:
+                return value.to_bytes(self.value_size, sys.byteorder)
         what = f"value of map {self.name}"
         if not self.percpu:
             return _encode(value, self.value_size, what)

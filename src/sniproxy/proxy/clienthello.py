@@ -460,14 +460,14 @@ def _parse_body(body: bytes, consumed: int, records: int) -> Outcome:
                 )
             seen.add(etype)
             types.append(etype)
-            data = body[pos : pos + elen]
-            pos += elen
+            # Slice only the three extensions we read: a hello carries 10-20 of them.
             if etype == _EXT_SERVER_NAME:
-                sni = _parse_server_name(data)
+                sni = _parse_server_name(body[pos : pos + elen])
             elif etype == _EXT_ALPN:
-                alpn = _parse_alpn(data)
+                alpn = _parse_alpn(body[pos : pos + elen])
             elif etype == _EXT_SUPPORTED_VERSIONS:
-                versions = _parse_supported_versions(data)
+                versions = _parse_supported_versions(body[pos : pos + elen])
+            pos += elen
 
     return ClientHello(
         sni=sni,
