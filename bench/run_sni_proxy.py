@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--inflight", type=int, help="ebpf.sockmap.max_inflight_bytes with --ebpf")
     bp = p.add_mutually_exclusive_group()
     bp.add_argument("--backpressure", dest="backpressure", action="store_const", const=True,
-                    help="ebpf.sockmap.backpressure = true (experimental; default: the config's)")
+                    help="ebpf.sockmap.backpressure = true (the default)")
     bp.add_argument("--no-backpressure", dest="backpressure", action="store_const", const=False,
                     help="ebpf.sockmap.backpressure = false")
     p.add_argument("--relay", default="auto", choices=["auto", "splice", "copy"])

@@ -424,8 +424,8 @@ class Timeouts(_Model):
 class SockmapConfig(_Model):
     enabled: Bool = True
     max_entries: Annotated[int, Strict(), Field(ge=2, le=1 << 24)] = 65536
-    max_inflight_bytes: Annotated[int, Strict(), Field(ge=64 * KiB, le=1 * GiB)] = 16 * MiB
-    backpressure: Bool = False
+    max_inflight_bytes: Annotated[int, Strict(), Field(ge=64 * KiB, le=1 * GiB)] = 64 * MiB
+    backpressure: Bool = True
     sndbuf_bytes: Annotated[int, Strict(), Field(ge=4 * KiB, le=1 * GiB)] | None = None
 
 

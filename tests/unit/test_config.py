@@ -79,7 +79,8 @@ def test_the_seed_config_is_accepted() -> None:
     cfg = parse_config(seed)
     assert cfg.listen == (HostPort("0.0.0.0", 8443),)
     assert cfg.timeouts.shutdown_grace_s == 30
-    assert cfg.ebpf.sockmap.max_inflight_bytes == 16 * 1024 * 1024
+    assert cfg.ebpf.sockmap.max_inflight_bytes == 64 * 1024 * 1024
+    assert cfg.ebpf.sockmap.backpressure is True
     assert cfg.ebpf.dns_cache.pin_path == "/sys/fs/bpf/sni-proxy"
     assert cfg.listen_backlog == 4096
     assert cfg.routes[1].upstream == "corp" and cfg.routes[0].upstream == "direct"

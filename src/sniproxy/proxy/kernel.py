@@ -646,12 +646,16 @@ class KernelDataPath:
                 log.warning("eBPF %s disabled: %s; %s", name, f.reason, _FALLBACK_TEXT[name])
         if dns_map is not None:
             log.info("eBPF DNS cache: %s", dns_map.note)
-        if modes.running("sockmap") and config.ebpf.sockmap.backpressure:
-            log.warning("ebpf.sockmap.backpressure is experimental: it bounds the kernel's queue "
-                        "to max_inflight_bytes=%d per direction, but pausing while the other "
-                        "direction also carried bulk data duplicated segments in tests, so no "
-                        "direction pauses while the other one is busy (then the excess is only "
-                        "counted). See docs/kernel-datapath.md", config.ebpf.sockmap.max_inflight_bytes)
+        if modes.running("sockmap"):
+            if config.ebpf.sockmap.backpressure:
+                log.info("eBPF sockmap backpressure: a direction pauses above max_inflight_bytes="
+                         "%d in the kernel's queue (not while the other direction is busy: "
+                         "then the excess is counted in ebpf_sockmap_inflight_over_limit_total)",
+                         config.ebpf.sockmap.max_inflight_bytes)
+            else:
+                log.warning("ebpf.sockmap.backpressure is off: a slow receiver lets the kernel "
+                            "queue without bound (counted in "
+                            "ebpf_sockmap_inflight_over_limit_total); set it to true to bound it")
         log.info("eBPF data path: mode %s (sockmap %s, dns_cache %s, stats %s)", modes.mode,
                  modes.state("sockmap"), modes.state("dns_cache"), modes.state("stats"))
         return self
