@@ -415,6 +415,7 @@ def test_slow_reader_memory_stays_bounded(start_proxy):
     # 4 MiB limit + 8 MiB forced send buffer + receive buffers (tcp_rmem max 32 MiB here).
     assert held < 64 * MiB, f"{held / MiB:.0f} MiB were in flight for a 200 MiB upload"
     assert sent_s > 2.0, f"the client handed over 200 MiB in {sent_s:.2f} s"
+    assert "backpressure is off" not in p.log()
     assert_no_leak(p)
 
 
@@ -425,6 +426,7 @@ def test_without_backpressure_the_kernel_holds_the_upload(start_proxy):
     assert p.metric("ebpf_sockmap_pauses_total") == 0
     assert p.metric("ebpf_sockmap_inflight_over_limit_total") >= 1
     assert held > 100 * MiB, f"only {held / MiB:.0f} MiB were in flight: was the client held back?"
+    assert "ebpf.sockmap.backpressure is off" in p.log()      # said at start, since it is unbounded
 
 
 def bursty_read(s: socket.socket, seed: int) -> tuple[int, str]:
