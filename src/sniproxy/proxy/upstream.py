@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import time
 from collections.abc import Sequence
@@ -86,20 +87,46 @@ def _describe_oserror(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+_TCP_ESTABLISHED = 1
+
+
 async def _connect_one(ip: str, port: int, local_addr: tuple[str, int] | None) -> socket.socket:
-    loop = asyncio.get_running_loop()
     sock = socket.socket(_family(ip), socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if local_addr is not None:
             sock.bind(local_addr)
         target = (ip, port, 0, 0) if ":" in ip else (ip, port)
-        await loop.sock_connect(sock, target)
+        err = sock.connect_ex(target)
+        if err == errno.EINPROGRESS:
+            # A backend on this host or a near one has often answered by the time connect()
+            # returns (loopback runs the handshake inside the call): then no wait on the loop.
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED:
+                await _writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
     except BaseException:
         sock.close()
         raise
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _set_result, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+def _set_result(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def open_direct(
