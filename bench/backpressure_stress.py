@@ -121,6 +121,8 @@ def main() -> int:
                     help="the client reads down at full speed (pauses only when the kernel lags)")
     ap.add_argument("--pin", action="store_true",
                     help="the proxy on CPU 1, this script (client and backend) on CPU 0")
+    ap.add_argument("--poll-status", action="store_true",
+                    help="poll /status and /metrics all along and report any answer that is not 200")
     ap.add_argument("--up-continuous", action="store_true",
                     help="the client writes up without silences (both directions bulk at once)")
     ap.add_argument("--backend-stalls", action="store_true",
@@ -184,6 +186,26 @@ def main() -> int:
             s.shutdown(socket.SHUT_WR)
             return got
 
+    polled = {"ok": 0, "bad": []}
+    polling = threading.Event()
+
+    def poll() -> None:
+        import urllib.error
+        import urllib.request
+        while not polling.is_set():
+            for path in ("/status", "/metrics"):
+                try:
+                    with urllib.request.urlopen(proxy.metrics_url + path, timeout=10) as r:
+                        r.read()
+                    polled["ok"] += 1
+                except urllib.error.HTTPError as exc:
+                    polled["bad"].append(f"{path} {exc.code}: {exc.read()[:300]!r}")
+                except OSError as exc:
+                    polled["bad"].append(f"{path} {exc}")
+
+    poller = threading.Thread(target=poll, daemon=True)
+    if args.poll_status:
+        poller.start()
     t0 = time.monotonic()
     try:
         with ThreadPoolExecutor(args.parallel) as ex:
@@ -194,6 +216,9 @@ def main() -> int:
         counters = {name: proxy.metric(f"ebpf_sockmap_{name}_total")
                     for name in ("pauses", "inflight_over_limit")}
     finally:
+        polling.set()
+        if args.poll_status:
+            poller.join()
         proxy.stop()
         listener.close()
     bad = 0
@@ -212,7 +237,11 @@ def main() -> int:
           f"{'continuously' if args.up_continuous else 'in bursts'}"
           f"{' read with stalls' if args.backend_stalls else ''}, limit "
           f"{args.limit} B) in {time.monotonic() - t0:.0f} s; proxy counters {counters}")
-    return 1 if bad else 0
+    if args.poll_status:
+        print(f"/status and /metrics: {polled['ok']} answers 200, {len(polled['bad'])} not")
+        for line in polled["bad"][:10]:
+            print("  " + line)
+    return 1 if bad or polled["bad"] else 0
 
 
 if __name__ == "__main__":

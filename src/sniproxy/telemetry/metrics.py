@@ -7,6 +7,7 @@ its own `ProxyMetrics` on a private registry: no global state.
 from __future__ import annotations
 
 import bisect
+import glob
 import os
 import shutil
 import tempfile
@@ -37,9 +38,29 @@ def mark_worker_dead(pid: int) -> None:
     multiprocess.mark_process_dead(pid)
 
 
+class _SizedFilesCollector(multiprocess.MultiProcessCollector):
+    """MultiProcessCollector that skips .db files not yet sized.
+
+    prometheus_client creates a process's file before it sizes it (client_python issue
+    #1199): a scrape in that window, for instance while a worker starts, raised struct.error
+    and /metrics and /status answered 500. Such a file holds nothing yet.
+    """
+
+    def collect(self):
+        files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _has_header(f)]
+        return self.merge(files, accumulate=True)
+
+
+def _has_header(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= 8
+    except OSError:
+        return False        # gone between the glob and now (a dead worker's live gauge)
+
+
 def aggregated_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    _SizedFilesCollector(registry)
     return registry
 
 
