@@ -31,7 +31,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import mmap
-import os
 import socket
 import struct
 import termios
