@@ -112,6 +112,18 @@ def _encode(value: Any, size: int, what: str) -> bytes:
     return data
 
 
+def _encode_simple(value: Any, size: int) -> bytes | None:
+    """The common cases of _encode (a fitting unsigned int, bytes of the exact size) without
+    its checks and message; None for anything else. The sockmap hand-over encodes ~20 keys and
+    values per connection."""
+    kind = type(value)
+    if kind is int and value >= 0 and value.bit_length() <= 8 * size:
+        return value.to_bytes(size, sys.byteorder)
+    if kind is bytes and len(value) == size:
+        return value
+    return None
+
+
 def _round8(n: int) -> int:
     return (n + 7) & ~7
 
@@ -248,24 +260,14 @@ class Map:
         return self.value_size
 
     def _key(self, key: Any) -> bytes:
-        # Fast paths first: the sockmap hand-over encodes ~20 keys and values per connection.
-        kind = type(key)
-        if kind is int and key >= 0 and key.bit_length() <= 8 * self.key_size:
-            return key.to_bytes(self.key_size, sys.byteorder)
-        if kind is bytes and len(key) == self.key_size:
-            return key
-        return _encode(key, self.key_size, f"key of map {self.name}")
+        return _encode_simple(key, self.key_size) or _encode(key, self.key_size,
+                                                             f"key of map {self.name}")
 
     def _encode_value(self, value: Any) -> bytes:
         if not self.percpu:
-            kind = type(value)
-            if kind is bytes and len(value) == self.value_size:
-                return value
-            if kind is int and value >= 0 and value.bit_length() <= 8 * self.value_size:
-                return value.to_bytes(self.value_size, sys.byteorder)
+            return _encode_simple(value, self.value_size) or _encode(
+                value, self.value_size, f"value of map {self.name}")
         what = f"value of map {self.name}"
-        if not self.percpu:
-            return _encode(value, self.value_size, what)
         slot = _round8(self.value_size)
         ncpu = possible_cpus()
         values = value if isinstance(value, (list, tuple)) else [value] * ncpu
