@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import socket
 import ssl
@@ -16,6 +17,7 @@ from tests.integration.harness import (
     _PATTERN, ProxyProcess, RawBackend, base_config, client_hello_bytes, curl, free_port, free_ports, make_pki,
     pattern_sha256, send_pattern, tls_backend, wait_until,
 )
+from tests.ebpf_required import require_ebpf
 from tests.integration.socks_servers import start_danted, start_pproxy
 from tests.unit.hello_builder import X25519, X25519MLKEM768, X25519MLKEM768_SHARE, build_hello, records
 
@@ -203,6 +205,49 @@ def test_slowloris_is_cut_at_client_hello_timeout(proxy_factory):
         assert recv_all(s) == b""
         assert 0.3 < time.monotonic() - t0 < 5
     wait_until(lambda: p.metric("sniproxy_connections_total", outcome="hello_timeout") == 1, 5, "count")
+
+
+def _proxy_cpu_seconds(p: ProxyProcess) -> float:
+    """utime + stime of the supervisor and its workers, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [p.proc.pid] + [int(x) for x in
+                           open(f"/proc/{p.proc.pid}/task/{p.proc.pid}/children").read().split()]
+    total = 0
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+@pytest.mark.parametrize("ebpf", [False, True], ids=["userspace", "sockmap"])
+def test_partial_hello_then_fin_is_answered_at_once_without_spinning(proxy_factory, ebpf):
+    """A partial ClientHello followed by FIN ends the hello read at once as client_closed.
+
+    At EOF a MSG_PEEK recv returns the queued bytes again (never b""), and the socket stays
+    readable: the worker used to spin on it until client_hello_s, one core per such client."""
+    if ebpf:
+        require_ebpf()
+    p = proxy_factory(routes=[{"match": "a.test", "backend": "127.0.0.1:9"}],
+                      timeouts={"client_hello_s": 20, "connect_s": 5, "idle_s": 60},
+                      ebpf={"enabled": ebpf})
+    hello = client_hello_bytes("a.test")
+    cpu_before = _proxy_cpu_seconds(p)
+    socks = []
+    for _ in range(20):
+        s = raw_connect(p)
+        s.sendall(hello[:100])
+        s.shutdown(socket.SHUT_WR)
+        socks.append(s)
+    t0 = time.monotonic()
+    for s in socks:
+        assert recv_all(s) == b""          # closed by the proxy, long before client_hello_s
+        s.close()
+    assert time.monotonic() - t0 < 10
+    wait_until(lambda: p.metric("sniproxy_connections_total", outcome="client_closed") == 20, 5,
+               "20 client_closed")
+    assert p.metric("sniproxy_connections_total", outcome="hello_timeout") == 0
+    # Spinning cost a full core per connection; answering costs milliseconds in all.
+    assert _proxy_cpu_seconds(p) - cpu_before < 2.0
 
 
 @pytest.mark.parametrize("defer", [True, False])

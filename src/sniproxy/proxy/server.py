@@ -293,6 +293,12 @@ class Worker:
                     return outcome
                 if len(data) >= PEEK_BYTES:
                     return clienthello.Rejected("too_large", f"no complete ClientHello in {len(data)} bytes")
+                if len(data) == have and _peer_finished(client):
+                    # At EOF a MSG_PEEK recv returns the queued bytes again, never b"", and the
+                    # socket stays readable whatever SO_RCVLOWAT says: without this check a
+                    # partial hello + FIN spun this loop until client_hello_s (a DoS).
+                    raise ClientGone(f"client closed after {have} bytes of an incomplete "
+                                     "ClientHello")
                 have = len(data)
                 # Wake only when more than what we already peeked is queued (or at EOF):
                 # without this the still-queued bytes would make the socket readable forever.
@@ -318,6 +324,22 @@ class Worker:
         app.hot.connection_done(info.route, result.outcome, result.bytes_up, result.bytes_down)
         if app.config.log.access_log:
             app.access_logger(info, result, duration)
+
+
+# tcp_info.tcpi_state values in which the client can send nothing more (it sent its FIN).
+_TCP_CLOSE_WAIT, _TCP_LAST_ACK, _TCP_CLOSE, _TCP_CLOSING = 8, 9, 7, 11
+
+
+def _peer_finished(sock: socket.socket) -> bool:
+    """The client sent FIN (or the socket is dead): no more hello bytes can ever arrive.
+
+    Asked only when a wake-up brought no new byte, so it costs nothing on the common path.
+    """
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return True
+    return state in (_TCP_CLOSE_WAIT, _TCP_LAST_ACK, _TCP_CLOSE, _TCP_CLOSING)
 
 
 def _set_done(fut: asyncio.Future) -> None:
