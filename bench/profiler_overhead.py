@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sniproxy.ebpf.config import EbpfConfig  # noqa: E402
-from sniproxy.ebpf.profiler import EbpfCpuProfiler  # noqa: E402
+from sniproxy.observe.config import EbpfConfig  # noqa: E402
+from sniproxy.observe.profiler import EbpfCpuProfiler  # noqa: E402
 
 RATES = (19, 99, 199)
 

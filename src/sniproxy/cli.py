@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "run": "sniproxy.proxy.main:cli_run",
     "check": "sniproxy.ebpf.support:cli_check",
     "demo": "sniproxy.ebpf.demo:cli_demo",
-    "profile": "sniproxy.ebpf.profile_cli:cli_profile",
+    "profile": "sniproxy.observe.profile_cli:cli_profile",
 }
 
 

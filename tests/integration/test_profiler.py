@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from sniproxy.ebpf.config import ConfigValidationError, EbpfConfig, cgroup2_mounts
-from sniproxy.ebpf.profiler import EbpfCpuProfiler, PermissionDenied, ProfilerError
-from sniproxy.ebpf.symbolize import Symbolizer
+from sniproxy.observe.config import ConfigValidationError, EbpfConfig, cgroup2_mounts
+from sniproxy.observe.profiler import EbpfCpuProfiler, PermissionDenied, ProfilerError
+from sniproxy.observe.symbolize import Symbolizer
 from tests.ebpf_required import require_ebpf, skip_or_fail
 
 HERE = Path(__file__).resolve().parent
@@ -256,7 +256,7 @@ def test_overhead_is_measured(ebpf, burns):
 
 
 def test_memory_warning_above_50_mb(ebpf, caplog):
-    caplog.set_level(logging.INFO, logger="sniproxy.ebpf.profiler")
+    caplog.set_level(logging.INFO, logger="sniproxy.observe.profiler")
     with EbpfCpuProfiler(EbpfConfig().with_max_samples(100_000).with_current_process()) as p:
         overhead = p.get_overhead()
     assert overhead.memory_bytes > 50 * 1024 * 1024
@@ -317,7 +317,7 @@ def test_permission_denied_without_capabilities(ebpf):
     if capsh is None or os.geteuid() != 0:
         skip_or_fail("needs root and capsh (libcap2-bin) to drop capabilities")
     code = (
-        "from sniproxy.ebpf.profiler import EbpfCpuProfiler, PermissionDenied\n"
+        "from sniproxy.observe.profiler import EbpfCpuProfiler, PermissionDenied\n"
         "try:\n    EbpfCpuProfiler().start()\n"
         "except PermissionDenied as e:\n    print('DENIED', e)\n"
     )

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sniproxy.ebpf.config import (
+from sniproxy.observe.config import (
     MAX_TARGET_PIDS,
     AllProcesses,
     Cgroup,

@@ -11,8 +11,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from sniproxy.ebpf.profiler import Profile, ProfileStats, Sample, stack_map_entries
-from sniproxy.ebpf.symbolize import Frame, KernelSymbols
+from sniproxy.observe.profiler import Profile, ProfileStats, Sample, stack_map_entries
+from sniproxy.observe.symbolize import Frame, KernelSymbols
 from sniproxy.telemetry.flamegraph import build_tree, render_flamegraph
 from sniproxy.telemetry.folded import fold, format_folded, parse_folded
 from sniproxy.telemetry.pprof import encode_profile, to_pprof

@@ -9,7 +9,8 @@ import logging
 import socket
 from typing import Any
 
-from sniproxy.proxy.relay import PipePool, Relay, splice_available
+from sniproxy.relay.choose import RelaySettings, choose_relay
+from sniproxy.relay.userspace import PipePool, splice_available
 from sniproxy.proxy.resolver import MemoryDnsCache, Resolver
 from sniproxy.proxy.routes import RouteTable
 from sniproxy.proxy.server import ConnectionInfo
@@ -55,6 +56,8 @@ class ProxyApp:
         self.connection_limit = -(-config.max_connections // config.workers)
         self._dns_cache = cache
         self.use_splice = self.splice_ok and mode in ("auto", "splice")
+        self.relay_settings = RelaySettings(config.timeouts.idle_s, self.use_splice,
+                                            config.relay.buffer_bytes)
 
     def _reusable_resolver(self, config):
         """Keep the resolver (its cache, in-flight lookups and counters) when DNS settings stay."""
@@ -84,14 +87,8 @@ class ProxyApp:
         self._dns_last, self._dns_last_owner = stats, self.resolver
 
     def relay_factory(self, client: socket.socket, backend: socket.socket):
-        idle = self.config.timeouts.idle_s
-        if self.kernel_relay is not None:
-            relay = self.kernel_relay.try_relay(client, backend, idle_timeout_s=idle)
-            if relay is not None:
-                self.hot.relay_chosen("sockmap")
-                return relay
-        relay = Relay(client, backend, use_splice=self.use_splice, idle_timeout_s=idle,
-                      buffer_bytes=self.config.relay.buffer_bytes, pipes=self.pipes)
+        relay = choose_relay(client, backend, self.relay_settings, kernel=self.kernel_relay,
+                             pipes=self.pipes)
         self.hot.relay_chosen(relay.kind)
         return relay
 

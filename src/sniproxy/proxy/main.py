@@ -50,7 +50,7 @@ def cli_run(argv: list[str]) -> int:
     from sniproxy.proxy.supervisor import StartupError, Supervisor
     ebpf = None
     if config.ebpf.enabled:
-        from sniproxy.proxy.kernel import KernelDataPath, KernelStartError
+        from sniproxy.relay.datapath import KernelDataPath, KernelStartError
         try:
             ebpf = KernelDataPath.start(config)
         except KernelStartError as exc:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sniproxy.proxy import clienthello
-from sniproxy.proxy.relay import Relay, RelayResult
+from sniproxy.relay.base import Relay, RelayResult
 
 log = logging.getLogger("sniproxy")
 access_log = logging.getLogger("sniproxy.access")

@@ -45,7 +45,7 @@ class Supervisor:
     def __init__(self, config_path: str, config, *, ebpf=None):
         self.config_path = config_path
         self.config = config
-        self.ebpf = ebpf                      # sniproxy.proxy.kernel.KernelDataPath or None
+        self.ebpf = ebpf                      # sniproxy.relay.datapath.KernelDataPath or None
         self.started_wall = time.time()
         self.started = time.monotonic()
         self.slots = [WorkerSlot(i) for i in range(config.workers)]

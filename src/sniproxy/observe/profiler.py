@@ -27,7 +27,7 @@ from .config import AllProcesses, Cgroup, CurrentProcess, EbpfConfig, Pids, cgro
 from .symbolize import Frame, Symbolizer
 
 if TYPE_CHECKING:
-    from .objects import BpfObject, Link, StatsHandle
+    from sniproxy.ebpf.objects import BpfObject, Link, StatsHandle
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class EbpfCpuProfiler:
         check_profiler_support()
         t_cpu = time.thread_time_ns()
         try:
-            from . import objects
+            from sniproxy.ebpf import objects
         except ImportError as exc:   # pragma: no cover - packaging problem
             raise ProfilerError(f"cannot import the BPF loader: {exc}") from exc
         if not objects.object_path(OBJECT_NAME).is_file():

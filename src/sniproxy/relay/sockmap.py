@@ -1,10 +1,8 @@
-"""The kernel data path seen from the proxy: start it, hand connections to it, report on it.
+"""The sockmap relay kind: the kernel redirects each skb (sk_skb verdict), per worker.
 
-    ebpf = KernelDataPath.start(config)          # supervisor, before forking (raises KernelStartError)
-    factory = ebpf.worker_factory()              # before each fork
-    kernel = factory(metrics)                    # in the worker
+    kernel = factory(metrics)                    # relay.datapath.KernelDataPath.worker_factory()
     relay = kernel.try_relay(client, backend, idle_timeout_s=300)   # None: use user space
-    result = await relay.run()                   # RelayResult, like the user-space Relay
+    result = await relay.run()                   # RelayResult, like every relay
 
 After the hand-over Python is off the data path: a worker waits on one epoll fd of its own
 (registered on the event loop) for EPOLLRDHUP / errors of its sockets (asyncio cannot ask for
@@ -19,20 +17,17 @@ import logging
 import os
 import select
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
 from sniproxy.ebpf import sockmap as sm
-from sniproxy.ebpf.modes import Modes, decide_modes
-from sniproxy.ebpf.objects import BPF_MAP_TYPE_PERCPU_ARRAY, BpfError, Map
-from sniproxy.ebpf.stats import BPF_STAT_NAMES, FALLBACK_REASONS, CounterRow, SharedCounters, hit_rate
-from sniproxy.proxy.relay import RelayResult
+from sniproxy.ebpf.objects import Map
+from sniproxy.ebpf.stats import CounterRow
+from sniproxy.relay.base import RelayResult, reset_on_close
 
 log = logging.getLogger("sniproxy")
 
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-_LINGER_RESET = struct.pack("ii", 1, 0)
 _RDHUP = select.EPOLLRDHUP
 _WATCH = select.EPOLLRDHUP | select.EPOLLET       # + EPOLLERR/EPOLLHUP, always reported
 # How often a direction that saw EOF re-checks that its redirected bytes left (the kworker
@@ -52,10 +47,6 @@ MOVE_QUIET_S = 0.002
 MOVE_BUDGET = 16 * 1024 * 1024
 # Events handled per epoll wake-up before yielding to the event loop.
 EPOLL_BATCH = 512
-
-
-class KernelStartError(Exception):
-    """Strict mode: a requested eBPF feature cannot run. The message lists each with its fix."""
 
 
 # ============================================================================== relay
@@ -373,11 +364,7 @@ class SockmapRelay:
         # Out of the maps before anything is closed or reset: nothing may still be redirected.
         self._teardown()
         if reset:
-            for sock in self.pair.socks:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                except OSError:
-                    pass
+            reset_on_close(*self.pair.socks)
         self.finished.set_result(RelayResult(up, down, outcome, detail))
 
     def _teardown(self) -> None:
@@ -406,11 +393,7 @@ class FailedHandOver:
         self.detail = detail
 
     async def run(self) -> RelayResult:
-        for sock in self.socks:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
+        reset_on_close(*self.socks)
         return RelayResult(0, 0, "reset", self.detail)
 
     def abort(self, outcome: str, detail: str = "") -> None:
@@ -428,7 +411,7 @@ def _current_task() -> asyncio.Task | None:
 class WorkerKernel:
     """What one worker process uses: try_relay for the sockmap, dns_cache for the resolver."""
 
-    def __init__(self, owner: "KernelDataPath", metrics, ring: Map | None, ring_index: int,
+    def __init__(self, owner, metrics, ring: Map | None, ring_index: int,
                  counters: CounterRow):
         self.owner = owner
         self.metrics = metrics
@@ -562,266 +545,3 @@ class WorkerKernel:
         if self._ring_reader is not None:
             self._ring_reader.close()
             self._ring_reader = None
-
-
-# ============================================================================== supervisor side
-class KernelDataPath:
-    """Owns the BPF objects and shared maps; created once in the supervisor before forking."""
-
-    def __init__(self, config, modes: Modes, sockmap: sm.SockmapDataPath | None, dns_map,
-                 counters: SharedCounters, sndbuf_force_ok: bool):
-        self.config = config
-        self.modes = modes
-        self.sockmap = sockmap
-        self.dns_map = dns_map                  # dnscache.DnsMap or None
-        self.counters = counters
-        self.sndbuf_force_ok = sndbuf_force_ok
-        self._spawned = 0
-        self._rows = counters.rows
-        self.stat_map: Map | None = sockmap.maps.stat if sockmap is not None else None
-
-    # --- start ----------------------------------------------------------------------------
-    @classmethod
-    def start(cls, config, support=None) -> "KernelDataPath":
-        """Measure, decide each feature's mode, start what can run. Strict mode raises."""
-        from sniproxy.ebpf.support import check_system_support
-
-        requested = config.ebpf_requested()
-        support = support if support is not None else check_system_support()
-        failures: dict[str, str] = {}
-        degraded: dict[str, str] = {}
-        workers = config.workers
-        rows = max(sm.MAX_RINGS, 2 * workers + 2)
-        sockmap_dp = None
-        want_sockmap = requested["sockmap"] and support.ok("sockmap")
-        want_stats = requested["stats"] and support.ok("stats")
-        stat_map = None
-        if want_sockmap:
-            try:
-                sockmap_dp = sm.SockmapDataPath.load(config.ebpf.sockmap.max_entries,
-                                                     stats_on=requested["stats"], rings=rows)
-                stat_map = sockmap_dp.maps.stat
-            except (BpfError, OSError) as exc:
-                failures["sockmap"] = f"loading the sockmap program failed: {exc}"
-        if want_stats and stat_map is None:
-            # No program to count (the sockmap is off): the counters still exist, shared,
-            # so /metrics keeps its shape. SOCKHASH maps need CAP_NET_ADMIN, this one does not.
-            try:
-                stat_map = Map.create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(BPF_STAT_NAMES),
-                                      "sni_proxy_stat")
-            except (BpfError, OSError) as exc:
-                failures["stats"] = f"creating the per-CPU stats map failed: {exc}"
-        sndbuf_ok = _sndbuf_force_allowed()
-        if config.ebpf.sockmap.sndbuf_bytes and not sndbuf_ok:
-            degraded["sockmap"] = (
-                f"ebpf.sockmap.sndbuf_bytes={config.ebpf.sockmap.sndbuf_bytes} cannot be forced "
-                "(SO_SNDBUFFORCE needs CAP_NET_ADMIN): the send buffer is capped by "
-                "net.core.wmem_max, which cut sockmap throughput from ~1.7 GB/s to ~0.6 GB/s here; "
-                "fix: grant CAP_NET_ADMIN or raise net.core.wmem_max")
-        dns_map = None
-        if requested["dns_cache"] and support.ok("dns_cache"):
-            from sniproxy.ebpf.dnscache import open_dns_map
-            try:
-                dns_map = open_dns_map(config.ebpf.dns_cache.max_entries,
-                                       config.ebpf.dns_cache.pin_path)
-            except (BpfError, OSError) as exc:
-                failures["dns_cache"] = (f"creating the BPF LRU map failed: {exc}; the per-worker "
-                                         "in-memory DNS cache is used")
-        modes = decide_modes(requested, support, failures=failures, degraded=degraded)
-        self = cls(config, modes, sockmap_dp, dns_map, SharedCounters(rows), sndbuf_ok)
-        self.stat_map = stat_map
-        missing = modes.unavailable()
-        if config.fallback_mode == "strict" and any(f.state != "degraded" for _, f in missing):
-            self.close()
-            lines = [f"  {name}: {f.reason}" for name, f in missing if f.state != "degraded"]
-            raise KernelStartError(
-                "eBPF strict mode (fallback_mode \"strict\"): requested feature(s) cannot run:\n"
-                + "\n".join(lines)
-                + "\nfix the cause above, disable the feature in ebpf.*, or set fallback_mode "
-                  "to \"auto\" to run with what works")
-        for name, f in missing:
-            if f.state == "degraded":
-                log.warning("eBPF %s degraded: %s", name, f.reason)
-            else:
-                log.warning("eBPF %s disabled: %s; %s", name, f.reason, _FALLBACK_TEXT[name])
-        if dns_map is not None:
-            log.info("eBPF DNS cache: %s", dns_map.note)
-        if modes.running("sockmap"):
-            if config.ebpf.sockmap.backpressure:
-                log.info("eBPF sockmap backpressure: a direction pauses above max_inflight_bytes="
-                         "%d in the kernel's queue (not while the other direction is busy: "
-                         "then the excess is counted in ebpf_sockmap_inflight_over_limit_total)",
-                         config.ebpf.sockmap.max_inflight_bytes)
-            else:
-                log.warning("ebpf.sockmap.backpressure is off: a slow receiver lets the kernel "
-                            "queue without bound (counted in "
-                            "ebpf_sockmap_inflight_over_limit_total); set it to true to bound it")
-        log.info("eBPF data path: mode %s (sockmap %s, dns_cache %s, stats %s)", modes.mode,
-                 modes.state("sockmap"), modes.state("dns_cache"), modes.state("stats"))
-        return self
-
-    # --- workers --------------------------------------------------------------------------
-    def worker_factory(self) -> Callable[[Any], WorkerKernel]:
-        """Call before each fork: reserves this worker's ring and counter row in the parent."""
-        index = self._spawned % self._rows
-        self._spawned += 1
-        row = self.counters.row(index)
-        row.retire_active()
-        ring = None
-        if self.sockmap is not None and self.modes.running("sockmap"):
-            ring = self.sockmap.new_ring(index)
-
-        def make(metrics) -> WorkerKernel:
-            return WorkerKernel(self, metrics, ring, index, row)
-
-        return make
-
-    # --- views ----------------------------------------------------------------------------
-    def status(self) -> dict:
-        out = self.modes.status()
-        if self.dns_map is not None:
-            out["pinning"] = "on" if self.dns_map.pinned_at else "off"
-            if self.dns_map.pinned_at:
-                out["pin_path"] = self.dns_map.pinned_at
-            else:
-                out["reasons"]["pinning"] = self.dns_map.note
-        else:
-            out["pinning"] = "off"
-        totals = self.counters.totals()
-        out["active_connections"] = totals["inserted"] - totals["removed"]
-        if self.sockmap is not None:
-            try:
-                out["map_entries"] = self.sockmap.entries()
-            except BpfError:
-                pass
-        out["fallbacks"] = {r: totals[f"fallback_{r}"] for r in FALLBACK_REASONS}
-        return out
-
-    def collector(self) -> "KernelCollector":
-        return KernelCollector(self)
-
-    def close(self) -> None:
-        if self.stat_map is not None and self.sockmap is None:
-            self.stat_map.close()
-        self.stat_map = None
-        if self.sockmap is not None:
-            try:
-                self.sockmap.close()
-            except BpfError as exc:
-                log.warning("detaching the sockmap program: %s", exc)
-            self.sockmap = None
-        if self.dns_map is not None:
-            self.dns_map.map.close()         # a pinned map lives on in bpffs, by design
-            self.dns_map = None
-        self.counters.close()
-
-
-_FALLBACK_TEXT = {
-    "sockmap": "connections use the user-space relay (splice/copy)",
-    "dns_cache": "each worker uses its own in-memory DNS cache",
-    "stats": "the ebpf_* per-CPU counters are not exported",
-}
-
-
-def _sndbuf_force_allowed() -> bool:
-    with socket.socket() as s:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 1 << 20)
-            return True
-        except OSError:
-            return False
-
-
-# ============================================================================== metrics
-class KernelCollector:
-    """prometheus_client custom collector: read on each /metrics scrape in the supervisor."""
-
-    def __init__(self, kdp: KernelDataPath):
-        self.kdp = kdp
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        kdp = self.kdp
-        totals = kdp.counters.totals()
-        modes = kdp.modes
-        state = GaugeMetricFamily("ebpf_feature_state", "1 for the state each eBPF feature is in",
-                                  labels=["feature", "state"])
-        for name, f in modes.features.items():
-            for s in ("active", "degraded", "disabled"):
-                state.add_metric([name, s], 1.0 if f.state == s else 0.0)
-        yield state
-        active = totals["inserted"] - totals["removed"]
-        yield GaugeMetricFamily("ebpf_active_connections",
-                                "Connections relayed by the kernel now (all workers)", value=active)
-        util = GaugeMetricFamily("ebpf_map_utilization", "Entries used / max_entries, by map",
-                                 labels=["map"])
-        if kdp.sockmap is not None:
-            util.add_metric(["sockmap"], 2 * active / kdp.sockmap.maps.max_entries)
-        if kdp.dns_map is not None:
-            m = kdp.dns_map.map
-            try:
-                util.add_metric(["dns_cache"], len(m.lookup_batch()) / m.max_entries)
-            except BpfError:
-                pass
-        yield util
-        fallbacks = CounterMetricFamily("ebpf_sockmap_fallbacks",
-                                        "Connections that could not enter the sockmap and used "
-                                        "the user-space relay, by reason", labels=["reason"])
-        for r in FALLBACK_REASONS:
-            fallbacks.add_metric([r], totals[f"fallback_{r}"])
-        yield fallbacks
-        yield CounterMetricFamily("ebpf_sockmap_pauses",
-                                  "Sources paused because max_inflight_bytes were in flight",
-                                  value=totals["pauses"])
-        yield CounterMetricFamily("ebpf_sockmap_inflight_over_limit",
-                                  "Times a direction had more than max_inflight_bytes in the kernel "
-                                  "and not paused (backpressure off, or the other direction busy)",
-                                  value=totals["over_limit"])
-        if modes.running("stats") and kdp.stat_map is not None:
-            bpf = {n: kdp.stat_map.percpu_sum(i) for i, n in enumerate(BPF_STAT_NAMES)}
-            redirects = CounterMetricFamily("ebpf_sockmap_redirects",
-                                            "skbs redirected by the verdict program",
-                                            labels=["direction"])
-            redirects.add_metric(["client_to_backend"], bpf["up_skbs"])
-            redirects.add_metric(["backend_to_client"], bpf["down_skbs"])
-            yield redirects
-            nbytes = CounterMetricFamily("ebpf_sockmap_redirected_bytes",
-                                         "Bytes redirected by the verdict program",
-                                         labels=["direction"])
-            nbytes.add_metric(["client_to_backend"], bpf["up_bytes"])
-            nbytes.add_metric(["backend_to_client"], bpf["down_bytes"])
-            yield nbytes
-            fails = CounterMetricFamily("ebpf_sockmap_redirect_failures",
-                                        "skbs the program could not redirect", labels=["reason"])
-            fails.add_metric(["peer_gone"], bpf["redirect_fail"])
-            fails.add_metric(["no_peer"], bpf["no_peer"])
-            yield fails
-            yield CounterMetricFamily("ebpf_sockmap_fin_skbs_dropped",
-                                      "Zero-length skbs (FIN) dropped by the verdict program",
-                                      value=bpf["fin_drops"])
-            notes = CounterMetricFamily("ebpf_sockmap_credit_notifications",
-                                        "Backpressure notifications from the program",
-                                        labels=["result"])
-            notes.add_metric(["sent"], bpf["notify"])
-            notes.add_metric(["lost"], bpf["notify_lost"])
-            yield notes
-        if kdp.dns_map is not None:
-            l1, l2, miss = totals["dns_l1_hit"], totals["dns_l2_hit"], totals["dns_miss"]
-            lookups = l1 + l2 + miss
-            yield GaugeMetricFamily("ebpf_dns_cache_hit_rate",
-                                    "DNS cache hits (either level) / lookups, all workers",
-                                    value=hit_rate(l1 + l2, lookups))
-            level = GaugeMetricFamily("ebpf_dns_cache_level_hit_rate",
-                                      "Hit rate of each level: 1 = per-worker dict (all lookups), "
-                                      "2 = shared BPF LRU map (lookups that missed level 1)",
-                                      labels=["level"])
-            level.add_metric(["1"], hit_rate(l1, lookups))
-            level.add_metric(["2"], hit_rate(l2, l2 + miss))
-            yield level
-            counts = CounterMetricFamily("ebpf_dns_cache_lookups", "DNS cache lookups by result",
-                                         labels=["result"])
-            counts.add_metric(["l1_hit"], l1)
-            counts.add_metric(["l2_hit"], l2)
-            counts.add_metric(["miss"], miss)
-            yield counts

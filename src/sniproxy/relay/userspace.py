@@ -1,4 +1,4 @@
-"""How bytes move once both ends are connected (user-space paths).
+"""The user-space relay kinds: splice(2) through a pipe, or a recv/send copy.
 
 Two pumps share one state machine per direction:
 
@@ -26,9 +26,9 @@ import errno
 import fcntl
 import os
 import socket
-import struct
 import time
-from dataclasses import dataclass
+
+from sniproxy.relay.base import RelayResult, reset_on_close
 
 # Bytes one direction may hold in user space or in its pipe. 1 MiB pipes keep a
 # bulk transfer at full speed on loopback (64 KiB pipes cost ~30% in throughput)
@@ -39,7 +39,6 @@ MAX_BYTES_PER_WAKEUP = 4 << 20
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 _RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                  errno.ENETUNREACH, errno.ECONNABORTED)
@@ -54,14 +53,6 @@ def _as_reset(exc: OSError) -> Exception:
     if exc.errno in _RESET_ERRNOS:
         return ConnectionReset(os.strerror(exc.errno))
     return exc
-
-
-@dataclass
-class RelayResult:
-    bytes_up: int          # client -> backend
-    bytes_down: int        # backend -> client
-    outcome: str           # "ok", "reset", "idle_timeout", "shutdown"
-    detail: str = ""
 
 
 def splice_available() -> bool:
@@ -227,7 +218,7 @@ class _Direction:
     __slots__ = ("relay", "pump", "src", "dst", "src_fd", "dst_fd", "moved", "eof", "done",
                  "reading", "writing")
 
-    def __init__(self, relay: "Relay", pump, src: socket.socket, dst: socket.socket):
+    def __init__(self, relay: "UserspaceRelay", pump, src: socket.socket, dst: socket.socket):
         self.relay = relay
         self.pump = pump
         self.src, self.dst = src, dst
@@ -318,7 +309,7 @@ class _Direction:
         return "client->backend" if self is self.relay.up else "backend->client"
 
 
-class Relay:
+class UserspaceRelay:
     """Relays client <-> backend until both directions ended, a reset, or idle timeout."""
 
     def __init__(self, client: socket.socket, backend: socket.socket, *, use_splice: bool,
@@ -383,11 +374,7 @@ class Relay:
         if self.finished.done():
             return
         if reset:
-            for sock in (self.client, self.backend):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                except OSError:
-                    pass
+            reset_on_close(self.client, self.backend)
         self.finished.set_result(RelayResult(self.up.moved, self.down.moved, outcome, detail))
 
     def _stop(self) -> None:

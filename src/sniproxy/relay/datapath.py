@@ -1,0 +1,194 @@
+"""Start-up of the kernel data path, in the supervisor before the workers fork.
+
+    kdp = KernelDataPath.start(config)      # measure, decide each feature's mode (strict: raises)
+    factory = kdp.worker_factory()          # before each fork: reserves the worker's ring and row
+    kernel = factory(metrics)               # in the worker: relay.sockmap.WorkerKernel
+
+It owns the BPF objects and shared maps (sockmap program, DNS cache map, counters); the
+workers only use them. /status reads `status()`, /metrics `telemetry.kernel_metrics`.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from sniproxy.ebpf import sockmap as sm
+from sniproxy.ebpf.modes import Modes, decide_modes
+from sniproxy.ebpf.objects import BPF_MAP_TYPE_PERCPU_ARRAY, BpfError, Map
+from sniproxy.ebpf.stats import BPF_STAT_NAMES, FALLBACK_REASONS, SharedCounters
+from sniproxy.relay.sockmap import SO_SNDBUFFORCE, WorkerKernel
+
+log = logging.getLogger("sniproxy")
+
+
+class KernelStartError(Exception):
+    """Strict mode: a requested eBPF feature cannot run. The message lists each with its fix."""
+
+class KernelDataPath:
+    """Owns the BPF objects and shared maps; created once in the supervisor before forking."""
+
+    def __init__(self, config, modes: Modes, sockmap: sm.SockmapDataPath | None, dns_map,
+                 counters: SharedCounters, sndbuf_force_ok: bool):
+        self.config = config
+        self.modes = modes
+        self.sockmap = sockmap
+        self.dns_map = dns_map                  # dnscache.DnsMap or None
+        self.counters = counters
+        self.sndbuf_force_ok = sndbuf_force_ok
+        self._spawned = 0
+        self._rows = counters.rows
+        self.stat_map: Map | None = sockmap.maps.stat if sockmap is not None else None
+
+    # --- start ----------------------------------------------------------------------------
+    @classmethod
+    def start(cls, config, support=None) -> "KernelDataPath":
+        """Measure, decide each feature's mode, start what can run. Strict mode raises."""
+        from sniproxy.ebpf.support import check_system_support
+
+        requested = config.ebpf_requested()
+        support = support if support is not None else check_system_support()
+        failures: dict[str, str] = {}
+        degraded: dict[str, str] = {}
+        workers = config.workers
+        rows = max(sm.MAX_RINGS, 2 * workers + 2)
+        sockmap_dp = None
+        want_sockmap = requested["sockmap"] and support.ok("sockmap")
+        want_stats = requested["stats"] and support.ok("stats")
+        stat_map = None
+        if want_sockmap:
+            try:
+                sockmap_dp = sm.SockmapDataPath.load(config.ebpf.sockmap.max_entries,
+                                                     stats_on=requested["stats"], rings=rows)
+                stat_map = sockmap_dp.maps.stat
+            except (BpfError, OSError) as exc:
+                failures["sockmap"] = f"loading the sockmap program failed: {exc}"
+        if want_stats and stat_map is None:
+            # No program to count (the sockmap is off): the counters still exist, shared,
+            # so /metrics keeps its shape. SOCKHASH maps need CAP_NET_ADMIN, this one does not.
+            try:
+                stat_map = Map.create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(BPF_STAT_NAMES),
+                                      "sni_proxy_stat")
+            except (BpfError, OSError) as exc:
+                failures["stats"] = f"creating the per-CPU stats map failed: {exc}"
+        sndbuf_ok = _sndbuf_force_allowed()
+        if config.ebpf.sockmap.sndbuf_bytes and not sndbuf_ok:
+            degraded["sockmap"] = (
+                f"ebpf.sockmap.sndbuf_bytes={config.ebpf.sockmap.sndbuf_bytes} cannot be forced "
+                "(SO_SNDBUFFORCE needs CAP_NET_ADMIN): the send buffer is capped by "
+                "net.core.wmem_max, which cut sockmap throughput from ~1.7 GB/s to ~0.6 GB/s here; "
+                "fix: grant CAP_NET_ADMIN or raise net.core.wmem_max")
+        dns_map = None
+        if requested["dns_cache"] and support.ok("dns_cache"):
+            from sniproxy.ebpf.dnscache import open_dns_map
+            try:
+                dns_map = open_dns_map(config.ebpf.dns_cache.max_entries,
+                                       config.ebpf.dns_cache.pin_path)
+            except (BpfError, OSError) as exc:
+                failures["dns_cache"] = (f"creating the BPF LRU map failed: {exc}; the per-worker "
+                                         "in-memory DNS cache is used")
+        modes = decide_modes(requested, support, failures=failures, degraded=degraded)
+        self = cls(config, modes, sockmap_dp, dns_map, SharedCounters(rows), sndbuf_ok)
+        self.stat_map = stat_map
+        missing = modes.unavailable()
+        if config.fallback_mode == "strict" and any(f.state != "degraded" for _, f in missing):
+            self.close()
+            lines = [f"  {name}: {f.reason}" for name, f in missing if f.state != "degraded"]
+            raise KernelStartError(
+                "eBPF strict mode (fallback_mode \"strict\"): requested feature(s) cannot run:\n"
+                + "\n".join(lines)
+                + "\nfix the cause above, disable the feature in ebpf.*, or set fallback_mode "
+                  "to \"auto\" to run with what works")
+        for name, f in missing:
+            if f.state == "degraded":
+                log.warning("eBPF %s degraded: %s", name, f.reason)
+            else:
+                log.warning("eBPF %s disabled: %s; %s", name, f.reason, _FALLBACK_TEXT[name])
+        if dns_map is not None:
+            log.info("eBPF DNS cache: %s", dns_map.note)
+        if modes.running("sockmap"):
+            if config.ebpf.sockmap.backpressure:
+                log.info("eBPF sockmap backpressure: a direction pauses above max_inflight_bytes="
+                         "%d in the kernel's queue (not while the other direction is busy: "
+                         "then the excess is counted in ebpf_sockmap_inflight_over_limit_total)",
+                         config.ebpf.sockmap.max_inflight_bytes)
+            else:
+                log.warning("ebpf.sockmap.backpressure is off: a slow receiver lets the kernel "
+                            "queue without bound (counted in "
+                            "ebpf_sockmap_inflight_over_limit_total); set it to true to bound it")
+        log.info("eBPF data path: mode %s (sockmap %s, dns_cache %s, stats %s)", modes.mode,
+                 modes.state("sockmap"), modes.state("dns_cache"), modes.state("stats"))
+        return self
+
+    # --- workers --------------------------------------------------------------------------
+    def worker_factory(self) -> Callable[[Any], WorkerKernel]:
+        """Call before each fork: reserves this worker's ring and counter row in the parent."""
+        index = self._spawned % self._rows
+        self._spawned += 1
+        row = self.counters.row(index)
+        row.retire_active()
+        ring = None
+        if self.sockmap is not None and self.modes.running("sockmap"):
+            ring = self.sockmap.new_ring(index)
+
+        def make(metrics) -> WorkerKernel:
+            return WorkerKernel(self, metrics, ring, index, row)
+
+        return make
+
+    # --- views ----------------------------------------------------------------------------
+    def status(self) -> dict:
+        out = self.modes.status()
+        if self.dns_map is not None:
+            out["pinning"] = "on" if self.dns_map.pinned_at else "off"
+            if self.dns_map.pinned_at:
+                out["pin_path"] = self.dns_map.pinned_at
+            else:
+                out["reasons"]["pinning"] = self.dns_map.note
+        else:
+            out["pinning"] = "off"
+        totals = self.counters.totals()
+        out["active_connections"] = totals["inserted"] - totals["removed"]
+        if self.sockmap is not None:
+            try:
+                out["map_entries"] = self.sockmap.entries()
+            except BpfError:
+                pass
+        out["fallbacks"] = {r: totals[f"fallback_{r}"] for r in FALLBACK_REASONS}
+        return out
+
+    def collector(self):
+        from sniproxy.telemetry.kernel_metrics import KernelCollector
+        return KernelCollector(self)
+
+    def close(self) -> None:
+        if self.stat_map is not None and self.sockmap is None:
+            self.stat_map.close()
+        self.stat_map = None
+        if self.sockmap is not None:
+            try:
+                self.sockmap.close()
+            except BpfError as exc:
+                log.warning("detaching the sockmap program: %s", exc)
+            self.sockmap = None
+        if self.dns_map is not None:
+            self.dns_map.map.close()         # a pinned map lives on in bpffs, by design
+            self.dns_map = None
+        self.counters.close()
+
+
+_FALLBACK_TEXT = {
+    "sockmap": "connections use the user-space relay (splice/copy)",
+    "dns_cache": "each worker uses its own in-memory DNS cache",
+    "stats": "the ebpf_* per-CPU counters are not exported",
+}
+
+
+def _sndbuf_force_allowed() -> bool:
+    with socket.socket() as s:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 1 << 20)
+            return True
+        except OSError:
+            return False
