@@ -25,8 +25,15 @@ def answer(addrs, ttl=60.0, negative=False, reason=""):
     return CachedAnswer(tuple(addrs), time.monotonic() + ttl, negative, reason)
 
 
+def BpfDnsCache(dns_map):
+    """What a worker's resolver uses: its own level 1 in front of the shared BPF map."""
+    from sniproxy.ebpf.dnscache import SharedDnsMap
+    from sniproxy.proxy.resolver import TwoLevelDnsCache
+    return TwoLevelDnsCache(SharedDnsMap(dns_map))
+
+
 def test_two_levels_count_and_honour_ttl():
-    from sniproxy.ebpf.dnscache import BpfDnsCache, open_dns_map
+    from sniproxy.ebpf.dnscache import open_dns_map
     m = open_dns_map(64, None).map
     try:
         a = BpfDnsCache(m)
@@ -36,10 +43,10 @@ def test_two_levels_count_and_honour_ttl():
         assert a.get("web.test", now).addresses == ("192.0.2.1", "2001:db8::1")
         assert b.get("web.test", now).addresses == ("192.0.2.1", "2001:db8::1")   # level 2
         assert b.get("web.test", now) is not None                                  # now level 1
-        assert (a.local["dns_l1_hit"], b.local["dns_l2_hit"], b.local["dns_l1_hit"]) == (1, 1, 1)
+        assert (a.stats()["l1_hit"], b.stats()["l2_hit"], b.stats()["l1_hit"]) == (1, 1, 1)
         a.put("short.test", answer(["192.0.2.9"], ttl=0.05))
         assert b.get("short.test", time.monotonic() + 1) is None                   # expired
-        assert b.local["dns_l2_expired"] == 1
+        assert b.stats()["l2_expired"] == 1
         a.put("nx.test", answer([], negative=True, reason="NXDOMAIN"))
         neg = b.get("nx.test", time.monotonic())
         assert neg.negative and neg.reason == "NXDOMAIN"
@@ -49,7 +56,7 @@ def test_two_levels_count_and_honour_ttl():
 
 
 def test_lru_is_bounded_by_max_entries():
-    from sniproxy.ebpf.dnscache import BpfDnsCache, open_dns_map
+    from sniproxy.ebpf.dnscache import open_dns_map
     m = open_dns_map(16, None).map
     try:
         c = BpfDnsCache(m)
@@ -61,7 +68,7 @@ def test_lru_is_bounded_by_max_entries():
 
 
 def test_shared_with_a_forked_worker():
-    from sniproxy.ebpf.dnscache import BpfDnsCache, open_dns_map
+    from sniproxy.ebpf.dnscache import open_dns_map
     m = open_dns_map(64, None).map
     try:
         pid = os.fork()
@@ -87,7 +94,7 @@ def bpffs(tmp_path):
 
 
 def test_pinned_map_survives_a_restart(bpffs):
-    from sniproxy.ebpf.dnscache import BpfDnsCache, open_dns_map
+    from sniproxy.ebpf.dnscache import open_dns_map
     pin = str(bpffs / "sni-proxy")
     first = open_dns_map(64, pin)
     assert first.pinned_at == f"{pin}/dns_cache" and os.path.exists(first.pinned_at)

@@ -1,10 +1,10 @@
-"""DNS cache in a BPF LRU hash shared by all workers, with a per-worker dict in front.
+"""The DNS cache's shared level: a BPF LRU hash map used by all workers.
 
 Costs measured here (issue 5): a map lookup from Python is a syscall, 1.2-3.7 us, against
-0.06-0.17 us for a dict. So `BpfDnsCache` is two levels:
+0.06-0.17 us for a dict. So the proxy uses two levels (`proxy.resolver.TwoLevelDnsCache`):
 * level 1: a small `MemoryDnsCache` per worker (no syscall);
-* level 2: the shared LRU map `sni_proxy_dns` (one syscall), filled by whichever worker
-  resolved the name first. A level-2 hit is copied into level 1.
+* level 2: this module's `SharedDnsMap`, the LRU map `sni_proxy_dns` (one syscall), filled by
+  whichever worker resolved the name first. A level-2 hit is copied into level 1.
 Both levels honour the answer's TTL (`expires_at` on CLOCK_MONOTONIC, the resolver's clock,
 which is the same for every process of a boot). The kernel evicts least-recently-used
 entries at `max_entries`.
@@ -22,9 +22,9 @@ import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from sniproxy.ebpf.objects import BPF_ANY, BPF_MAP_TYPE_LRU_HASH, BpfError, Map
-from sniproxy.proxy.resolver import CachedAnswer, MemoryDnsCache
 
 log = logging.getLogger("sniproxy")
 
@@ -39,8 +39,14 @@ REASON_BYTES = 64           # the text of a negative answer ("NXDOMAIN ..."), tr
 _HEAD = struct.Struct("=dBBB5x")
 _ADDR = struct.Struct("=B16s")
 VALUE_BYTES = _HEAD.size + MAX_ADDRESSES * _ADDR.size + REASON_BYTES
-# Level 1 holds the hottest names of one worker; small so that a stale copy is short-lived.
-L1_ENTRIES = 1024
+
+
+class DnsRecord(NamedTuple):
+    """One cached answer as the map stores it (the same fields as the resolver's CachedAnswer)."""
+    addresses: tuple[str, ...]
+    expires_at: float           # CLOCK_MONOTONIC seconds
+    negative: bool = False
+    reason: str = ""
 
 
 def encode_key(name: str) -> bytes | None:
@@ -48,7 +54,8 @@ def encode_key(name: str) -> bytes | None:
     return raw.ljust(KEY_BYTES, b"\0") if len(raw) < KEY_BYTES else None
 
 
-def encode_answer(answer: CachedAnswer) -> bytes:
+def encode_answer(answer) -> bytes:
+    """Any object with DnsRecord's fields (the resolver's CachedAnswer) -> the map value."""
     addrs = []
     for text in answer.addresses[:MAX_ADDRESSES]:
         ip = ipaddress.ip_address(text)
@@ -59,7 +66,7 @@ def encode_answer(answer: CachedAnswer) -> bytes:
             + reason.ljust(REASON_BYTES, b"\0"))
 
 
-def decode_answer(raw: bytes) -> CachedAnswer:
+def decode_answer(raw: bytes) -> DnsRecord:
     expires, negative, count, reason_len = _HEAD.unpack_from(raw, 0)
     addrs = []
     for i in range(min(count, MAX_ADDRESSES)):
@@ -68,7 +75,7 @@ def decode_answer(raw: bytes) -> CachedAnswer:
                          else ipaddress.IPv6Address(packed)))
     start = _HEAD.size + MAX_ADDRESSES * _ADDR.size
     reason = raw[start:start + reason_len].decode("utf-8", "replace")
-    return CachedAnswer(tuple(addrs), expires, bool(negative), reason)
+    return DnsRecord(tuple(addrs), expires, bool(negative), reason)
 
 
 # ----------------------------------------------------------------------------- the map
@@ -158,60 +165,56 @@ def open_dns_map(max_entries: int, pin_path: str | None) -> DnsMap:
 
 
 # ----------------------------------------------------------------------------- the cache
-class BpfDnsCache:
-    """The resolver's `DnsCache`: level-1 dict, level-2 shared BPF LRU map."""
+class SharedDnsMap:
+    """Level 2 of the proxy's DNS cache: get/put on the shared map, expiry on read, counted."""
 
-    def __init__(self, dns_map: Map, counters=None, l1_entries: int = L1_ENTRIES):
+    def __init__(self, dns_map: Map, counters=None):
         self.map = dns_map
-        self.l1 = MemoryDnsCache(l1_entries)
-        self.counters = counters          # stats.CounterRow (shared) or None
-        self.local = {"dns_l1_hit": 0, "dns_l2_hit": 0, "dns_miss": 0, "dns_l2_expired": 0,
-                      "dns_put": 0, "dns_l2_errors": 0}
+        self.max_entries = dns_map.max_entries
+        self.counters = counters          # stats.CounterRow (shared by all workers) or None
+        self.local = {"dns_l2_hit": 0, "dns_miss": 0, "dns_l2_expired": 0, "dns_put": 0,
+                      "dns_l2_errors": 0}
 
-    def _count(self, name: str) -> None:
-        self.local[name] += 1
+    def count(self, name: str) -> None:
+        self.local[name] = self.local.get(name, 0) + 1
         if self.counters is not None:
             self.counters.add(name)
 
-    def get(self, name: str, now: float) -> CachedAnswer | None:
-        answer = self.l1.get(name, now)
-        if answer is not None:
-            self._count("dns_l1_hit")
-            return answer
+    def get(self, name: str, now: float) -> DnsRecord | None:
         key = encode_key(name)
         raw = None
         if key is not None:
             try:
                 raw = self.map.lookup(key)
             except BpfError:
-                self._count("dns_l2_errors")
+                self.count("dns_l2_errors")
         if raw is None:
-            self._count("dns_miss")
+            self.count("dns_miss")
+            log.debug("DNS cache miss: %s", name)
             return None
-        answer = decode_answer(raw)
-        if answer.expires_at <= now:
-            self._count("dns_l2_expired")
-            self._count("dns_miss")
+        record = decode_answer(raw)
+        if record.expires_at <= now:
+            self.count("dns_l2_expired")
+            self.count("dns_miss")
             try:
                 self.map.delete(key)
             except BpfError:
                 pass
             return None
-        self._count("dns_l2_hit")
-        self.l1.put(name, answer)
-        return answer
+        self.count("dns_l2_hit")
+        log.debug("DNS cache hit (shared map): %s", name)
+        return record
 
-    def put(self, name: str, answer: CachedAnswer) -> None:
-        self.l1.put(name, answer)
+    def put(self, name: str, answer) -> None:
         key = encode_key(name)
         if key is None:
             return
-        self._count("dns_put")
+        self.count("dns_put")
         try:
             self.map.update(key, encode_answer(answer), BPF_ANY)
         except (BpfError, ValueError):
-            self._count("dns_l2_errors")
+            self.count("dns_l2_errors")
 
     def stats(self) -> dict[str, int]:
-        return {**self.l1.stats(), "l2_max_entries": self.map.max_entries,
+        return {"l2_max_entries": self.max_entries,
                 **{k.removeprefix("dns_"): v for k, v in self.local.items()}}

@@ -99,6 +99,41 @@ class MemoryDnsCache:
         }
 
 
+class TwoLevelDnsCache:
+    """A per-worker `MemoryDnsCache` in front of a shared cache (the BPF LRU map of
+    `ebpf.dnscache.SharedDnsMap`, which every worker reads and fills)."""
+
+    # Level 1 holds the hottest names of one worker; small so that a stale copy is short-lived.
+    L1_ENTRIES = 1024
+
+    def __init__(self, shared, counters=None, l1_entries: int = L1_ENTRIES):
+        self.l1 = MemoryDnsCache(l1_entries)
+        self.shared = shared
+        self.counters = counters          # shared counter row (ebpf_dns_cache_hit_rate) or None
+        self.l1_hits = 0
+
+    def get(self, name: str, now: float) -> CachedAnswer | None:
+        answer = self.l1.get(name, now)
+        if answer is not None:
+            self.l1_hits += 1
+            if self.counters is not None:
+                self.counters.add("dns_l1_hit")
+            return answer
+        record = self.shared.get(name, now)
+        if record is None:
+            return None
+        answer = CachedAnswer(*record)
+        self.l1.put(name, answer)
+        return answer
+
+    def put(self, name: str, answer: CachedAnswer) -> None:
+        self.l1.put(name, answer)
+        self.shared.put(name, answer)
+
+    def stats(self) -> dict[str, int]:
+        return {**self.l1.stats(), "l1_hit": self.l1_hits, **self.shared.stats()}
+
+
 class ResolveError(Exception):
     """A name could not be resolved; `reason` says why (NXDOMAIN, timeout, no nameservers...)."""
 

@@ -21,6 +21,7 @@ from sniproxy.proxy.server import create_listener
 from sniproxy.proxy.worker_process import encode_control, worker_main
 from sniproxy.telemetry import metrics as metrics_mod
 from sniproxy.telemetry.http import StatusServer, json_body
+from sniproxy.telemetry.kernel_metrics import KernelCollector
 
 log = logging.getLogger("sniproxy")
 
@@ -231,7 +232,7 @@ class Supervisor:
     def _metrics(self):
         registry = metrics_mod.aggregated_registry()
         if self.ebpf is not None:
-            registry.register(self.ebpf.collector())
+            registry.register(KernelCollector(self.ebpf))
         return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_mod.render(registry)
 
     def _active_connections(self) -> int:

@@ -10,6 +10,7 @@ import socket
 import struct
 
 from sniproxy.proxy.app import ProxyApp
+from sniproxy.proxy.resolver import TwoLevelDnsCache
 from sniproxy.proxy.server import Worker
 from sniproxy.telemetry.metrics import ProxyMetrics
 
@@ -65,8 +66,10 @@ async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
     loop = asyncio.get_running_loop()
     metrics = ProxyMetrics()
     kernel_relay = kernel_relay_factory(metrics) if kernel_relay_factory else None
-    app = ProxyApp(config, metrics, kernel_relay=kernel_relay,
-                   dns_cache=getattr(kernel_relay, "dns_cache", None))
+    shared_dns = getattr(kernel_relay, "dns_shared", None)
+    dns_cache = (TwoLevelDnsCache(shared_dns, counters=kernel_relay.counters)
+                 if shared_dns is not None else None)
+    app = ProxyApp(config, metrics, kernel_relay=kernel_relay, dns_cache=dns_cache)
     worker = Worker(app, listeners)
     worker.start()
     stop = asyncio.Event()

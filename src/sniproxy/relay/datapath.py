@@ -158,10 +158,6 @@ class KernelDataPath:
         out["fallbacks"] = {r: totals[f"fallback_{r}"] for r in FALLBACK_REASONS}
         return out
 
-    def collector(self):
-        from sniproxy.telemetry.kernel_metrics import KernelCollector
-        return KernelCollector(self)
-
     def close(self) -> None:
         if self.stat_map is not None and self.sockmap is None:
             self.stat_map.close()

@@ -409,7 +409,8 @@ def _current_task() -> asyncio.Task | None:
 
 # ============================================================================== worker side
 class WorkerKernel:
-    """What one worker process uses: try_relay for the sockmap, dns_cache for the resolver."""
+    """What one worker process uses: try_relay for the sockmap, dns_shared (the BPF level of
+    the DNS cache) for the resolver."""
 
     def __init__(self, owner, metrics, ring: Map | None, ring_index: int,
                  counters: CounterRow):
@@ -432,10 +433,10 @@ class WorkerKernel:
         self._by_fd: dict[int, tuple[SockmapRelay, int]] = {}
         self._by_cookie: dict[int, tuple[SockmapRelay, int]] = {}
         self._warned: set[str] = set()
-        self.dns_cache = None
+        self.dns_shared = None
         if owner.dns_map is not None and owner.modes.running("dns_cache"):
-            from sniproxy.ebpf.dnscache import BpfDnsCache
-            self.dns_cache = BpfDnsCache(owner.dns_map.map, counters)
+            from sniproxy.ebpf.dnscache import SharedDnsMap
+            self.dns_shared = SharedDnsMap(owner.dns_map.map, counters)
 
     # --- event loop plumbing --------------------------------------------------------------
     def _ensure_loop(self) -> None:
