@@ -19,7 +19,6 @@ from . import libbpf as lb
 from .objects import (
     BPF_SK_SKB_STREAM_VERDICT,
     XDP_FLAGS_SKB_MODE,
-    BpfError,
     BpfObject,
     available_objects,
     perf_event_open_cpu_clock,
@@ -161,7 +160,7 @@ def cli_demo(argv: list[str]) -> int:
                     _demo_probe(obj, out)
                 else:
                     out(f"  loaded and verified; attached by {_ATTACHED_BY.get(path.name, 'its own module')}")
-        except (BpfError, OSError) as e:
+        except OSError as e:
             failures += 1
             out(f"  ✗ {e}")
     out("")

@@ -159,7 +159,7 @@ def open_dns_map(max_entries: int, pin_path: str | None) -> DnsMap:
     try:
         os.makedirs(pin_path, exist_ok=True)
         m.pin(file)
-    except (OSError, BpfError) as exc:
+    except OSError as exc:
         return DnsMap(m, None, f"pinning at {file} failed: {exc}")
     return DnsMap(m, file, f"pinned at {file}")
 

@@ -85,6 +85,8 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_FLAGS_HW_MODE = 1 << 3
 
+BTF_KIND_STRUCT = 4
+BTF_KIND_ENUM = 6
 BTF_KIND_FUNC = 12
 BTF_KIND_TYPEDEF = 8
 BTF_KIND_VAR = 14
@@ -134,7 +136,7 @@ _VERIFIER_END = "-- END PROG LOAD LOG --"
 _VERIFIER_TAIL_LINES = 40
 
 
-_ENOTSUPP = 524  # kernel-internal "operation not supported" that leaks out of bpf()
+ENOTSUPP = _ENOTSUPP = 524  # kernel-internal "operation not supported" that leaks out of bpf()
 
 
 def _hint_for(err: int) -> str:
@@ -152,8 +154,13 @@ def _hint_for(err: int) -> str:
     return ""
 
 
-class BpfError(Exception):
-    """A failed libbpf call or BPF syscall: what failed, errno, libbpf's messages, verifier log."""
+class BpfError(OSError):
+    """A failed libbpf call or BPF syscall: what failed, errno, libbpf's messages, verifier log.
+
+    An OSError, so `except OSError` catches it and `exc.errno` compares with the `errno`
+    module's names; `not_supported` / `not_permitted` tell the two refusals apart (as
+    cilium/ebpf's ErrNotSupported and EPERM).
+    """
 
     def __init__(
         self,
@@ -163,15 +170,34 @@ class BpfError(Exception):
         verifier_log: str | None = None,
         hint: str | None = None,
     ) -> None:
+        err = abs(err)
+        super().__init__(err, os.strerror(err) if err else "failed")
         self.what = what
-        self.errno = abs(err)
         self.libbpf_message = libbpf_message
         self.verifier_log = verifier_log
         if hint is None:
             hint = ("the verifier rejected the program: the log below says at which instruction "
-                    "and why" if verifier_log else _hint_for(self.errno))
+                    "and why" if verifier_log else _hint_for(err))
         self.hint = hint
-        super().__init__(self._render())
+        self._text = self._render()
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __reduce__(self):
+        return (type(self), (self.what, self.errno, self.libbpf_message, self.verifier_log,
+                             self.hint))
+
+    @property
+    def not_permitted(self) -> bool:
+        """The kernel supports it but these privileges may not (EPERM / EACCES)."""
+        return self.errno in (errno_mod.EPERM, errno_mod.EACCES)
+
+    @property
+    def not_supported(self) -> bool:
+        """This kernel (or its config) lacks the feature, whatever the privileges."""
+        return self.errno in (errno_mod.EOPNOTSUPP, _ENOTSUPP, errno_mod.ENOSYS,
+                              errno_mod.ENOTSUP)
 
     def _render(self) -> str:
         text = f"{self.what}: {os.strerror(self.errno) if self.errno else 'failed'} (errno {self.errno})"
@@ -554,6 +580,57 @@ def object_datasec_variables(obj: int, section: str) -> dict[str, tuple[int, int
         var = _BtfType.from_address(lib.btf__type_by_id(btf, vsi.type))
         out[_s(lib.btf__name_by_offset(btf, var.name_off))] = (vsi.offset, vsi.size)
     return out
+
+
+class _BtfMember(ctypes.Structure):
+    _fields_ = [("name_off", c_uint32), ("type", c_uint32), ("offset", c_uint32)]
+
+
+class _BtfEnum(ctypes.Structure):
+    _fields_ = [("name_off", c_uint32), ("val", ctypes.c_int32)]
+
+
+def _object_btf_type(obj: int, name: str, kind: int):
+    """(btf pointer, btf_type, address of the type's trailing records) or None."""
+    lib = _require_lib()
+    btf = lib.bpf_object__btf(obj)
+    if not btf:
+        return None
+    type_id = lib.btf__find_by_name_kind(btf, _b(name), kind)
+    if type_id <= 0:
+        return None
+    addr = lib.btf__type_by_id(btf, type_id)
+    return btf, _BtfType.from_address(addr), addr + ctypes.sizeof(_BtfType)
+
+
+def object_btf_struct(obj: int, name: str) -> tuple[int, list[tuple[str, int]]] | None:
+    """`struct name` in an opened object's BTF: (size, [(member, byte offset)]), or None."""
+    found = _object_btf_type(obj, name, BTF_KIND_STRUCT)
+    if found is None:
+        return None
+    btf, t, records = found
+    lib = _require_lib()
+    kind_flag = t.info >> 31          # set: the low 24 bits of offset are the bit offset
+    members = []
+    for i in range(t.info & 0xFFFF):
+        m = _BtfMember.from_address(records + i * ctypes.sizeof(_BtfMember))
+        bits = m.offset & 0xFFFFFF if kind_flag else m.offset
+        members.append((_s(lib.btf__name_by_offset(btf, m.name_off)), bits // 8))
+    return t.size_or_type, members
+
+
+def object_btf_enum(obj: int, name: str) -> list[tuple[str, int]] | None:
+    """`enum name` in an opened object's BTF: [(enumerator, value)] in declaration order."""
+    found = _object_btf_type(obj, name, BTF_KIND_ENUM)
+    if found is None:
+        return None
+    btf, t, records = found
+    lib = _require_lib()
+    values = []
+    for i in range(t.info & 0xFFFF):
+        e = _BtfEnum.from_address(records + i * ctypes.sizeof(_BtfEnum))
+        values.append((_s(lib.btf__name_by_offset(btf, e.name_off)), e.val))
+    return values
 
 
 def map_write_initial_value(map_ptr: int, offset: int, data: bytes) -> None:

@@ -342,7 +342,7 @@ class Map:
             try:
                 pairs = self.lookup_batch()
             except BpfError as e:
-                if e.errno not in (errno_mod.EINVAL, errno_mod.ENOTSUP, 524, errno_mod.EPERM):
+                if e.errno not in (errno_mod.EINVAL, errno_mod.ENOTSUP, _lb.ENOTSUPP, errno_mod.EPERM):
                     raise
                 self._batch_supported = False
             else:
@@ -384,7 +384,7 @@ class Map:
         try:
             return self._batch(True, batch_size)
         except BpfError as e:
-            if e.errno not in (errno_mod.EINVAL, errno_mod.ENOTSUP, 524):
+            if e.errno not in (errno_mod.EINVAL, errno_mod.ENOTSUP, _lb.ENOTSUPP):
                 raise
         out = []
         for key in list(self.keys()):
@@ -608,8 +608,10 @@ class BpfObject:
     def __init__(self, name_or_path: str | os.PathLike, *,
                  rodata: dict[str, int | bytes | float] | None = None,
                  map_sizes: dict[str, int] | None = None,
-                 autoload: dict[str, bool] | None = None) -> None:
+                 autoload: dict[str, bool] | None = None,
+                 layouts: tuple = ()) -> None:
         self.path = object_path(name_or_path)
+        self.layouts = tuple(layouts)   # ebpf.layout.StructLayout / EnumLayout, checked at open
         self.name = self.path.name.removesuffix(".o").removesuffix(".bpf")
         self.rodata = dict(rodata or {})
         self.map_sizes = dict(map_sizes or {})
@@ -641,6 +643,9 @@ class BpfObject:
         return self
 
     def _apply_open_settings(self) -> None:
+        if self.layouts:
+            from sniproxy.ebpf.layout import check_layouts
+            check_layouts(self._ptr, self.name, self.layouts)
         by_name = {_lb.map_describe(m).name: m for m in _lb.object_maps(self._ptr)}
         for name, size in self.map_sizes.items():
             if name not in by_name:
@@ -683,6 +688,10 @@ class BpfObject:
     def reuse_map(self, name: str, existing: Map) -> None:
         """Before load: make map `name` use an existing map (e.g. a pinned, shared DNS cache)."""
         self._reuse[name] = existing
+
+    def check_layouts(self) -> None:
+        """Open (no load, no privilege needed) and compare `layouts` with the object's BTF."""
+        self.open()
 
     def load(self) -> "BpfObject":
         if self._loaded:

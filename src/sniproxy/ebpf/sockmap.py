@@ -36,6 +36,7 @@ import struct
 import termios
 from dataclasses import dataclass
 
+from sniproxy.ebpf.layout import EnumLayout, StructLayout
 from sniproxy.ebpf.objects import (
     BPF_ANY, BPF_MAP_TYPE_RINGBUF, BPF_NOEXIST, BPF_SK_SKB_STREAM_VERDICT, BpfError, BpfObject,
     Link, Map,
@@ -55,8 +56,15 @@ _TCPI_STATE = 0
 _TCPI_BYTES_ACKED = 120
 _TCPI_BYTES_RECEIVED = 128
 _U64 = struct.Struct("=Q")
-_CONN = struct.Struct("=QQQQIIII")  # peer, bytes, skbs, passed, dir, fin, passing, pad
-_CRED = struct.Struct("=QQIIII")    # credit, copied, notified, ring, pause, pad
+# The BPF program's structs and enum, checked against its BTF at load (ebpf/layout.py).
+CONN_LAYOUT = StructLayout("sni_proxy_conn", (
+    ("peer", "Q"), ("bytes", "Q"), ("skbs", "Q"), ("passed", "Q"),
+    ("dir", "I"), ("fin", "I"), ("passing", "I"), ("pad", "I")))
+CRED_LAYOUT = StructLayout("sni_proxy_cred", (
+    ("credit", "Q"), ("copied", "Q"), ("notified", "I"), ("ring", "I"), ("pause", "I"),
+    ("pad", "I")))
+_CONN = CONN_LAYOUT.struct
+_CRED = CRED_LAYOUT.struct
 
 DIR_UP, DIR_DOWN = 0, 1
 
@@ -64,9 +72,12 @@ DIR_UP, DIR_DOWN = 0, 1
 TCP_ESTABLISHED = 1
 TCP_CLOSE_WAIT = 8
 
-# Stats slots, as enum sni_proxy_stat_slot in the BPF file.
-STAT_NAMES = ("up_skbs", "up_bytes", "down_skbs", "down_bytes", "fin_drops", "no_peer",
-              "redirect_fail", "notify", "notify_lost", "passed_bytes")
+# Per-CPU counter slots: enum sni_proxy_stat_slot in the BPF file, in value order.
+STATS_LAYOUT = EnumLayout("sni_proxy_stat_slot", "STAT_", (
+    "up_skbs", "up_bytes", "down_skbs", "down_bytes", "fin_drops", "no_peer", "redirect_fail",
+    "notify", "notify_lost", "passed_bytes"), end="STAT_MAX")
+STAT_NAMES = STATS_LAYOUT.names
+LAYOUTS = (CONN_LAYOUT, CRED_LAYOUT, STATS_LAYOUT)
 
 
 class InsertError(Exception):
@@ -208,7 +219,7 @@ class SockmapDataPath:
         sizes = {f"sni_proxy_{n}": max_entries for n in ("sks", "dst", "conn", "cred")}
         sizes["sni_proxy_rings"] = rings
         obj = BpfObject(OBJECT, rodata={"sni_proxy_stats_on": int(stats_on)}, map_sizes=sizes,
-                        autoload={PROGRAM: attach})
+                        autoload={PROGRAM: attach}, layouts=LAYOUTS)
         obj.load()
         try:
             link = obj.program(PROGRAM).attach_to_map(obj.map("sni_proxy_sks"),

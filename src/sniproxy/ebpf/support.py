@@ -8,6 +8,7 @@ takes well under half a second and never raises: a probe that crashes is reporte
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import platform
@@ -76,6 +77,19 @@ class Check:
     fix: str = ""
     errno: int | None = None
     essential: bool = True  # False: informational, a ✗ degrades nothing important
+
+    @property
+    def status(self) -> str:
+        """"ok", "not_supported" (this kernel lacks it), "not_permitted" (these privileges
+        do not allow it) or "failed" (anything else): callers branch on this, not on errno."""
+        if self.ok:
+            return "ok"
+        if self.errno in (errno.EPERM, errno.EACCES):
+            return "not_permitted"
+        if self.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOENT, errno.EINVAL,
+                          lb.ENOTSUPP):
+            return "not_supported"
+        return "failed"
 
     def reason(self) -> str:
         if self.ok:
@@ -163,6 +177,8 @@ class SupportReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        for item, check in zip(data["checks"], self.checks):
+            item["status"] = check.status
         data["kernel_version"] = list(self.kernel_version)
         data["root"] = self.root
         data["features"] = {
@@ -235,7 +251,7 @@ def _probe(check: Check, fn: Callable[[], str | None]) -> Check:
 
 
 def _privilege_fix(err: int | None) -> str | None:
-    if err in (1, 13):  # EPERM, EACCES
+    if err in (errno.EPERM, errno.EACCES):
         return setcap_hint()
     return None
 
@@ -321,7 +337,7 @@ def _probe_btf_program(attach_type: int, candidates: tuple[tuple[str, int], ...]
         finally:
             os.close(fd)
         return f"loaded and attached at {name}"
-    raise last or lb.BpfError("finding an attach target", 2)
+    raise last or lb.BpfError("finding an attach target", errno.ENOENT)
 
 
 def _elf_entry_file_offset(path: str) -> int:
@@ -344,7 +360,7 @@ def _pmu_type(name: str) -> int | None:
 def _probe_uprobe() -> str:
     pmu = _pmu_type("uprobe")
     if pmu is None:
-        raise lb.BpfError("uprobe PMU", 2, hint="kernel built without CONFIG_UPROBE_EVENTS")
+        raise lb.BpfError("uprobe PMU", errno.ENOENT, hint="kernel built without CONFIG_UPROBE_EVENTS")
     # /bin/true's entry point: a file nobody keeps running, so the short-lived probe is inert.
     target = shutil.which("true") or _interpreter()
     fd = lb.perf_event_open_probe(pmu, os.path.realpath(target), _elf_entry_file_offset(target),
@@ -368,7 +384,7 @@ def _probe_kprobe() -> str:
             continue
         os.close(fd)
         return f"kprobe PMU type {pmu}: kprobe created on {symbol}"
-    raise last or lb.BpfError("kprobe", 2)
+    raise last or lb.BpfError("kprobe", errno.ENOENT)
 
 
 def _probe_cpu_clock() -> str:
@@ -481,14 +497,14 @@ def _probe_checks() -> list[Check]:
                lambda: _probe_btf_program(lb.BPF_TRACE_FENTRY,
                                           (("do_nanosleep", lb.BTF_KIND_FUNC),
                                            ("vfs_read", lb.BTF_KIND_FUNC))))
-    if not c.ok and c.errno == 1:
+    if not c.ok and c.errno == errno.EPERM:
         c.detail = "blocked (EPERM, kernel lockdown?)"
         c.fix = "kernel lockdown (integrity/confidentiality) forbids it: boot with lockdown=none"
     checks.append(c)
     c = _probe(Check("attach:kprobe", "kprobes", "attach", False,
                      disables="kernel function probes (tracepoints are used instead)",
                      essential=False), _probe_kprobe)
-    if not c.ok and c.errno == 2:
+    if not c.ok and c.errno == errno.ENOENT:
         c.detail = "not available: no kprobe PMU (kernel built without CONFIG_KPROBES)"
         c.fix = "a kernel with CONFIG_KPROBES=y and CONFIG_KPROBE_EVENTS=y"
     checks.append(c)
@@ -503,8 +519,23 @@ def _probe_checks() -> list[Check]:
     return checks
 
 
-def check_system_support() -> SupportReport:
-    """Measure kernel, BTF, privileges and every map/program/attach type the project uses."""
+_cached_report: SupportReport | None = None
+
+
+def check_system_support(refresh: bool = False) -> SupportReport:
+    """Measure kernel, BTF, privileges and every map/program/attach type the project uses.
+
+    One report per process (about 50 ms of probes): start-up, `check`, `demo` and the
+    profiler share it; `refresh=True` measures again (after a capability change, say).
+    """
+    global _cached_report
+    if _cached_report is not None and not refresh:
+        return _cached_report
+    _cached_report = _measure_support()
+    return _cached_report
+
+
+def _measure_support() -> SupportReport:
     start = time.perf_counter()
     kernel, version = kernel_release()
     capeff = effective_capabilities()

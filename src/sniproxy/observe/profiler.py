@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sniproxy.ebpf.layout import EnumLayout, StructLayout
+
 from .config import AllProcesses, Cgroup, CurrentProcess, EbpfConfig, Pids, cgroup_id_of
 from .symbolize import Frame, Symbolizer
 
@@ -37,13 +39,19 @@ MAP_STACKS, MAP_COUNTS, MAP_TGIDS, MAP_SEEN, MAP_STATS = (
     "sni_proxy_pstk", "sni_proxy_pcnt", "sni_proxy_ptgid", "sni_proxy_pseen", "sni_proxy_pstat")
 FILTER_NONE, FILTER_TGIDS, FILTER_CGROUP = 0, 1, 2
 
-#: struct sample_key in the BPF program: tgid, tid, kernel stack id, user stack id, comm[16].
-_KEY = struct.Struct("=IIii16s")
+#: struct sample_key in the BPF program (checked against its BTF at load, ebpf/layout.py).
+KEY_LAYOUT = StructLayout("sample_key", (
+    ("tgid", "I"), ("tid", "I"), ("kernel_stack_id", "i"), ("user_stack_id", "i"),
+    ("comm", "16s")))
+_KEY = KEY_LAYOUT.struct
 PERF_MAX_STACK_DEPTH = 127
 _STACK = struct.Struct(f"={PERF_MAX_STACK_DEPTH}Q")
-#: Slots of sni_proxy_pstat, in the order of enum stat_slot.
-STAT_NAMES = ("samples", "dropped", "kernel_stack_collisions", "user_stack_collisions",
-              "user_only", "kernel_only", "kernel_stack_errors", "user_stack_errors")
+#: Slots of sni_proxy_pstat: enum sni_proxy_pstat_slot in the BPF file, in value order.
+STATS_LAYOUT = EnumLayout("sni_proxy_pstat_slot", "STAT_", (
+    "samples", "dropped", "kernel_stack_collisions", "user_stack_collisions", "user_only",
+    "kernel_only", "kernel_stack_errors", "user_stack_errors"), end="STAT_MAX")
+STAT_NAMES = STATS_LAYOUT.names
+LAYOUTS = (KEY_LAYOUT, STATS_LAYOUT)
 
 #: Minimum kernel: CAP_BPF/CAP_PERFMON and BPF_ENABLE_STATS arrived in 5.8 (the seed's minimum).
 MIN_KERNEL = (5, 8)
@@ -354,6 +362,7 @@ class EbpfCpuProfiler:
                     "include_idle": int(self.include_idle)},
             map_sizes={MAP_COUNTS: config.max_samples,
                        MAP_STACKS: stack_map_entries(config.max_samples)},
+            layouts=LAYOUTS,
         )
         try:
             try:

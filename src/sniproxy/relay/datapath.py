@@ -62,7 +62,7 @@ class KernelDataPath:
                 sockmap_dp = sm.SockmapDataPath.load(config.ebpf.sockmap.max_entries,
                                                      stats_on=requested["stats"], rings=rows)
                 stat_map = sockmap_dp.maps.stat
-            except (BpfError, OSError) as exc:
+            except OSError as exc:
                 failures["sockmap"] = f"loading the sockmap program failed: {exc}"
         if want_stats and stat_map is None:
             # No program to count (the sockmap is off): the counters still exist, shared,
@@ -70,7 +70,7 @@ class KernelDataPath:
             try:
                 stat_map = Map.create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(BPF_STAT_NAMES),
                                       "sni_proxy_stat")
-            except (BpfError, OSError) as exc:
+            except OSError as exc:
                 failures["stats"] = f"creating the per-CPU stats map failed: {exc}"
         sndbuf_ok = _sndbuf_force_allowed()
         if config.ebpf.sockmap.sndbuf_bytes and not sndbuf_ok:
@@ -85,7 +85,7 @@ class KernelDataPath:
             try:
                 dns_map = open_dns_map(config.ebpf.dns_cache.max_entries,
                                        config.ebpf.dns_cache.pin_path)
-            except (BpfError, OSError) as exc:
+            except OSError as exc:
                 failures["dns_cache"] = (f"creating the BPF LRU map failed: {exc}; the per-worker "
                                          "in-memory DNS cache is used")
         modes = decide_modes(requested, support, failures=failures, degraded=degraded)

@@ -27,18 +27,22 @@ const volatile __u64 filter_cgroup_id = 0;
  * them by default and so do we. */
 const volatile bool include_idle = false;
 
-/* Slots of sni_proxy_pstat; keep in sync with profiler.py STAT_* */
-enum stat_slot {
+/* Slots of sni_proxy_pstat. Python reads them in this order: observe/profiler.py STATS, checked
+ * against this enum in the object's BTF at load (ebpf/layout.py). */
+enum sni_proxy_pstat_slot {
 	STAT_SAMPLES = 0,	/* samples that passed the filter */
 	STAT_DROPPED,		/* counts map full (max_samples reached): sample lost */
-	STAT_KSTACK_COLLISION,	/* -EEXIST: kernel stack lost to a stack-map hash collision */
-	STAT_USTACK_COLLISION,	/* -EEXIST: user stack lost to a stack-map hash collision */
+	STAT_KERNEL_STACK_COLLISIONS,	/* -EEXIST: kernel stack lost to a stack-map hash collision */
+	STAT_USER_STACK_COLLISIONS,	/* -EEXIST: user stack lost to a stack-map hash collision */
 	STAT_USER_ONLY,		/* -EFAULT on the kernel stack: sample taken in user mode */
 	STAT_KERNEL_ONLY,	/* no user stack: kernel thread, or user stack unreadable */
-	STAT_KSTACK_ERROR,	/* any other kernel stack error */
-	STAT_USTACK_ERROR,	/* any other user stack error */
+	STAT_KERNEL_STACK_ERRORS,	/* any other kernel stack error */
+	STAT_USER_STACK_ERRORS,	/* any other user stack error */
 	STAT_MAX,
 };
+
+/* Puts the enum into BTF for the layout check (enums no variable uses are dropped). */
+const volatile enum sni_proxy_pstat_slot sni_proxy_pstat_slots = STAT_MAX;
 
 struct sample_key {
 	__u32 tgid;
@@ -127,17 +131,17 @@ int sni_proxy_prof(struct bpf_perf_event_data *ctx)
 	if (key.kernel_stack_id == -EFAULT)
 		stat_inc(STAT_USER_ONLY);	/* normal: the CPU was in user mode */
 	else if (key.kernel_stack_id == -EEXIST)
-		stat_inc(STAT_KSTACK_COLLISION);
+		stat_inc(STAT_KERNEL_STACK_COLLISIONS);
 	else if (key.kernel_stack_id < 0)
-		stat_inc(STAT_KSTACK_ERROR);
+		stat_inc(STAT_KERNEL_STACK_ERRORS);
 
 	key.user_stack_id = bpf_get_stackid(ctx, &sni_proxy_pstk, BPF_F_USER_STACK);
 	if (key.user_stack_id == -EEXIST)
-		stat_inc(STAT_USTACK_COLLISION);
+		stat_inc(STAT_USER_STACK_COLLISIONS);
 	else if (key.user_stack_id == -EFAULT)
 		stat_inc(STAT_KERNEL_ONLY);	/* kernel thread: no user memory */
 	else if (key.user_stack_id < 0)
-		stat_inc(STAT_USTACK_ERROR);
+		stat_inc(STAT_USER_STACK_ERRORS);
 
 	/* The sample is counted even when a stack was lost, so totals stay right; the key
 	 * then carries the negative errno and user space shows "[lost stack]". */

@@ -36,9 +36,11 @@ enum sni_proxy_stat_slot {
 	STAT_REDIRECT_FAIL,	/* the peer is no longer in sni_proxy_dst (closed): dropped */
 	STAT_NOTIFY,		/* credit exceeded: user space told */
 	STAT_NOTIFY_LOST,	/* ... but the worker's ring was missing or full */
-	STAT_PASSED,		/* bytes kept in a paused socket for user space */
+	STAT_PASSED_BYTES,	/* bytes kept in a paused socket for user space */
 	STAT_MAX,
 };
+/* Puts the enum into BTF for the layout check (enums no variable uses are dropped). */
+const volatile enum sni_proxy_stat_slot sni_proxy_stat_slots = STAT_MAX;
 
 #define DIR_UP 0
 #define DIR_DOWN 1
@@ -173,7 +175,7 @@ int sni_proxy_skv(struct __sk_buff *skb)
 		} else {
 			conn->passing = 1;
 			conn->passed += len;
-			count(STAT_PASSED, len);
+			count(STAT_PASSED_BYTES, len);
 			return SK_PASS;
 		}
 	}

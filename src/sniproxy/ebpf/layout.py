@@ -1,0 +1,110 @@
+"""Layouts shared by a BPF program and Python, checked against the object's BTF at load time.
+
+The C side is the source of truth: structs and enums live in the `bpf/*.h` / `*.bpf.c` files.
+Python describes how it reads them (a `struct` format per member, names in enum order) and
+`check_layouts` compares that description with the BTF that clang wrote into the object, so a
+change on one side alone fails at load with a message naming the mismatch, instead of
+silently misreading a map. `tests/unit/test_bpf_layouts.py` runs the same check on every built
+object without loading anything (opening an object needs no privilege).
+
+An enum only reaches BTF when something uses it as a type: each program declares a
+`const volatile` anchor of the enum's type in .rodata (see `sni_proxy_common.h`).
+"""
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sniproxy.ebpf import libbpf as _lb
+from sniproxy.ebpf.libbpf import BpfError
+
+
+class LayoutMismatch(BpfError):
+    """The Python description of a BPF struct or enum disagrees with the object's BTF."""
+
+    def __init__(self, obj_name: str, detail: str) -> None:
+        super().__init__(f"BPF layout check of {obj_name}", errno.EPROTO,
+                         hint=f"{detail}; the C file and the Python module that reads it changed "
+                              "apart: update the Python description (or rebuild with `make bpf` "
+                              "if the object is stale)")
+
+
+@dataclass(frozen=True)
+class StructLayout:
+    """A C struct read or written by Python: (member, struct-module code) in order."""
+    c_name: str
+    members: tuple[tuple[str, str], ...]
+    struct: struct.Struct = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "struct", struct.Struct("=" + "".join(c for _, c in self.members)))
+
+    @property
+    def size(self) -> int:
+        return self.struct.size
+
+    def offsets(self) -> list[tuple[str, int]]:
+        out, offset = [], 0
+        for name, code in self.members:
+            out.append((name, offset))
+            offset += struct.calcsize("=" + code)
+        return out
+
+    def mismatch(self, btf: tuple[int, list[tuple[str, int]]] | None) -> str | None:
+        if btf is None:
+            return f"struct {self.c_name} is not in the object's BTF"
+        size, members = btf
+        if members != self.offsets() or size != self.size:
+            return (f"struct {self.c_name}: BTF has size {size} and members "
+                    f"{_fmt_members(members)}, Python reads size {self.size} and "
+                    f"{_fmt_members(self.offsets())}")
+        return None
+
+
+@dataclass(frozen=True)
+class EnumLayout:
+    """A C enum whose values index something Python reads (e.g. per-CPU counter slots).
+
+    `names` are the enumerators without `prefix`, lower-cased, in value order 0, 1, ...;
+    `end` is the enumerator that counts them (e.g. STAT_MAX), if the C side has one.
+    """
+    c_name: str
+    prefix: str
+    names: tuple[str, ...]
+    end: str | None = None
+
+    def expected(self) -> list[tuple[str, int]]:
+        out = [(self.prefix + n.upper(), i) for i, n in enumerate(self.names)]
+        if self.end:
+            out.append((self.end, len(self.names)))
+        return out
+
+    def mismatch(self, btf: list[tuple[str, int]] | None) -> str | None:
+        if btf is None:
+            return (f"enum {self.c_name} is not in the object's BTF (declare a `const volatile "
+                    f"enum {self.c_name}` anchor in the C file)")
+        if btf != self.expected():
+            return (f"enum {self.c_name}: BTF has {_fmt_members(btf)}, Python expects "
+                    f"{_fmt_members(self.expected())}")
+        return None
+
+
+def _fmt_members(items: Iterable[tuple[str, int]]) -> str:
+    return "{" + ", ".join(f"{n}={v}" for n, v in items) + "}"
+
+
+def check_layouts(obj_ptr: int, obj_name: str,
+                  layouts: Iterable[StructLayout | EnumLayout]) -> None:
+    """Raise LayoutMismatch naming every layout that disagrees with an opened object's BTF."""
+    problems = []
+    for layout in layouts:
+        if isinstance(layout, StructLayout):
+            problem = layout.mismatch(_lb.object_btf_struct(obj_ptr, layout.c_name))
+        else:
+            problem = layout.mismatch(_lb.object_btf_enum(obj_ptr, layout.c_name))
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise LayoutMismatch(obj_name, "; ".join(problems))
