@@ -19,18 +19,17 @@ import ipaddress
 import logging
 import os
 import struct
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from sniproxy.ebpf import bpffs
 from sniproxy.ebpf.objects import BPF_ANY, BPF_MAP_TYPE_LRU_HASH, BpfError, Map
 
 log = logging.getLogger("sniproxy")
 
 MAP_NAME = "sni_proxy_dns"
 PIN_FILE = "dns_cache"
-BPFFS_DEFAULT = "/sys/fs/bpf"
 # A DNS name is at most 253 characters; the key is the name NUL-padded to this size.
 KEY_BYTES = 256
 MAX_ADDRESSES = 8           # addresses kept per name (Happy Eyeballs needs few)
@@ -86,44 +85,6 @@ class DnsMap:
     note: str                   # how it was opened, or why pinning is off
 
 
-def _mount_of(path: str) -> tuple[str, str]:
-    """(mount point, fs type) of the deepest mount containing path."""
-    best = ("/", "")
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                point = parts[1].replace("\\040", " ")
-                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
-                    best = (point, parts[2])
-    except OSError:
-        pass
-    return best
-
-
-def _ensure_bpffs(pin_dir: str) -> str | None:
-    """None when pin_dir is on a bpffs (mounting /sys/fs/bpf as root if needed), else why not."""
-    _, fstype = _mount_of(pin_dir)
-    if fstype == "bpf":
-        return None
-    if not (pin_dir == BPFFS_DEFAULT or pin_dir.startswith(BPFFS_DEFAULT + "/")):
-        return (f"{pin_dir} is not on a bpffs (mount one: `mount -t bpf bpf <dir>`, or use a "
-                f"path under {BPFFS_DEFAULT})")
-    if os.geteuid() != 0:
-        return (f"bpffs is not mounted at {BPFFS_DEFAULT} and only root can mount it "
-                f"(`sudo mount -t bpf bpf {BPFFS_DEFAULT}`)")
-    r = subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS_DEFAULT], capture_output=True,
-                       text=True, timeout=10)
-    if r.returncode != 0:
-        return (f"bpffs is not mounted at {BPFFS_DEFAULT} and mounting it failed: "
-                f"{r.stderr.strip() or r.returncode} (mounting needs CAP_SYS_ADMIN)")
-    log.info("mounted bpffs at %s to pin the shared DNS cache (ebpf.dns_cache.pin_path)",
-             BPFFS_DEFAULT)
-    return None
-
-
 def _compatible(m: Map, max_entries: int) -> bool:
     return (m.type == BPF_MAP_TYPE_LRU_HASH and m.key_size == KEY_BYTES
             and m.value_size == VALUE_BYTES and m.max_entries == max_entries)
@@ -137,7 +98,7 @@ def open_dns_map(max_entries: int, pin_path: str | None) -> DnsMap:
     if pin_path is None:
         m = Map.create(BPF_MAP_TYPE_LRU_HASH, KEY_BYTES, VALUE_BYTES, max_entries, MAP_NAME)
         return DnsMap(m, None, "ebpf.dns_cache.pin_path is null: shared by fd inheritance only")
-    why_not = _ensure_bpffs(pin_path)
+    why_not = bpffs.ensure_mounted(pin_path, "the shared DNS cache (ebpf.dns_cache.pin_path)")
     if why_not is not None:
         m = Map.create(BPF_MAP_TYPE_LRU_HASH, KEY_BYTES, VALUE_BYTES, max_entries, MAP_NAME)
         return DnsMap(m, None, why_not)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import mmap
 import struct
 
-from sniproxy.ebpf.objects import Map
-from sniproxy.ebpf.sockmap import STAT_NAMES as BPF_STAT_NAMES
 
 FALLBACK_REASONS = ("map_full", "close_wait", "duplicate", "insert_error", "socket_error")
 
@@ -25,11 +23,6 @@ COUNTER_NAMES = (
 )
 _INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 _U64 = struct.Struct("=Q")
-
-
-def bpf_stats(stat_map: Map) -> dict[str, int]:
-    """The per-CPU BPF counters, each summed over all possible CPUs."""
-    return {name: stat_map.percpu_sum(i) for i, name in enumerate(BPF_STAT_NAMES)}
 
 
 class CounterRow:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import bpffs
 from . import libbpf as lb
 
 # Capability bits (linux/capability.h)
@@ -222,12 +223,8 @@ def effective_capabilities() -> int:
     return int(m.group(1), 16) if m else 0
 
 
-def bpffs_mounted(path: str = "/sys/fs/bpf") -> bool:
-    for line in (_read("/proc/mounts") or "").splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[1] == path and parts[2] == "bpf":
-            return True
-    return False
+def bpffs_mounted(path: str = bpffs.DEFAULT) -> bool:
+    return bpffs.is_bpffs(path)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""EbpfConfig: what the eBPF observability module is asked to do.
+"""ProfilerConfig (the seed's `EbpfConfig`): what the eBPF observability module is asked to do.
+
+Named ProfilerConfig here so it never collides with the proxy config's `ebpf` section
+(`sniproxy.config.EbpfConfig`); `EbpfConfig` stays importable from this module under the
+seed's name for the library API.
 
 An immutable value with builder methods, the Python shape of the seed's Rust API::
 
-    config = EbpfConfig().with_sample_rate(99).with_max_samples(20_000)
+    config = ProfilerConfig().with_sample_rate(99).with_max_samples(20_000)
     config.validate()                       # raises ConfigValidationError
     prod = create_recommended_config("production")   # 19 Hz, CPU profiling only
 
@@ -83,12 +87,12 @@ Target = AllProcesses | Pids | Cgroup | CurrentProcess
 
 
 @dataclass(frozen=True)
-class EbpfConfig:
+class ProfilerConfig:
     """What to observe and how often. Immutable: every `with_*` returns a new config."""
 
     sample_rate_hz: int = DEFAULT_SAMPLE_RATE_HZ
     enable_cpu_profiling: bool = True
-    # Defaults follow the seed's EbpfConfig::default(): network and syscall tracing on, memory off.
+    # Defaults follow the seed's ProfilerConfig::default(): network and syscall tracing on, memory off.
     enable_network_tracing: bool = True
     enable_syscall_tracing: bool = True
     enable_memory_tracing: bool = False
@@ -96,37 +100,37 @@ class EbpfConfig:
     target: Target = field(default_factory=AllProcesses)
 
     # -- builders -------------------------------------------------------------------------
-    def with_sample_rate(self, hz: int) -> EbpfConfig:
+    def with_sample_rate(self, hz: int) -> ProfilerConfig:
         return replace(self, sample_rate_hz=hz)
 
-    def with_cpu_profiling(self, enabled: bool) -> EbpfConfig:
+    def with_cpu_profiling(self, enabled: bool) -> ProfilerConfig:
         return replace(self, enable_cpu_profiling=enabled)
 
-    def with_network_tracing(self, enabled: bool) -> EbpfConfig:
+    def with_network_tracing(self, enabled: bool) -> ProfilerConfig:
         return replace(self, enable_network_tracing=enabled)
 
-    def with_syscall_tracing(self, enabled: bool) -> EbpfConfig:
+    def with_syscall_tracing(self, enabled: bool) -> ProfilerConfig:
         return replace(self, enable_syscall_tracing=enabled)
 
-    def with_memory_tracing(self, enabled: bool) -> EbpfConfig:
+    def with_memory_tracing(self, enabled: bool) -> ProfilerConfig:
         return replace(self, enable_memory_tracing=enabled)
 
-    def with_max_samples(self, n: int) -> EbpfConfig:
+    def with_max_samples(self, n: int) -> ProfilerConfig:
         return replace(self, max_samples=n)
 
-    def with_target(self, target: Target) -> EbpfConfig:
+    def with_target(self, target: Target) -> ProfilerConfig:
         return replace(self, target=target)
 
-    def with_all_processes(self) -> EbpfConfig:
+    def with_all_processes(self) -> ProfilerConfig:
         return replace(self, target=AllProcesses())
 
-    def with_pids(self, *pids: int) -> EbpfConfig:
+    def with_pids(self, *pids: int) -> ProfilerConfig:
         return replace(self, target=Pids(tuple(pids)))
 
-    def with_cgroup(self, path: str | os.PathLike[str]) -> EbpfConfig:
+    def with_cgroup(self, path: str | os.PathLike[str]) -> ProfilerConfig:
         return replace(self, target=Cgroup(os.fspath(path)))
 
-    def with_current_process(self) -> EbpfConfig:
+    def with_current_process(self) -> ProfilerConfig:
         return replace(self, target=CurrentProcess())
 
     # -- validation -----------------------------------------------------------------------
@@ -282,10 +286,10 @@ def recommended_sample_rate(env: str) -> int:
     return _lookup(env)[0]
 
 
-def create_recommended_config(env: str) -> EbpfConfig:
+def create_recommended_config(env: str) -> ProfilerConfig:
     """The seed's recommended config for `env`; raises ConfigValidationError for unknown names."""
     hz, network, syscall, memory, max_samples = _lookup(env)
-    return EbpfConfig(
+    return ProfilerConfig(
         sample_rate_hz=hz,
         enable_cpu_profiling=True,
         enable_network_tracing=network,
@@ -293,3 +297,7 @@ def create_recommended_config(env: str) -> EbpfConfig:
         enable_memory_tracing=memory,
         max_samples=max_samples,
     )
+
+
+# The seed's name for the library API (`EbpfConfig::default().with_sample_rate(99)`).
+EbpfConfig = ProfilerConfig

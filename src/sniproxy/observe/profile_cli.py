@@ -19,7 +19,7 @@ import threading
 import time
 from typing import TextIO
 
-from .config import ConfigValidationError, EbpfConfig, create_recommended_config
+from .config import ConfigValidationError, ProfilerConfig, create_recommended_config
 from .profiler import EbpfCpuProfiler, Overhead, Profile, ProfilerError
 
 OUTPUT_KINDS = {".svg": "flame graph SVG", ".pb.gz": "pprof", ".pprof": "pprof",
@@ -81,8 +81,8 @@ def output_kind(path: str) -> str | None:
     return None
 
 
-def config_from_args(args: argparse.Namespace) -> EbpfConfig:
-    config = create_recommended_config(args.env) if args.env else EbpfConfig()
+def config_from_args(args: argparse.Namespace) -> ProfilerConfig:
+    config = create_recommended_config(args.env) if args.env else ProfilerConfig()
     if args.frequency is not None:
         config = config.with_sample_rate(args.frequency)
     if args.max_samples is not None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from sniproxy.ebpf.layout import EnumLayout, StructLayout
 
-from .config import AllProcesses, Cgroup, CurrentProcess, EbpfConfig, Pids, cgroup_id_of
+from .config import AllProcesses, Cgroup, CurrentProcess, ProfilerConfig, Pids, cgroup_id_of
 from .symbolize import Frame, Symbolizer
 
 if TYPE_CHECKING:
@@ -245,18 +245,11 @@ class Overhead:
 
 
 # -- checks -------------------------------------------------------------------------------
-def _kernel_version(release: str) -> tuple[int, int]:
-    nums = []
-    for part in release.split("-")[0].split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
-        nums.append(int(digits or 0))
-    return (nums + [0, 0])[0], (nums + [0, 0])[1]
-
-
 def check_profiler_support() -> None:
     """Raise the ProfilerError subclass for the first missing requirement."""
-    release = os.uname().release
-    if _kernel_version(release) < MIN_KERNEL:
+    from sniproxy.ebpf.support import kernel_release
+    release, version = kernel_release()
+    if version < MIN_KERNEL:
         raise KernelTooOld(
             f"kernel {release} is too old for the eBPF profiler: needs Linux >= "
             f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]} (CAP_BPF, BPF statistics); 5.15+ recommended. "
@@ -293,10 +286,10 @@ def _translate(exc: Exception, what: str) -> ProfilerError:
 class EbpfCpuProfiler:
     """Sampling CPU profiler; context manager (start on enter, stop on exit)."""
 
-    def __init__(self, config: EbpfConfig | None = None, *, include_idle: bool = False,
+    def __init__(self, config: ProfilerConfig | None = None, *, include_idle: bool = False,
                  maps_poll_interval_s: float = MAPS_POLL_INTERVAL_S,
                  symbolizer: Symbolizer | None = None):
-        self.config = config or EbpfConfig()
+        self.config = config or ProfilerConfig()
         self.include_idle = include_idle
         self._poll_interval = maps_poll_interval_s
         self.symbolizer = symbolizer or Symbolizer()

@@ -19,7 +19,6 @@ import asyncio
 import functools
 import ipaddress
 import os
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -378,14 +377,3 @@ class Resolver:
         if isinstance(exc, dns.resolver.NoNameservers):
             return f"every nameserver failed ({servers}): {exc}"
         return f"{type(exc).__name__}: {exc}"
-
-
-async def resolve_sockaddrs(resolver: Resolver, host: str, port: int) -> list[Address]:
-    """`resolve` shaped like getaddrinfo: [(family, sockaddr)]."""
-    out: list[Address] = []
-    for ip in await resolver.resolve(host):
-        if ":" in ip:
-            out.append((socket.AF_INET6, (ip, port, 0, 0)))
-        else:
-            out.append((socket.AF_INET, (ip, port)))
-    return out

@@ -15,13 +15,11 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from sniproxy.proxy import clienthello
 from sniproxy.relay.base import Relay, RelayResult
 
 log = logging.getLogger("sniproxy")
-access_log = logging.getLogger("sniproxy.access")
 
 # How many bytes to peek at once: the 16 KiB hello limit plus record headers for a
 # hello fragmented into many small records (5 bytes each).
@@ -363,5 +361,3 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
     except OSError:
         pass
 
-
-AccessLogger = Callable[[ConnectionInfo, RelayResult, float], None]

@@ -38,7 +38,11 @@ def new_event_loop(preference: str = "asyncio") -> asyncio.AbstractEventLoop:
     SNI_PROXY_EVENT_LOOP=uvloop selects it anyway, for experiments.
     """
     if preference == "uvloop":
-        import uvloop
+        try:
+            import uvloop
+        except ImportError:
+            raise SystemExit("SNI_PROXY_EVENT_LOOP=uvloop but uvloop is not installed: "
+                             "pip install 'sniproxy[uvloop]'") from None
         return uvloop.new_event_loop()
     return asyncio.new_event_loop()
 

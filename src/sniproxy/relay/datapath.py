@@ -17,7 +17,8 @@ from typing import Any
 from sniproxy.ebpf import sockmap as sm
 from sniproxy.ebpf.modes import Modes, decide_modes
 from sniproxy.ebpf.objects import BPF_MAP_TYPE_PERCPU_ARRAY, BpfError, Map
-from sniproxy.ebpf.stats import BPF_STAT_NAMES, FALLBACK_REASONS, SharedCounters
+from sniproxy.ebpf.sockmap import STAT_NAMES as BPF_STAT_NAMES
+from sniproxy.ebpf.stats import FALLBACK_REASONS, SharedCounters
 from sniproxy.relay.sockmap import SO_SNDBUFFORCE, WorkerKernel
 
 log = logging.getLogger("sniproxy")

@@ -140,11 +140,6 @@ def render_flamegraph(stacks: Mapping[str, int], title: str = "CPU Flame Graph",
     return "".join(out)
 
 
-def write_flamegraph(stacks: Mapping[str, int], path: str, **kwargs: str) -> None:
-    with open(path, "w") as f:
-        f.write(render_flamegraph(stacks, **kwargs))
-
-
 _CSS = """
 text { font-family: Verdana, sans-serif; font-size: 12px; fill: rgb(0,0,0); }
 #title { text-anchor: middle; font-size: 17px; }

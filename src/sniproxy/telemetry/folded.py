@@ -66,8 +66,3 @@ def parse_folded(text: str) -> dict[str, int]:
             raise ValueError(f"folded line {lineno}: {line[:80]!r}: expected 'frame;frame COUNT'")
         out[stack] = out.get(stack, 0) + int(count)
     return out
-
-
-def write_folded(profile: _Profile, path: str) -> None:
-    with open(path, "w") as f:
-        f.write(format_folded(fold(profile)))

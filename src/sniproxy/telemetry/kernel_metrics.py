@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from sniproxy.ebpf.objects import BpfError
-from sniproxy.ebpf.stats import BPF_STAT_NAMES, FALLBACK_REASONS, hit_rate
+from sniproxy.ebpf.sockmap import STAT_NAMES as BPF_STAT_NAMES
+from sniproxy.ebpf.stats import FALLBACK_REASONS, hit_rate
 
 class KernelCollector:
     """prometheus_client custom collector: read on each /metrics scrape in the supervisor."""

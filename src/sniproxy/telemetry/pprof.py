@@ -145,8 +145,3 @@ def encode_profile(profile: _Profile) -> bytes:
 def to_pprof(profile: _Profile) -> bytes:
     """gzip(Profile): the `.pb.gz` file `go tool pprof` opens."""
     return gzip.compress(encode_profile(profile), mtime=0)
-
-
-def write_pprof(profile: _Profile, path: str) -> None:
-    with open(path, "wb") as f:
-        f.write(to_pprof(profile))
