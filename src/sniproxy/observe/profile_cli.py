@@ -50,8 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sni-proxy profile",
         description="Sample on-CPU stacks (kernel and user) with eBPF and report where time goes.",
-        epilog="Output kind follows the -o suffix: .svg flame graph, .pb.gz/.pprof pprof, "
-               ".folded/.txt folded stacks, '-' folded stacks on stdout.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""Output kind follows the -o suffix: .svg flame graph, .pb.gz/.pprof pprof,
+.folded/.txt folded stacks, '-' folded stacks on stdout.
+
+examples:
+  sni-proxy profile 10                      # all processes for 10 s (bcc: profile 10)
+  sni-proxy profile -F 99 -p 1234 -d 30 -o cpu.svg
+  sni-proxy profile -p 1234 -o - > out.folded   # bcc: profile -f -p 1234
+  sni-proxy profile --env production --cgroup /sys/fs/cgroup/system.slice/sni-proxy.service
+
+differences from bcc's profile: the duration can also be given as -d S; folded stacks are
+written with -o FILE.folded or -o - (bcc: -f); kernel and user frames always come together
+(bcc's -U / -K filters: use the folded output's `_[k]` suffix); pprof and SVG outputs are
+built in (bcc needs flamegraph.pl).""")
     p.add_argument("-p", "--pid", dest="pids", type=_pids, action="append", metavar="PID",
                    help="profile only this process (repeat or comma-separate; default: all)")
     p.add_argument("--cgroup", metavar="PATH", help="profile only tasks of this cgroup v2 directory")
@@ -62,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "development (99), debug (199)")
     p.add_argument("-d", "--duration", type=_positive_float, metavar="S",
                    help="seconds to sample (default: until Ctrl-C, or until every -p process exits)")
+    p.add_argument("duration_pos", nargs="?", type=_positive_float, metavar="duration",
+                   help="seconds to sample, as bcc's profile takes it (same as -d)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the profile (see below)")
     p.add_argument("--top", type=int, default=10, metavar="N",
                    help="functions in the terminal table (0: none; default 10)")
@@ -170,6 +184,10 @@ def write_output(profile: Profile, path: str, title: str) -> None:
 def cli_profile(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.duration_pos is not None:
+        if args.duration is not None and args.duration != args.duration_pos:
+            parser.error("give the duration once: either positional or -d")
+        args.duration = args.duration_pos
     err: TextIO = sys.stderr
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=err)
