@@ -406,6 +406,14 @@ class SockPair:
         base = self.base_written[side]
         return written - base, acked - base
 
+    def inq(self, side: int) -> int:
+        """Bytes readable in `side` now (SIOCINQ answers from the psock queue when inserted)."""
+        return tcp_inq(self.socks[side])
+
+    def acked(self, side: int) -> int:
+        """tcpi_bytes_acked of `side`: moves whenever its peer acknowledges data."""
+        return tcp_state_and_acked(self.socks[side])[1]
+
     def received_since_insert(self, side: int) -> int:
         """Payload bytes `side` received after the hand-over (+1 once its FIN is in)."""
         return tcp_bytes_received(self.socks[side]) - self.base_consumed[side]

@@ -18,7 +18,7 @@ import os
 import select
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from sniproxy.ebpf import sockmap as sm
 from sniproxy.ebpf.objects import Map
@@ -49,6 +49,26 @@ MOVE_BUDGET = 16 * 1024 * 1024
 EPOLL_BATCH = 512
 
 
+class PairView(Protocol):
+    """What the relay reads and writes of a connection pair in the kernel (`ebpf.sockmap.SockPair`;
+    a fake in tests/unit/test_sockmap_relay.py drives the state machine without root)."""
+
+    socks: tuple[socket.socket, socket.socket]
+    cookies: tuple[int, int]
+    base_acked: tuple[int, int]
+    inserted: bool
+
+    def state(self, side: int) -> sm.ConnState: ...
+    def redirected(self, side: int) -> int: ...
+    def counters(self) -> tuple[int, int]: ...
+    def written_since_insert(self, side: int) -> tuple[int, int]: ...
+    def received_since_insert(self, side: int) -> int: ...
+    def inq(self, side: int) -> int: ...
+    def acked(self, side: int) -> int: ...
+    def set_cred(self, side: int, *, credit: int, copied: int = 0, pause: bool = False) -> None: ...
+    def remove(self) -> None: ...
+
+
 # ============================================================================== relay
 class SockmapRelay:
     """One connection relayed by the kernel; same contract as proxy.relay.Relay.
@@ -58,7 +78,7 @@ class SockmapRelay:
 
     kind = "sockmap"
 
-    def __init__(self, worker: "WorkerKernel", pair: sm.SockPair, idle_timeout_s: float):
+    def __init__(self, worker: "WorkerKernel", pair: "PairView", idle_timeout_s: float):
         self.worker = worker
         self.pair = pair
         self.loop = worker.loop
@@ -270,7 +290,7 @@ class SockmapRelay:
         # Every kept byte must already be on the psock's queue (SIOCINQ answers from it): a
         # kept skb can wait in the psock's backlog behind skbs for the other direction, and
         # the kworker appending it while we read duplicated segments (measured).
-        if sm.tcp_inq(self.pair.socks[side]) != kept:
+        if self.pair.inq(side) != kept:
             return 0
         return kept
 
@@ -326,9 +346,9 @@ class SockmapRelay:
     def _snapshot(self) -> tuple:
         counts = self.pair.counters()
         acked = []
-        for sock in self.pair.socks:
+        for side in (0, 1):
             try:
-                acked.append(sm.tcp_state_and_acked(sock)[1])
+                acked.append(self.pair.acked(side))
             except OSError:
                 acked.append(-1)
         return (*counts, *self.copied, *acked)
