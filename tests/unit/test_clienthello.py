@@ -539,3 +539,27 @@ def test_arbitrary_unicode_sni_never_raises(name: str) -> None:
     if isinstance(outcome, ClientHello):
         assert outcome.sni is not None and outcome.sni.isascii()
         assert outcome.sni == outcome.sni.lower()
+
+
+def test_need_more_says_where_the_outcome_can_change_next():
+    """The IO layer waits for the end of the record being received (SO_RCVLOWAT) instead of
+    re-parsing on every segment; parsing at any length before it gives the same NeedMore."""
+    data = client_hello_bytes_for_lowat()
+    record_end = 5 + int.from_bytes(data[3:5], "big")
+    first = parse_client_hello(data[:3])
+    assert first.decides_at == 5                      # the record header
+    mid = parse_client_hello(data[:40])
+    assert mid.decides_at == record_end
+    for cut in range(40, record_end):
+        assert parse_client_hello(data[:cut]) == NeedMore(cut)
+    assert not isinstance(parse_client_hello(data[:record_end]), NeedMore)
+
+
+def test_rejected_refuses_an_unknown_reason():
+    with pytest.raises(ValueError, match="not one of"):
+        Rejected("made_up", "x")
+
+
+def client_hello_bytes_for_lowat() -> bytes:
+    from tests.unit.hello_builder import build_hello, records
+    return records(build_hello("lowat.test"))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "MAX_CLIENT_HELLO",
@@ -108,9 +108,16 @@ class ClientHello:
 
 @dataclass(frozen=True)
 class NeedMore:
-    """Feed more bytes and parse again; `have` bytes were seen."""
+    """Feed more bytes and parse again; `have` bytes were seen.
+
+    `decides_at` (0: unknown) is the buffer length before which parsing again cannot change
+    the outcome: the end of the record (or record header) being received. An IO layer can
+    wait for that many bytes (SO_RCVLOWAT) instead of re-parsing a growing buffer on every
+    segment, as h11's receive buffer remembers how far it searched.
+    """
 
     have: int
+    decides_at: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,8 @@ class Rejected:
     detail: str  # human text for the log
 
     def __post_init__(self) -> None:
-        assert self.reason in REJECT_REASONS, self.reason
+        if self.reason not in REJECT_REASONS:      # a programming error, not bad input
+            raise ValueError(f"Rejected reason {self.reason!r} is not one of {REJECT_REASONS}")
 
 
 Outcome = ClientHello | NeedMore | Rejected
@@ -296,7 +304,7 @@ def _parse_records(buf: bytes | bytearray | memoryview, limit: int) -> Outcome:
                     f"the client is not speaking TLS (first bytes {_preview(buf)})",
                 )
         if pos + 5 > n:
-            return NeedMore(n)
+            return NeedMore(n, pos + 5)
         rlength = (buf[pos + 3] << 8) | buf[pos + 4]
         if rlength == 0:
             raise _Reject(
@@ -352,7 +360,7 @@ def _parse_records(buf: bytes | bytearray | memoryview, limit: int) -> Outcome:
         fragments.append((start, avail))
         have += avail - start
         if avail < end:
-            return NeedMore(n)  # the record itself is incomplete
+            return NeedMore(n, end)  # the record itself is incomplete
         pos = end
         if need >= 0 and have >= need:
             break

@@ -300,7 +300,11 @@ class Worker:
                 have = len(data)
                 # Wake only when more than what we already peeked is queued (or at EOF):
                 # without this the still-queued bytes would make the socket readable forever.
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, have + 1)
+                # Better, wait for the end of the record being received: re-parsing before it
+                # cannot change the outcome (a hello in 1-byte segments costs one parse per
+                # record, not one per segment).
+                lowat = min(max(have + 1, outcome.decides_at), PEEK_BYTES)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
             remaining = deadline - self.loop.time()
             if remaining <= 0:
                 raise HelloTimeout()
