@@ -285,38 +285,10 @@ def _parse_records(buf: bytes | bytearray | memoryview, limit: int) -> Outcome:
     have = 0  # handshake bytes seen so far
     need = -1  # 4 + body length, once the handshake header is known
     while True:
-        # -- record header --
-        if pos < n and buf[pos] != _HANDSHAKE:
-            ctype = buf[pos]
-            name = _CONTENT_TYPES.get(ctype, f"unknown type {ctype}")
-            raise _Reject(
-                "unexpected_record",
-                f"a {name} record arrived at byte {pos} while the ClientHello was incomplete "
-                f"({have} of {need if need >= 0 else '?'} handshake bytes); RFC 8446 forbids "
-                "interleaving other records with a handshake message",
-            )
-        if pos + 3 <= n:
-            rversion = (buf[pos + 1] << 8) | buf[pos + 2]
-            if not _version_ok(rversion):
-                raise _Reject(
-                    "bad_version",
-                    f"record at byte {pos} has version {rversion:#06x}, TLS uses 0x0300-0x0304; "
-                    f"the client is not speaking TLS (first bytes {_preview(buf)})",
-                )
+        _check_record_start(buf, pos, have, need)
         if pos + 5 > n:
             return NeedMore(n, pos + 5)
-        rlength = (buf[pos + 3] << 8) | buf[pos + 4]
-        if rlength == 0:
-            raise _Reject(
-                "bad_length",
-                f"zero-length handshake record at byte {pos}; RFC 8446 section 5.1 forbids them",
-            )
-        if rlength > MAX_RECORD_PAYLOAD:
-            raise _Reject(
-                "bad_length",
-                f"record at byte {pos} claims {rlength} bytes, more than the TLS maximum of "
-                f"{MAX_RECORD_PAYLOAD}",
-            )
+        rlength = _record_length(buf, pos)
         records += 1
         if records > MAX_HELLO_RECORDS:
             raise _Reject(
@@ -327,36 +299,9 @@ def _parse_records(buf: bytes | bytearray | memoryview, limit: int) -> Outcome:
         start = pos + 5
         end = start + rlength
         avail = min(end, n)
-
-        # -- handshake header, as soon as its bytes are here (it may straddle records) --
         if need < 0:
-            if have == 0 and avail > start and buf[start] != _CLIENT_HELLO:
-                mtype = buf[start]
-                name = _HANDSHAKE_TYPES.get(mtype, f"unknown type {mtype}")
-                hint = " (the peer is a TLS server, not a client)" if mtype == 2 else ""
-                raise _Reject(
-                    "not_client_hello",
-                    f"first handshake message is {name}, expected client_hello{hint}",
-                )
-            if have + (avail - start) >= 4:
-                header = b"".join(bytes(buf[s:e]) for s, e in fragments) + bytes(
-                    buf[start : start + 4 - have]
-                )
-                body_len = int.from_bytes(header[1:4], "big")
-                if body_len > limit:
-                    raise _Reject(
-                        "too_large",
-                        f"ClientHello announces {body_len} bytes, more than the limit of {limit}; "
-                        "real hellos, post-quantum key shares included, are under 3 KB",
-                    )
-                if body_len < _MIN_BODY:
-                    raise _Reject(
-                        "bad_length",
-                        f"ClientHello announces {body_len} bytes, fewer than the {_MIN_BODY} its "
-                        "fixed fields need",
-                    )
-                need = 4 + body_len
-
+            # The handshake header, as soon as its bytes are here (it may straddle records).
+            need = _handshake_length(buf, fragments, have, start, avail, limit)
         fragments.append((start, avail))
         have += avail - start
         if avail < end:
@@ -373,6 +318,75 @@ def _parse_records(buf: bytes | bytearray | memoryview, limit: int) -> Outcome:
     # Bytes after the hello inside its last record are not ours to judge: they are forwarded
     # with the rest and the backend's TLS stack will reject them.
     return _parse_body(body, consumed=pos, records=records)
+
+
+def _check_record_start(buf, pos: int, have: int, need: int) -> None:
+    """The type and version bytes of the record at `pos`, as far as they arrived."""
+    n = len(buf)
+    if pos < n and buf[pos] != _HANDSHAKE:
+        ctype = buf[pos]
+        name = _CONTENT_TYPES.get(ctype, f"unknown type {ctype}")
+        raise _Reject(
+            "unexpected_record",
+            f"a {name} record arrived at byte {pos} while the ClientHello was incomplete "
+            f"({have} of {need if need >= 0 else '?'} handshake bytes); RFC 8446 forbids "
+            "interleaving other records with a handshake message",
+        )
+    if pos + 3 <= n:
+        rversion = (buf[pos + 1] << 8) | buf[pos + 2]
+        if not _version_ok(rversion):
+            raise _Reject(
+                "bad_version",
+                f"record at byte {pos} has version {rversion:#06x}, TLS uses 0x0300-0x0304; "
+                f"the client is not speaking TLS (first bytes {_preview(buf)})",
+            )
+
+
+def _record_length(buf, pos: int) -> int:
+    """The payload length of the complete record header at `pos`, checked."""
+    rlength = (buf[pos + 3] << 8) | buf[pos + 4]
+    if rlength == 0:
+        raise _Reject(
+            "bad_length",
+            f"zero-length handshake record at byte {pos}; RFC 8446 section 5.1 forbids them",
+        )
+    if rlength > MAX_RECORD_PAYLOAD:
+        raise _Reject(
+            "bad_length",
+            f"record at byte {pos} claims {rlength} bytes, more than the TLS maximum of "
+            f"{MAX_RECORD_PAYLOAD}",
+        )
+    return rlength
+
+
+def _handshake_length(buf, fragments: list[tuple[int, int]], have: int, start: int,
+                      avail: int, limit: int) -> int:
+    """4 + the ClientHello body length once its 4-byte header is in, else -1."""
+    if have == 0 and avail > start and buf[start] != _CLIENT_HELLO:
+        mtype = buf[start]
+        name = _HANDSHAKE_TYPES.get(mtype, f"unknown type {mtype}")
+        hint = " (the peer is a TLS server, not a client)" if mtype == 2 else ""
+        raise _Reject(
+            "not_client_hello",
+            f"first handshake message is {name}, expected client_hello{hint}",
+        )
+    if have + (avail - start) < 4:
+        return -1
+    header = b"".join(bytes(buf[s:e]) for s, e in fragments) + bytes(buf[start : start + 4 - have])
+    body_len = int.from_bytes(header[1:4], "big")
+    if body_len > limit:
+        raise _Reject(
+            "too_large",
+            f"ClientHello announces {body_len} bytes, more than the limit of {limit}; "
+            "real hellos, post-quantum key shares included, are under 3 KB",
+        )
+    if body_len < _MIN_BODY:
+        raise _Reject(
+            "bad_length",
+            f"ClientHello announces {body_len} bytes, fewer than the {_MIN_BODY} its "
+            "fixed fields need",
+        )
+    return 4 + body_len
 
 
 def _reject_start(buf: bytes | bytearray | memoryview) -> Outcome:
