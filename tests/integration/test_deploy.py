@@ -1,0 +1,273 @@
+"""deploy/ tested for real: Prometheus rules and a real Prometheus scraping a real proxy, the Grafana
+dashboard's PromQL, the systemd unit's privileges, the Kubernetes manifests, the logs operators grep.
+
+One proxy (2 workers, eBPF on) with real TLS connections and one Debian `prometheus` serve the
+whole module; tests that need other privileges start their own proxy.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.ebpf_required import require_ebpf, skip_or_fail
+from tests.integration.harness import (REPO, Pki, ProxyProcess, base_config, curl, free_ports,
+                                       make_pki, tls_backend, wait_until)
+from tests.integration.prometheus_server import JOB, PrometheusServer, prometheus_binary
+from tests.integration.socks_servers import start_dns_server
+
+DEPLOY = REPO / "deploy"
+RULES = DEPLOY / "prometheus" / "sni-proxy.rules.yml"
+RULES_TEST = DEPLOY / "prometheus" / "sni-proxy.rules.test.yml"
+DASHBOARD = DEPLOY / "grafana" / "sni-proxy.json"
+
+# What the module's traffic makes: (route, outcome) -> connections.
+OK_CONNECTIONS = 6
+TRAFFIC = {("a.test", "ok"): OK_CONNECTIONS, ("down.test", "connect_failed"): 2,
+           ("-", "no_route"): 1, ("-", "bad_hello"): 1}
+
+# Metrics the dashboard shows that this module's proxy cannot produce, each with the reason.
+# Every other metric a panel names must exist in the real Prometheus below.
+EXPECTED_ABSENT = {
+    "sniproxy_accept_errors_total":
+        "a labelled counter appears at the first accept() error (EMFILE); not provoked here",
+    "ebpf_tcp_splice_active_flows": "tc splice relay (relay/tcpsplice.py): only when it is on",
+    "ebpf_tcp_splice_engaged_total": "tc splice relay: only when it is on",
+    "ebpf_tcp_splice_fallbacks_total": "tc splice relay: only when it is on",
+    "ebpf_tcp_splice_bytes_total": "tc splice relay: only when it is on",
+    "ebpf_profiler_cpu_percent":
+        "written by `sni-proxy profile --metrics-file` for node_exporter, not by the proxy",
+    "ebpf_profiler_memory_bytes":
+        "written by `sni-proxy profile --metrics-file` for node_exporter, not by the proxy",
+}
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool is missing: `apt-get install prometheus` (scripts/bootstrap.sh)")
+    return path
+
+
+# ------------------------------------------------------------------------ rules (no proxy)
+def test_promtool_checks_the_rules():
+    r = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout
+
+
+def test_promtool_unit_tests_fire_and_do_not_fire_every_alert():
+    import yaml
+    r = subprocess.run([promtool(), "test", "rules", str(RULES_TEST)], capture_output=True,
+                       text=True, timeout=60, cwd=RULES_TEST.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    alerts = {rule["alert"] for g in yaml.safe_load(RULES.read_text())["groups"]
+              for rule in g["rules"] if "alert" in rule}
+    fired, quiet = set(), set()
+    for test in yaml.safe_load(RULES_TEST.read_text())["tests"]:
+        for case in test.get("alert_rule_test", []):
+            (fired if case["exp_alerts"] else quiet).add(case["alertname"])
+    assert fired == alerts, f"alerts never shown firing: {alerts - fired}"
+    assert quiet == alerts, f"alerts never shown quiet: {alerts - quiet}"
+
+
+def test_every_alert_has_a_runbook_and_the_seed_thresholds():
+    import yaml
+    rules = {rule["alert"]: rule for g in yaml.safe_load(RULES.read_text())["groups"]
+             for rule in g["rules"] if "alert" in rule}
+    docs = (REPO / "docs" / "operations.md").read_text()
+    for name, rule in rules.items():
+        ann = rule["annotations"]
+        assert ann.get("summary") and ann.get("description"), name
+        anchor = ann["runbook"].split("#", 1)[1]
+        assert ann["runbook"] == f"docs/operations.md#{name.lower()}", name
+        assert re.search(rf"^#+ .*{name}\b", docs, re.M), f"docs/operations.md: no section {anchor}"
+    # The seed's thresholds, as written in the quick start.
+    assert "< 0.8" in rules["SniProxyDnsCacheHitRateLow"]["expr"]
+    assert "> 0.9" in rules["SniProxyEbpfMapUtilizationHigh"]["expr"]
+    assert "> 0.1" in rules["SniProxySockmapFallbackRateHigh"]["expr"]
+    expr = rules["SniProxyProfilerOverheadHigh"]["expr"]
+    assert "ebpf_profiler_cpu_percent > 1" in expr and "> 50 * 1024 * 1024" in expr
+
+
+# ------------------------------------------------------------------------ a live proxy
+@dataclass
+class Stack:
+    proxy: ProxyProcess
+    prom: PrometheusServer
+    port: int
+    pki: Pki
+
+
+def make_traffic(port: int, pki: Pki) -> None:
+    """Real TLS clients (curl, CA-verified) through the proxy, and one plain-HTTP client."""
+    for _ in range(OK_CONNECTIONS):
+        r = curl("a.test", port, "/", pki.ca_path)
+        assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+    for name in ("down.test", "down.test", "nowhere.test"):
+        assert curl(name, port, "/", pki.ca_path).returncode != 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # plain HTTP: not_tls
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        while s.recv(4096):
+            pass
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    require_ebpf()
+    if prometheus_binary() is None:
+        pytest.fail("prometheus is missing: `apt-get install prometheus` (scripts/bootstrap.sh)")
+    tmp = tmp_path_factory.mktemp("deploy")
+    pki = make_pki(tmp / "pki", ["a.test"])
+    with contextlib.ExitStack() as es:
+        backend_port = es.enter_context(tls_backend(pki, ["a.test"], "A"))
+        dns = es.enter_context(start_dns_server({"backend.test": [("A", "127.0.0.1", 300)]}))
+        port, metrics_port, dead_port = free_ports(3)
+        cfg = base_config(
+            port, metrics_port, workers=2,
+            routes=[{"match": "a.test", "backend": f"backend.test:{backend_port}",
+                     "allow_private": True},
+                    {"match": "down.test", "backend": f"127.0.0.1:{dead_port}"}],
+            dns={"nameservers": [f"127.0.0.1:{dns.port}"]},
+            ebpf={"enabled": True, "dns_cache": {"pin_path": None}})
+        (tmp / "proxy").mkdir()
+        proxy = ProxyProcess(cfg, tmp / "proxy").start()
+        es.callback(proxy.stop)
+        make_traffic(port, pki)
+        proxy.signal(signal.SIGHUP)                     # sniproxy_config_reloads_total exists
+        total = sum(TRAFFIC.values())
+        wait_until(lambda: proxy.metric("sniproxy_connections_total") >= total, 10,
+                   "the workers to publish their counts")
+        wait_until(lambda: proxy.metric("sniproxy_config_reloads_total") >= 1, 10, "the reload")
+        prom = es.enter_context(PrometheusServer(tmp / "prometheus", [f"127.0.0.1:{metrics_port}"],
+                                                 rule_files=[RULES]))
+        prom.wait_target_up()
+        # rate() needs two samples in its window: wait for a few scrapes.
+        prom.wait_value(f'count_over_time(up{{job="{JOB}"}}[1m])', lambda v: v >= 3)
+        yield Stack(proxy, prom, port, pki)
+
+
+def test_promtool_check_metrics_finds_nothing_on_a_live_proxy(stack):
+    body = stack.proxy.metrics()
+    for family in ("sniproxy_connections_total", "sniproxy_upstream_connect_seconds_bucket",
+                   "sniproxy_upstream_connect_failures_total", "sniproxy_client_hello_failures_total",
+                   "sniproxy_config_reloads_total", "sniproxy_dns_cache_lookups_total",
+                   "ebpf_sockmap_redirects_total", "ebpf_dns_cache_hit_rate",
+                   "ebpf_map_utilization", "ebpf_feature_requested"):
+        assert f"\n{family}" in body, family          # the linter sees every kind of metric
+    r = subprocess.run([promtool(), "check", "metrics"], input=body, capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+
+
+def test_prometheus_scrapes_the_counts_the_test_made(stack):
+    prom = stack.prom
+    assert prom.value(f'up{{job="{JOB}"}}') == 1
+    for (route, outcome), n in TRAFFIC.items():
+        got = prom.value(f'sum(sniproxy_connections_total{{job="{JOB}", route="{route}", '
+                         f'outcome="{outcome}"}})')
+        assert got == n, (route, outcome, got)
+    assert prom.value('sum(sniproxy_relay_connections_total{relay="sockmap"})') == OK_CONNECTIONS
+    assert prom.value('sum(sniproxy_client_hello_failures_total{reason="not_tls"})') == 1
+    assert prom.value('sum(sniproxy_upstream_connect_failures_total{kind="refused"})') == 2
+    assert prom.value('sum(sniproxy_upstream_connect_seconds_count)') == OK_CONNECTIONS
+    # the seed's ebpf_* figures
+    assert prom.value('sum(ebpf_sockmap_redirects_total)') > 0
+    assert prom.value('sum(ebpf_sockmap_redirected_bytes_total{direction="backend_to_client"})') > 0
+    assert prom.value("ebpf_active_connections") == 0          # every connection has ended
+    assert 0 < prom.value("ebpf_dns_cache_hit_rate") < 1       # first lookup(s) missed, then hits
+    assert prom.value("sum(ebpf_dns_cache_lookups_total)") >= OK_CONNECTIONS
+    assert prom.value('ebpf_map_utilization{map="sockmap"}') == 0
+    assert prom.value('ebpf_map_utilization{map="dns_cache"}') > 0
+    modes = {(r["metric"]["feature"], r["metric"]["state"])
+             for r in prom.query("ebpf_feature_state == 1")}
+    assert modes == {("sockmap", "active"), ("dns_cache", "active"), ("stats", "active")}
+    assert prom.value("sum(ebpf_feature_requested)") == 3
+
+
+def test_every_rule_evaluates_without_error_in_prometheus(stack):
+    import yaml
+    prom = stack.prom
+    exprs = [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    for expr in exprs:
+        prom.query(expr)                      # raises with Prometheus' message on a bad expr
+
+    def evaluated():
+        rules = prom.rules()
+        return rules if all(r["health"] != "unknown" for r in rules) else None
+    rules = wait_until(evaluated, 15, "every rule to be evaluated", interval=0.2)
+    assert len(rules) == len(exprs)
+    bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not bad
+    # A healthy proxy with a clean start fires nothing (only `for: 0` alerts could be pending).
+    firing = [a for r in rules for a in r.get("alerts", []) if a["state"] == "firing"]
+    assert not firing, firing
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            walk(p.get("panels", []))
+            for t in p.get("targets", []):
+                out.append((p["title"], t["expr"]))
+    walk(dash["panels"])
+    return out
+
+
+def grafana_to_promql(expr: str) -> str:
+    """What Grafana sends for the dashboard's defaults: job sni-proxy, all instances."""
+    return (expr.replace("$__rate_interval", "1m").replace("$job", JOB)
+            .replace("$instance", ".*"))
+
+
+def test_dashboard_is_importable_json_with_the_panels_operators_expect():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "sni-proxy" and dash["schemaVersion"] >= 36
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "job", "instance"}
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in panels:
+        assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+    text = json.dumps([q for _, q in dashboard_queries()])
+    for metric in ("sniproxy_connections_total", "sniproxy_active_connections", "sniproxy_bytes_total",
+                   "sniproxy_upstream_connect_seconds_bucket", "sniproxy_client_hello_failures_total",
+                   "ebpf_feature_state", "ebpf_sockmap_redirects_total", "ebpf_tcp_splice_active_flows",
+                   "ebpf_tcp_splice_engaged_total", "ebpf_tcp_splice_fallbacks_total",
+                   "ebpf_tcp_splice_bytes_total", "ebpf_dns_cache_hit_rate", "ebpf_map_utilization",
+                   "ebpf_profiler_cpu_percent", "ebpf_profiler_memory_bytes"):
+        assert metric in text, metric
+
+
+def test_every_dashboard_query_runs_in_prometheus_on_series_that_exist(stack):
+    prom = stack.prom
+    names = prom.metric_names()
+    queries = dashboard_queries()
+    used: set[str] = set()
+    missing = []
+    for title, expr in queries:
+        promql = grafana_to_promql(expr)
+        prom.query(promql)                                        # parse / evaluation errors
+        for name in re.findall(r"\b((?:sniproxy|ebpf)_[a-z0-9_]+|up)\b", promql):
+            used.add(name)
+            if name not in names and name not in EXPECTED_ABSENT:
+                missing.append((title, name))
+    assert not missing, f"panels query series that never exist: {missing}"
+    assert set(EXPECTED_ABSENT) <= used, "stale EXPECTED_ABSENT entries"
+    # Not vacuous: the panels a deployment watches first return data now.
+    for title, expr in queries:
+        if title in ("Connections by route and outcome", "Bytes relayed", "Sockmap redirects",
+                     "Map utilization", "eBPF mode per feature", "DNS cache lookups"):
+            assert prom.query(grafana_to_promql(expr)), title
