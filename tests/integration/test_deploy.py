@@ -271,3 +271,150 @@ def test_every_dashboard_query_runs_in_prometheus_on_series_that_exist(stack):
         if title in ("Connections by route and outcome", "Bytes relayed", "Sockmap redirects",
                      "Map utilization", "eBPF mode per feature", "DNS cache lookups"):
             assert prom.query(grafana_to_promql(expr)), title
+
+
+# ------------------------------------------------------------------------ systemd
+UNIT = DEPLOY / "systemd" / "sni-proxy.service"
+REFERENCE_CONFIG = DEPLOY / "config.json"
+INSTALLED_BINARY = "/opt/sni-proxy/.venv/bin/sni-proxy"
+NOBODY = 65534            # an unprivileged user every Debian has
+
+
+def unit_directives(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith(("#", "["))]
+
+
+def test_systemd_analyze_verify_passes(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing: `apt-get install systemd` (scripts/bootstrap.sh)")
+    # verify checks that ExecStart= exists: point it at this checkout's entry point
+    unit = tmp_path / "sni-proxy.service"
+    unit.write_text(UNIT.read_text().replace(INSTALLED_BINARY, str(REPO / ".venv/bin/sni-proxy")))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")   # unknown keys only warn: none allowed
+    directives = unit_directives(UNIT.read_text())
+    for line in ("User=sni-proxy", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
+                 "PrivateTmp=yes", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert line in directives, line
+
+
+def test_unit_lines_are_those_sni_proxy_check_prints_for_the_reference_config():
+    from sniproxy.config import load_config
+    from sniproxy.proxy.privileges import unit_lines
+    expected = unit_directives("\n".join(unit_lines(load_config(REFERENCE_CONFIG))))
+    assert "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN" in expected
+    assert "LimitNOFILE=150064" in expected and "TimeoutStopSec=45" in expected
+    directives = unit_directives(UNIT.read_text())
+    assert [d for d in expected if d not in directives] == []
+    r = subprocess.run([str(REPO / ".venv/bin/sni-proxy"), "check", "--config", str(REFERENCE_CONFIG)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode in (0, 1), r.stderr
+    printed = r.stdout.split("systemd [Service] lines for", 1)[1]
+    assert unit_directives(printed.split("\n", 1)[1]) == expected
+
+
+@pytest.fixture
+def world_readable_dir():
+    """The proxy runs as `nobody`: its config must be readable outside root's pytest tmp."""
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="sni-proxy-deploy-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def bpffs_for_nobody(world_readable_dir):
+    mnt = world_readable_dir / "bpffs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        skip_or_fail(f"cannot mount a bpffs here: {r.stderr.strip()}")
+    pins = mnt / "sni-proxy"
+    # What the unit's `ExecStartPre=+... install -d -o sni-proxy` does.
+    subprocess.run(["install", "-d", "-m", "0700", "-o", str(NOBODY), "-g", str(NOBODY),
+                    str(pins)], check=True)
+    yield pins
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def capabilities_of(pid: int) -> tuple[int, int]:
+    from sniproxy.ebpf.support import CAPABILITIES
+    text = Path(f"/proc/{pid}/status").read_text()
+    uid = int(re.search(r"^Uid:\s+(\d+)", text, re.M).group(1))
+    eff = int(re.search(r"^CapEff:\s+([0-9a-f]+)", text, re.M).group(1), 16)
+    return uid, eff
+
+
+def cap_mask(names) -> int:
+    bits = {"CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38,
+            "CAP_BPF": 39}
+    return sum(1 << bits[n] for n in names)
+
+
+def unprivileged_proxy(tmp: Path, pins: Path, pki: Pki, backend_port: int, drop: str | None):
+    from sniproxy.config import parse_config
+    from sniproxy.proxy.privileges import capabilities, required_privileges, setpriv_argv
+    if shutil.which("setpriv") is None:
+        skip_or_fail("setpriv (util-linux) is needed to run as another user with capabilities")
+    port, metrics_port = free_ports(2)
+    cfg = base_config(port, metrics_port, workers=2,
+                      routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend_port}"}],
+                      ebpf={"enabled": True, "dns_cache": {"pin_path": str(pins)}})
+    config = parse_config(cfg)
+    caps = capabilities(required_privileges(config))
+    assert caps == ("CAP_BPF", "CAP_NET_ADMIN")
+    proxy = ProxyProcess(cfg, tmp, argv_prefix=setpriv_argv(config, NOBODY, NOBODY, drop=drop))
+    proxy.config_path.chmod(0o644)
+    return proxy.start(), port, [c for c in caps if c != drop]
+
+
+def test_unprivileged_user_with_the_unit_capabilities_runs_every_feature_active(
+        tmp_path, world_readable_dir, bpffs_for_nobody):
+    require_ebpf()
+    pki = make_pki(tmp_path / "pki", ["a.test"])
+    with tls_backend(pki, ["a.test"], "A") as backend_port:
+        proxy, port, caps = unprivileged_proxy(world_readable_dir, bpffs_for_nobody, pki,
+                                               backend_port, drop=None)
+        try:
+            for pid in [proxy.proc.pid] + [w["pid"] for w in proxy.status()["workers"]]:
+                assert capabilities_of(pid) == (NOBODY, cap_mask(caps)), pid
+            e = proxy.status()["ebpf"]
+            assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"], e["pinning"]) == \
+                ("full", "active", "active", "active", "on"), e
+            r = curl("a.test", port, "/", pki.ca_path)
+            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+            wait_until(lambda: proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 1,
+                       10, "the connection to be counted as sockmap-relayed")
+        finally:
+            proxy.stop()
+
+
+@pytest.mark.parametrize("drop", ["CAP_NET_ADMIN", "CAP_BPF"])
+def test_one_capability_missing_is_named_and_the_proxy_degrades(
+        tmp_path, world_readable_dir, bpffs_for_nobody, drop):
+    require_ebpf()
+    pki = make_pki(tmp_path / "pki", ["a.test"])
+    with tls_backend(pki, ["a.test"], "A") as backend_port:
+        proxy, port, caps = unprivileged_proxy(world_readable_dir, bpffs_for_nobody, pki,
+                                               backend_port, drop=drop)
+        try:
+            assert capabilities_of(proxy.proc.pid) == (NOBODY, cap_mask(caps))
+            e = proxy.status()["ebpf"]
+            if drop == "CAP_NET_ADMIN":     # only the sockmap needs it
+                assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"]) == \
+                    ("partial", "disabled", "active", "active"), e
+            else:                           # everything needs CAP_BPF
+                assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"]) == \
+                    ("none", "disabled", "disabled", "disabled"), e
+            assert f"missing capability {drop}" in e["reasons"]["sockmap"], e["reasons"]
+            assert f"eBPF sockmap disabled: missing capability {drop}" in proxy.log()
+            r = curl("a.test", port, "/", pki.ca_path)            # degraded, still serving
+            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+            wait_until(lambda: proxy.metric("sniproxy_relay_connections_total") == 1, 10,
+                       "the connection to be counted")
+            assert proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 0
+        finally:
+            proxy.stop()

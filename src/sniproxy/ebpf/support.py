@@ -50,6 +50,13 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "xdp": ("prog:xdp",),
     "tracing": ("prog:raw_tracepoint", "attach:tp_btf"),
 }
+# Capabilities each proxy feature needs (proxy/privileges.py says why, for the unit lines):
+# a reason names the missing one first, so an operator sees which to grant.
+FEATURE_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "sockmap": ("CAP_BPF", "CAP_NET_ADMIN"),
+    "dns_cache": ("CAP_BPF",),
+    "stats": ("CAP_BPF",),
+}
 # What `sni-proxy check` without --config requires: the proxy's kernel data path.
 DATA_PATH_CHECKS = ("map:sockhash", "prog:sk_skb", "attach:sk_skb_sockhash", "map:lru_hash",
                     "map:percpu_array", "cap:CAP_BPF", "cap:CAP_NET_ADMIN")
@@ -131,6 +138,12 @@ class SupportReport:
             elif not c.ok:
                 groups.setdefault((c.detail or "not available", c.disables, c.fix), []).append(c.label)
         reasons = list(unknown)
+        lacking = [cap for cap in FEATURE_CAPABILITIES.get(feature, ())
+                   if (c := self.check(f"cap:{cap}")) is not None and not c.ok]
+        if lacking and (groups or unknown):
+            reasons.append(f"missing capability {', '.join(lacking)}: grant it "
+                           "(systemd: AmbientCapabilities=; Kubernetes: securityContext."
+                           "capabilities.add; `sni-proxy check --config FILE` prints the lines)")
         for (detail, disables, fix), labels in groups.items():
             parts = [f"{', '.join(labels)}: {detail}"]
             if disables:
@@ -594,6 +607,16 @@ def format_report(report: SupportReport, required: Iterable[str] = ()) -> str:
     return "\n".join(lines)
 
 
+def _unit_lines(path: str) -> list[str]:
+    """The unit lines for a config (a CLI entry point may reach into proxy/; the library may not)."""
+    from sniproxy.config import ConfigError, load_config
+    from sniproxy.proxy.privileges import unit_lines
+    try:
+        return unit_lines(load_config(path))
+    except (ConfigError, OSError) as e:
+        return [f"# cannot derive the unit lines: {e}"]
+
+
 def cli_check(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sni-proxy check",
@@ -620,8 +643,11 @@ def cli_check(argv: list[str]) -> int:
             missing.append(Check(key, key, "map", False, "not probed (libbpf missing)"))
     ok = not missing
 
+    unit = _unit_lines(args.config) if args.config else None
     if args.json:
         data = report.to_dict()
+        if unit is not None:
+            data["systemd_unit_lines"] = unit
         data["requested"] = {
             "source": args.config or "default (sockmap data path)",
             "features": features, "checks": keys, "ok": ok,
@@ -643,4 +669,7 @@ def cli_check(argv: list[str]) -> int:
                 print("  With fallback_mode \"auto\" the proxy still runs, degraded: "
                       + "; ".join(f"{f}: {'active' if report.ok(f) else 'disabled'}"
                                   for f in features))
+        if unit is not None:
+            print(f"\nsystemd [Service] lines for {args.config} (deploy/systemd/sni-proxy.service):")
+            print("\n".join(f"  {line}" for line in unit))
     return 0 if ok else 1
