@@ -418,3 +418,57 @@ def test_one_capability_missing_is_named_and_the_proxy_degrades(
             assert proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 0
         finally:
             proxy.stop()
+
+
+# ------------------------------------------------------------------------ Kubernetes
+K8S = DEPLOY / "kubernetes"
+
+
+def k8s_documents() -> list[tuple[Path, dict]]:
+    import yaml
+    return [(path, doc) for path in sorted(K8S.glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_kubernetes_manifests_validate_offline_strict():
+    import kubernetes_validate
+    docs = k8s_documents()
+    assert {d["kind"] for _, d in docs} == {"Namespace", "ConfigMap", "DaemonSet"}
+    for path, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)   # unknown fields fail too
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{path.name}: {e.path}: {e.message}")
+    typo = json.loads(json.dumps(next(d for _, d in docs if d["kind"] == "DaemonSet")))
+    typo["spec"]["template"]["spec"]["hostNetwrok"] = True           # the validator has teeth
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, "1.30.0", strict=True)
+
+
+def test_daemonset_matches_its_config():
+    from sniproxy.config import parse_config
+    from sniproxy.proxy.privileges import capabilities, required_privileges, stop_timeout_s
+    docs = {d["kind"]: d for _, d in k8s_documents()}
+    config = parse_config(json.loads(docs["ConfigMap"]["data"]["config.json"]))
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert pod["hostNetwork"] is True and sc["privileged"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sorted(sc["capabilities"]["add"]) == sorted(
+        cap.removeprefix("CAP_") for cap in capabilities(required_privileges(config)))
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert pod["terminationGracePeriodSeconds"] == stop_timeout_s(config)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["tls"] == config.listen[0].port and ports["metrics"] == config.metrics.port
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/sys/fs/bpf"]["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
+    assert config.ebpf.dns_cache.pin_path.startswith("/sys/fs/bpf/")
+    assert volumes[mounts["/sys/kernel/btf"]["name"]]["hostPath"]["path"] == "/sys/kernel/btf"
+    cm = volumes[mounts["/etc/sni-proxy"]["name"]]["configMap"]
+    assert cm["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert "subPath" not in mounts["/etc/sni-proxy"]        # subPath mounts never see updates
+    assert c["args"] == ["--config", "/etc/sni-proxy/config.json"]
