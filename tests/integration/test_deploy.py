@@ -366,7 +366,8 @@ def unprivileged_proxy(tmp: Path, pins: Path, pki: Pki, backend_port: int, drop:
     config = parse_config(cfg)
     caps = capabilities(required_privileges(config))
     assert caps == ("CAP_BPF", "CAP_NET_ADMIN")
-    proxy = ProxyProcess(cfg, tmp, argv_prefix=setpriv_argv(config, NOBODY, NOBODY, drop=drop))
+    proxy = ProxyProcess(cfg, tmp, env={"SNI_PROXY_LOG": "debug"},
+                         argv_prefix=setpriv_argv(config, NOBODY, NOBODY, drop=drop))
     proxy.config_path.chmod(0o644)
     return proxy.start(), port, [c for c in caps if c != drop]
 
@@ -410,12 +411,21 @@ def test_one_capability_missing_is_named_and_the_proxy_degrades(
                 assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"]) == \
                     ("none", "disabled", "disabled", "disabled"), e
             assert f"missing capability {drop}" in e["reasons"]["sockmap"], e["reasons"]
-            assert f"eBPF sockmap disabled: missing capability {drop}" in proxy.log()
+            log = proxy.log()
+            assert f"eBPF sockmap disabled: missing capability {drop}" in log
+            if drop == "CAP_NET_ADMIN":
+                assert "eBPF manager initialised: mode partial (sockmap disabled, " in log
+            else:
+                assert "eBPF manager initialisation failed (falling back to the traditional " \
+                       "mode): mode none" in log
+                assert "using the traditional data forwarding mode" in log
             r = curl("a.test", port, "/", pki.ca_path)            # degraded, still serving
             assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
             wait_until(lambda: proxy.metric("sniproxy_relay_connections_total") == 1, 10,
                        "the connection to be counted")
             assert proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 0
+            if drop == "CAP_NET_ADMIN":     # the worker's side of it, at debug level
+                assert "socket pair registration failed (program not loaded)" in proxy.log()
         finally:
             proxy.stop()
 
@@ -472,3 +482,47 @@ def test_daemonset_matches_its_config():
     assert cm["name"] == docs["ConfigMap"]["metadata"]["name"]
     assert "subPath" not in mounts["/etc/sni-proxy"]        # subPath mounts never see updates
     assert c["args"] == ["--config", "/etc/sni-proxy/config.json"]
+
+
+# ------------------------------------------------------------------------ logs operators grep
+def test_the_seed_log_lines_with_sni_proxy_log_debug(tmp_path):
+    """`SNI_PROXY_LOG=debug` (the seed's RUST_LOG=debug) and the lines its troubleshooting greps:
+    manager initialised, socket pair registered / registration failed (map full), DNS cache
+    hit / miss, the mode summary."""
+    import ssl
+    require_ebpf()
+    pki = make_pki(tmp_path / "pki", ["a.test"])
+    with contextlib.ExitStack() as es:
+        backend_port = es.enter_context(tls_backend(pki, ["a.test"], "A"))
+        dns = es.enter_context(start_dns_server({"backend.test": [("A", "127.0.0.1", 300)]}))
+        port, metrics_port = free_ports(2)
+        cfg = base_config(port, metrics_port, workers=2,
+                          routes=[{"match": "a.test", "backend": f"backend.test:{backend_port}",
+                                   "allow_private": True}],
+                          dns={"nameservers": [f"127.0.0.1:{dns.port}"]},
+                          # room for one pair: a second concurrent connection finds the map full
+                          ebpf={"enabled": True, "sockmap": {"max_entries": 2},
+                                "dns_cache": {"pin_path": None}})
+        proxy = ProxyProcess(cfg, tmp_path, env={"SNI_PROXY_LOG": "debug"}).start()
+        es.callback(proxy.stop)
+        ctx = ssl.create_default_context(cafile=str(pki.ca_path))
+        held = es.enter_context(ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="a.test"))
+        wait_until(lambda: "socket pair registered" in proxy.log(), 10, "the held pair")
+        for _ in range(2):
+            r = curl("a.test", port, "/", pki.ca_path)
+            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+        held.close()
+        wait_until(lambda: proxy.metric("sniproxy_connections_total") >= 3, 10, "3 connections")
+        log = proxy.log()
+    lines = log.splitlines()
+
+    def grep(text: str, level: str) -> list[str]:
+        return [line for line in lines if text in line and f" {level} " in line]
+    assert grep("eBPF manager initialised: mode full (sockmap active, dns_cache active, "
+                "stats active)", "INFO")
+    assert grep("socket pair registered", "DEBUG")
+    failed = grep("socket pair registration failed (map full): Map capacity full", "WARNING")
+    assert len(failed) == 1, failed          # later ones of the same reason at debug level
+    assert grep("DNS cache miss: backend.test", "DEBUG")
+    assert grep("DNS cache hit: backend.test", "DEBUG")

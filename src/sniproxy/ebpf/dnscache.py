@@ -177,6 +177,7 @@ class BpfDnsCache:
         answer = self.l1.get(name, now)
         if answer is not None:
             self._count("dns_l1_hit")
+            log.debug("DNS cache hit: %s (level 1, this worker)", name)
             return answer
         key = encode_key(name)
         raw = None
@@ -187,17 +188,20 @@ class BpfDnsCache:
                 self._count("dns_l2_errors")
         if raw is None:
             self._count("dns_miss")
+            log.debug("DNS cache miss: %s", name)
             return None
         answer = decode_answer(raw)
         if answer.expires_at <= now:
             self._count("dns_l2_expired")
             self._count("dns_miss")
+            log.debug("DNS cache miss: %s (expired in the shared map)", name)
             try:
                 self.map.delete(key)
             except BpfError:
                 pass
             return None
         self._count("dns_l2_hit")
+        log.debug("DNS cache hit: %s (level 2, shared BPF map)", name)
         self.l1.put(name, answer)
         return answer
 
