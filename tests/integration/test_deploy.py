@@ -329,14 +329,17 @@ def world_readable_dir():
 def bpffs_for_nobody(world_readable_dir):
     mnt = world_readable_dir / "bpffs"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], capture_output=True, text=True)
+    # as systemd mounts /sys/fs/bpf at boot: mode 0700, the service user cannot even traverse it
+    r = subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(mnt)],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         skip_or_fail(f"cannot mount a bpffs here: {r.stderr.strip()}")
-    pins = mnt / "sni-proxy"
-    # What the unit's `ExecStartPre=+... install -d -o sni-proxy` does.
-    subprocess.run(["install", "-d", "-m", "0700", "-o", str(NOBODY), "-g", str(NOBODY),
-                    str(pins)], check=True)
-    yield pins
+    # the unit's own `ExecStartPre=+` command, on this bpffs and for this user
+    (pre,) = re.findall(r"^ExecStartPre=\+/bin/sh -c '(.*)'$", UNIT.read_text(), re.M)
+    pre = pre.replace("/sys/fs/bpf", str(mnt)).replace("-o sni-proxy -g sni-proxy",
+                                                       f"-o {NOBODY} -g {NOBODY}")
+    subprocess.run(["/bin/sh", "-c", pre], check=True, timeout=10)
+    yield mnt / "sni-proxy"
     subprocess.run(["umount", str(mnt)], check=False)
 
 
