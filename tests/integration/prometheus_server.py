@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -153,7 +152,3 @@ class PrometheusServer:
 
     def rules(self) -> list[dict]:
         return [r for g in self.api("rules")["groups"] for r in g["rules"]]
-
-    def settle(self, seconds: float) -> None:
-        """Let Prometheus take a few more scrapes (rate() needs two samples in its window)."""
-        time.sleep(seconds)

@@ -344,7 +344,6 @@ def bpffs_for_nobody(world_readable_dir):
 
 
 def capabilities_of(pid: int) -> tuple[int, int]:
-    from sniproxy.ebpf.support import CAPABILITIES
     text = Path(f"/proc/{pid}/status").read_text()
     uid = int(re.search(r"^Uid:\s+(\d+)", text, re.M).group(1))
     eff = int(re.search(r"^CapEff:\s+([0-9a-f]+)", text, re.M).group(1), 16)
@@ -529,3 +528,33 @@ def test_the_seed_log_lines_with_sni_proxy_log_debug(tmp_path):
     assert len(failed) == 1, failed          # later ones of the same reason at debug level
     assert grep("DNS cache miss: backend.test", "DEBUG")
     assert grep("DNS cache hit: backend.test", "DEBUG")
+
+
+# ------------------------------------------------------------------------ profiler overhead
+def test_profiler_metrics_file_feeds_the_overhead_alert(tmp_path):
+    """`sni-proxy profile --metrics-file` writes what SniProxyProfilerOverheadHigh reads, in a
+    form promtool accepts, and removes it when the profiler stops (no stale alert)."""
+    require_ebpf()
+    out = tmp_path / "profiler.prom"
+    target = subprocess.Popen(["sleep", "30"])
+    profiler = subprocess.Popen(
+        [str(REPO / ".venv/bin/sni-proxy"), "profile", "-p", str(target.pid), "--duration", "4",
+         "-q", "--top", "0", "--metrics-file", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(out.exists, 10, "the metrics file")
+        text = out.read_text()
+        r = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=30)
+        assert (r.returncode, r.stdout + r.stderr) == (0, "")
+        from prometheus_client.parser import text_string_to_metric_families
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert 0 <= values["ebpf_profiler_cpu_percent"] < 100
+        assert values["ebpf_profiler_memory_bytes"] > 0
+        assert profiler.wait(20) == 0, profiler.stderr.read()
+        assert not out.exists()
+    finally:
+        for proc in (profiler, target):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)

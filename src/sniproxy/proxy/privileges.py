@@ -108,7 +108,7 @@ def unit_lines(config) -> list[str]:
               "KillMode=mixed",
               f"TimeoutStopSec={stop_timeout_s(config)}"]
     for path in pin_paths(config):
-        lines.append(f"# ebpf.dns_cache.pin_path (a directory on bpffs the proxy pins its map in)")
+        lines.append("# ebpf.dns_cache.pin_path (a directory on bpffs the proxy pins its map in)")
         lines.append(f"ReadWritePaths=-{path}")
     return lines
 
