@@ -478,9 +478,10 @@ class WorkerKernel:
                   idle_timeout_s: float) -> SockmapRelay | None:
         """Hand the pair to the kernel; None (counted, with the reason) means use user space."""
         if not self.sockmap_on:
-            log.debug("socket pair registration failed (program not loaded): sockmap is %s; "
-                      "the user-space relay carries this connection",
-                      self.owner.modes.state("sockmap"))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("socket pair registration failed (program not loaded): sockmap is %s; "
+                          "the user-space relay carries this connection",
+                          self.owner.modes.state("sockmap"))
             return None
         self._ensure_loop()
         active = self.owner.counters.total("inserted") - self.owner.counters.total("removed")
@@ -516,8 +517,9 @@ class WorkerKernel:
             self._by_cookie[pair.cookies[side]] = (relay, side)
             self._epoll.register(sock.fileno(), _WATCH)
         pair.trigger()        # flush what was queued before insertion, in order
-        log.debug("socket pair registered: client fd %d, backend fd %d (cookies %d, %d)",
-                  client.fileno(), backend.fileno(), *pair.cookies)
+        if log.isEnabledFor(logging.DEBUG):       # per connection: no argument work otherwise
+            log.debug("socket pair registered: client fd %d, backend fd %d (cookies %d, %d)",
+                      client.fileno(), backend.fileno(), *pair.cookies)
         return relay
 
     def forget(self, relay: SockmapRelay) -> None:
