@@ -104,8 +104,6 @@ def test_every_alert_has_a_runbook_and_the_seed_thresholds():
 class Stack:
     proxy: ProxyProcess
     prom: PrometheusServer
-    port: int
-    pki: Pki
 
 
 def make_traffic(port: int, pki: Pki) -> None:
@@ -153,7 +151,7 @@ def stack(tmp_path_factory):
         prom.wait_target_up()
         # rate() needs two samples in its window: wait for a few scrapes.
         prom.wait_value(f'count_over_time(up{{job="{JOB}"}}[1m])', lambda v: v >= 3)
-        yield Stack(proxy, prom, port, pki)
+        yield Stack(proxy, prom)
 
 
 def test_promtool_check_metrics_finds_nothing_on_a_live_proxy(stack):
