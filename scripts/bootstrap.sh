@@ -9,9 +9,10 @@ cd "$ROOT"
 # Debian packages: build (clang, libbpf-dev, bpftool), run (libbpf1), tests and demo peers
 # (nginx/haproxy/wrk for benchmarks, dante-server as a real SOCKS5 server, openssl, curl,
 # iproute2 for network namespaces, libcap2-bin/util-linux for capability-dropping tests,
-# linux-perf for the profiler comparison).
+# linux-perf for the profiler comparison, prometheus (+ promtool) and systemd (systemd-analyze)
+# for the deploy/ tests).
 DEB_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make gcc python3-venv python3-dev curl openssl
-          dante-server iproute2 libcap2-bin util-linux linux-perf procps)
+          dante-server iproute2 libcap2-bin util-linux linux-perf procps prometheus systemd)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,6 +22,11 @@ if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # Debian's prometheus package enables a system Prometheus on :9090, sni-proxy's default
+  # metrics port; the tests start their own.
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus || true
+  fi
 fi
 
 PY="${PYTHON:-python3}"

@@ -12,7 +12,7 @@ from importlib import import_module
 # sub-command -> "module:function" taking argv (list[str]) and returning an exit code
 SUBCOMMANDS = {
     "run": "sniproxy.proxy.main:cli_run",
-    "check": "sniproxy.ebpf.support:cli_check",
+    "check": "sniproxy.check_cli:cli_check",
     "demo": "sniproxy.ebpf.demo:cli_demo",
     "profile": "sniproxy.observe.profile_cli:cli_profile",
 }

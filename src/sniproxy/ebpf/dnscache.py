@@ -157,13 +157,14 @@ class SharedDnsMap:
         if record.expires_at <= now:
             self.count("dns_l2_expired")
             self.count("dns_miss")
+            log.debug("DNS cache miss: %s (expired in the shared map)", name)
             try:
                 self.map.delete(key)
             except BpfError:
                 pass
             return None
         self.count("dns_l2_hit")
-        log.debug("DNS cache hit (shared map): %s", name)
+        log.debug("DNS cache hit: %s (level 2, shared BPF map)", name)
         return record
 
     def put(self, name: str, answer) -> None:

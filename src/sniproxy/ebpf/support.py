@@ -7,7 +7,6 @@ takes well under half a second and never raises: a probe that crashes is reporte
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -51,6 +50,13 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "profiler": ("prog:perf_event", "map:stack_trace", "perf:cpu_clock"),
     "xdp": ("prog:xdp",),
     "tracing": ("prog:raw_tracepoint", "attach:tp_btf"),
+}
+# Capabilities each proxy feature needs (proxy/privileges.py says why, for the unit lines):
+# a reason names the missing one first, so an operator sees which to grant.
+FEATURE_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "sockmap": ("CAP_BPF", "CAP_NET_ADMIN"),
+    "dns_cache": ("CAP_BPF",),
+    "stats": ("CAP_BPF",),
 }
 # What `sni-proxy check` without --config requires: the proxy's kernel data path.
 DATA_PATH_CHECKS = ("map:sockhash", "prog:sk_skb", "attach:sk_skb_sockhash", "map:lru_hash",
@@ -146,6 +152,12 @@ class SupportReport:
             elif not c.ok:
                 groups.setdefault((c.detail or "not available", c.disables, c.fix), []).append(c.label)
         reasons = list(unknown)
+        lacking = [cap for cap in FEATURE_CAPABILITIES.get(feature, ())
+                   if (c := self.check(f"cap:{cap}")) is not None and not c.ok]
+        if lacking and (groups or unknown):
+            reasons.append(f"missing capability {', '.join(lacking)}: grant it "
+                           "(systemd: AmbientCapabilities=; Kubernetes: securityContext."
+                           "capabilities.add; `sni-proxy check --config FILE` prints the lines)")
         for (detail, disables, fix), labels in groups.items():
             parts = [f"{', '.join(labels)}: {detail}"]
             if disables:
@@ -620,55 +632,3 @@ def format_report(report: SupportReport, required: Iterable[str] = ()) -> str:
                 elif c.fix:
                     lines.append(f"      fix: {c.fix}")
     return "\n".join(lines)
-
-
-def cli_check(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="sni-proxy check",
-        description="Measure what eBPF this kernel and these privileges allow. Exit 0 when "
-                    "everything the config asks for (default: the proxy's kernel data path) "
-                    "is available, 1 otherwise.")
-    parser.add_argument("--config", metavar="FILE",
-                        help="evaluate what this config.json's `ebpf` section asks for")
-    parser.add_argument("--json", action="store_true", help="machine-readable report")
-    args = parser.parse_args(argv)
-
-    ebpf_section = None
-    if args.config:
-        try:
-            ebpf_section = _load_ebpf_section(args.config)
-        except (OSError, ValueError) as e:
-            print(f"sni-proxy check: cannot read {args.config}: {e}", file=sys.stderr)
-            return 2
-    report = check_system_support()
-    keys, features = requested_checks(ebpf_section)
-    missing = [c for c in report.missing(keys)]
-    for key in keys:
-        if report.check(key) is None:  # e.g. libbpf missing: no probe ran
-            missing.append(Check(key, key, "map", False, "not probed (libbpf missing)"))
-    ok = not missing
-
-    if args.json:
-        data = report.to_dict()
-        data["requested"] = {
-            "source": args.config or "default (sockmap data path)",
-            "features": features, "checks": keys, "ok": ok,
-            "missing": [c.key for c in missing],
-        }
-        print(json.dumps(data, indent=2, ensure_ascii=False))
-    else:
-        print(format_report(report, keys))
-        print()
-        source = f"config {args.config}" if args.config else "the proxy's eBPF data path"
-        if not keys:
-            print(f"Result: {source} does not enable eBPF: nothing required.")
-        elif ok:
-            print(f"Result: ✓ everything {source} needs is available.")
-        else:
-            print(f"Result: ✗ {source} needs {len(missing)} missing item(s): "
-                  + ", ".join(c.label for c in missing))
-            if features:
-                print("  With fallback_mode \"auto\" the proxy still runs, degraded: "
-                      + "; ".join(f"{f}: {'active' if report.ok(f) else 'disabled'}"
-                                  for f in features))
-    return 0 if ok else 1

@@ -83,6 +83,10 @@ built in (bcc needs flamegraph.pl).""")
                    help="distinct stacks kept in the kernel (bounds memory; default from config)")
     p.add_argument("-I", "--include-idle", action="store_true", help="count the idle task too")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    p.add_argument("--metrics-file", metavar="FILE",
+                   help="write the overhead (ebpf_profiler_cpu_percent, ebpf_profiler_memory_bytes) "
+                        "every second in Prometheus text format, for node_exporter's textfile "
+                        "collector; removed at exit")
     return p
 
 
@@ -181,6 +185,20 @@ def write_output(profile: Profile, path: str, title: str) -> None:
     os.replace(tmp, path)
 
 
+def write_metrics_file(path: str, overhead: Overhead, samples: int) -> None:
+    """The overhead as Prometheus text (the seed's alert: above 1 % CPU or 50 MB), atomically."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    registry = CollectorRegistry()
+    Gauge("ebpf_profiler_cpu_percent", "Steady-state CPU cost of the eBPF profiler, percent of "
+          "all CPUs", registry=registry).set(overhead.sampling_cpu_percent)
+    Gauge("ebpf_profiler_memory_bytes", "Memory of the eBPF profiler: BPF maps and program "
+          "plus symbol caches", registry=registry).set(overhead.memory_bytes)
+    Gauge("ebpf_profiler_samples", "Samples taken since the profiler started",
+          registry=registry).set(samples)
+    write_to_textfile(path, registry)
+
+
 def cli_profile(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -233,6 +251,13 @@ def cli_profile(argv: list[str]) -> int:
             if pids and not any(_alive(p) for p in pids):
                 end_reason = "every profiled process exited"
                 break
+            if args.metrics_file:
+                try:
+                    write_metrics_file(args.metrics_file, profiler.get_overhead(),
+                                       profiler.stats().samples)
+                except OSError as exc:
+                    print(f"sni-proxy profile: cannot write {args.metrics_file}: {exc.strerror}",
+                          file=err)
             # Progress: a live line on a terminal, a line every 10 s in a log.
             if not args.quiet and (tty or now - last_line >= 10):
                 last_line = now
@@ -248,6 +273,12 @@ def cli_profile(argv: list[str]) -> int:
         if profiler.running:
             profiler.stop()
         _restore(previous)
+        if args.metrics_file:
+            # A stopped profiler costs nothing: stale figures would keep an alert firing.
+            try:
+                os.unlink(args.metrics_file)
+            except OSError:
+                pass
     assert profile is not None
     overhead = profiler.get_overhead()
     print(f"Stopped ({end_reason}).", file=err)

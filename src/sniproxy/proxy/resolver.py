@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -30,6 +31,8 @@ import dns.exception
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+
+log = logging.getLogger("sniproxy")
 
 Address = tuple[int, tuple]  # (family, sockaddr), as socket.getaddrinfo gives them
 
@@ -117,6 +120,7 @@ class TwoLevelDnsCache:
             self.l1_hits += 1
             if self.counters is not None:
                 self.counters.add("dns_l1_hit")
+            log.debug("DNS cache hit: %s (level 1, this worker)", name)
             return answer
         record = self.shared.get(name, now)
         if record is None:

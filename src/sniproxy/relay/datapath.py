@@ -118,8 +118,17 @@ class KernelDataPath:
                 log.warning("ebpf.sockmap.backpressure is off: a slow receiver lets the kernel "
                             "queue without bound (counted in "
                             "ebpf_sockmap_inflight_over_limit_total); set it to true to bound it")
-        log.info("eBPF data path: mode %s (sockmap %s, dns_cache %s, stats %s)", modes.mode,
-                 modes.state("sockmap"), modes.state("dns_cache"), modes.state("stats"))
+        # The seed's lines, which operators grep: "eBPF manager initialised" / "... failed
+        # (falling back to the traditional mode)", then the mode of each feature.
+        summary = (f"mode {modes.mode} (sockmap {modes.state('sockmap')}, dns_cache "
+                   f"{modes.state('dns_cache')}, stats {modes.state('stats')})")
+        if modes.mode == "none" and missing:
+            log.warning("eBPF manager initialisation failed (falling back to the traditional "
+                        "mode): %s; the warnings above say why and how to fix it", summary)
+            log.info("using the traditional data forwarding mode: user-space relay, per-worker "
+                     "DNS cache")
+        else:
+            log.info("eBPF manager initialised: %s", summary)
         return self
 
     # --- workers --------------------------------------------------------------------------

@@ -401,6 +401,14 @@ class SockmapRelay:
 
 
 _NAMES = ("client", "backend")
+# The seed's reasons for "socket pair registration failed", by fallback reason (metric label).
+_REGISTRATION_FAILURE = {
+    "map_full": "map full",
+    "close_wait": "socket closed",
+    "socket_error": "socket closed",
+    "duplicate": "already registered",
+    "insert_error": "insert error",
+}
 
 
 class FailedHandOver:
@@ -491,6 +499,10 @@ class WorkerKernel:
                   idle_timeout_s: float) -> SockmapRelay | None:
         """Hand the pair to the kernel; None (counted, with the reason) means use user space."""
         if not self.sockmap_on:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("socket pair registration failed (program not loaded): sockmap is %s; "
+                          "the user-space relay carries this connection",
+                          self.owner.modes.state("sockmap"))
             return None
         self._ensure_loop()
         active = self.owner.counters.total("inserted") - self.owner.counters.total("removed")
@@ -511,9 +523,10 @@ class WorkerKernel:
                 # Half in: the kernel already forwards some bytes; a user-space relay now would
                 # race them and reorder the stream. Reset this connection instead (loudly).
                 self.counters.add(f"fallback_{exc.reason}")
-                log.warning("sockmap: %s after %d bytes were already redirected; resetting "
-                            "this connection rather than risk reordering it", exc,
-                            exc.bytes_in_kernel)
+                log.warning("socket pair registration failed (%s): %s after %d bytes were "
+                            "already redirected; resetting this connection rather than risk "
+                            "reordering it", _REGISTRATION_FAILURE.get(exc.reason, exc.reason),
+                            exc, exc.bytes_in_kernel)
                 return FailedHandOver((client, backend), f"{exc} (half-inserted)")
             return self._fallback(exc.reason, str(exc))
         except OSError as exc:
@@ -525,6 +538,9 @@ class WorkerKernel:
             self._by_cookie[pair.cookies[side]] = (relay, side)
             self._epoll.register(sock.fileno(), _WATCH)
         pair.trigger()        # flush what was queued before insertion, in order
+        if log.isEnabledFor(logging.DEBUG):       # per connection: no argument work otherwise
+            log.debug("socket pair registered: client fd %d, backend fd %d (cookies %d, %d)",
+                      client.fileno(), backend.fileno(), *pair.cookies)
         return relay
 
     def forget(self, relay: SockmapRelay) -> None:
@@ -540,12 +556,14 @@ class WorkerKernel:
 
     def _fallback(self, reason: str, message: str) -> None:
         self.counters.add(f"fallback_{reason}")
+        why = _REGISTRATION_FAILURE.get(reason, reason)
         if reason not in self._warned:
             self._warned.add(reason)
-            log.warning("sockmap: %s; this connection (and later ones for the same reason, "
-                        "counted in ebpf_sockmap_fallbacks_total) uses the user-space relay", message)
+            log.warning("socket pair registration failed (%s): %s; this connection (and later "
+                        "ones for the same reason, counted in ebpf_sockmap_fallbacks_total) uses "
+                        "the user-space relay", why, message)
         else:
-            log.debug("sockmap fallback: %s", message)
+            log.debug("socket pair registration failed (%s): %s", why, message)
         return None
 
     def active_relays(self) -> int:

@@ -23,6 +23,13 @@ class KernelCollector:
             for s in ("active", "degraded", "disabled"):
                 state.add_metric([name, s], 1.0 if f.state == s else 0.0)
         yield state
+        # Lets an alert tell "disabled because the config says so" from "asked for, not running".
+        requested = GaugeMetricFamily("ebpf_feature_requested",
+                                      "1 when the config asks for the eBPF feature",
+                                      labels=["feature"])
+        for name, f in modes.features.items():
+            requested.add_metric([name], 1.0 if f.requested else 0.0)
+        yield requested
         active = totals["inserted"] - totals["removed"]
         yield GaugeMetricFamily("ebpf_active_connections",
                                 "Connections relayed by the kernel now (all workers)", value=active)

@@ -1,0 +1,82 @@
+"""`sni-proxy check`: what eBPF this host allows, and whether it can run a given config.
+
+An entry point: it puts together the support probes (`ebpf.support`), the config and what
+the proxy derives from it (systemd unit lines), which the `ebpf` package itself may not know.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sniproxy.ebpf.support import (
+    Check, _load_ebpf_section, check_system_support, format_report, requested_checks,
+)
+
+
+def _unit_lines(path: str) -> list[str]:
+    """The systemd unit lines for a config (deploy/systemd/sni-proxy.service)."""
+    from sniproxy.config import ConfigError, load_config
+    from sniproxy.privileges import unit_lines
+    try:
+        return unit_lines(load_config(path))
+    except (ConfigError, OSError) as e:
+        return [f"# cannot derive the unit lines: {e}"]
+
+
+def cli_check(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sni-proxy check",
+        description="Measure what eBPF this kernel and these privileges allow. Exit 0 when "
+                    "everything the config asks for (default: the proxy's kernel data path) "
+                    "is available, 1 otherwise.")
+    parser.add_argument("--config", metavar="FILE",
+                        help="evaluate what this config.json's `ebpf` section asks for")
+    parser.add_argument("--json", action="store_true", help="machine-readable report")
+    args = parser.parse_args(argv)
+
+    ebpf_section = None
+    if args.config:
+        try:
+            ebpf_section = _load_ebpf_section(args.config)
+        except (OSError, ValueError) as e:
+            print(f"sni-proxy check: cannot read {args.config}: {e}", file=sys.stderr)
+            return 2
+    report = check_system_support()
+    keys, features = requested_checks(ebpf_section)
+    missing = [c for c in report.missing(keys)]
+    for key in keys:
+        if report.check(key) is None:  # e.g. libbpf missing: no probe ran
+            missing.append(Check(key, key, "map", False, "not probed (libbpf missing)"))
+    ok = not missing
+
+    unit = _unit_lines(args.config) if args.config else None
+    if args.json:
+        data = report.to_dict()
+        if unit is not None:
+            data["systemd_unit_lines"] = unit
+        data["requested"] = {
+            "source": args.config or "default (sockmap data path)",
+            "features": features, "checks": keys, "ok": ok,
+            "missing": [c.key for c in missing],
+        }
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        print(format_report(report, keys))
+        print()
+        source = f"config {args.config}" if args.config else "the proxy's eBPF data path"
+        if not keys:
+            print(f"Result: {source} does not enable eBPF: nothing required.")
+        elif ok:
+            print(f"Result: ✓ everything {source} needs is available.")
+        else:
+            print(f"Result: ✗ {source} needs {len(missing)} missing item(s): "
+                  + ", ".join(c.label for c in missing))
+            if features:
+                print("  With fallback_mode \"auto\" the proxy still runs, degraded: "
+                      + "; ".join(f"{f}: {'active' if report.ok(f) else 'disabled'}"
+                                  for f in features))
+        if unit is not None:
+            print(f"\nsystemd [Service] lines for {args.config} (deploy/systemd/sni-proxy.service):")
+            print("\n".join(f"  {line}" for line in unit))
+    return 0 if ok else 1

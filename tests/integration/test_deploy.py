@@ -1,0 +1,561 @@
+"""deploy/ tested for real: Prometheus rules and a real Prometheus scraping a real proxy, the Grafana
+dashboard's PromQL, the systemd unit's privileges, the Kubernetes manifests, the logs operators grep.
+
+One proxy (2 workers, eBPF on) with real TLS connections and one Debian `prometheus` serve the
+whole module; tests that need other privileges start their own proxy.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.ebpf_required import require_ebpf, skip_or_fail
+from tests.integration.harness import (REPO, Pki, ProxyProcess, base_config, curl, free_ports,
+                                       make_pki, tls_backend, wait_until)
+from tests.integration.prometheus_server import JOB, PrometheusServer, prometheus_binary
+from tests.integration.socks_servers import start_dns_server
+
+DEPLOY = REPO / "deploy"
+RULES = DEPLOY / "prometheus" / "sni-proxy.rules.yml"
+RULES_TEST = DEPLOY / "prometheus" / "sni-proxy.rules.test.yml"
+DASHBOARD = DEPLOY / "grafana" / "sni-proxy.json"
+
+# What the module's traffic makes: (route, outcome) -> connections.
+OK_CONNECTIONS = 6
+TRAFFIC = {("a.test", "ok"): OK_CONNECTIONS, ("down.test", "connect_failed"): 2,
+           ("-", "no_route"): 1, ("-", "bad_hello"): 1}
+
+# Metrics the dashboard shows that this module's proxy cannot produce, each with the reason.
+# Every other metric a panel names must exist in the real Prometheus below.
+EXPECTED_ABSENT = {
+    "sniproxy_accept_errors_total":
+        "a labelled counter appears at the first accept() error (EMFILE); not provoked here",
+    "ebpf_tcp_splice_active_flows": "tc splice relay (relay/tcpsplice.py): only when it is on",
+    "ebpf_tcp_splice_engaged_total": "tc splice relay: only when it is on",
+    "ebpf_tcp_splice_fallbacks_total": "tc splice relay: only when it is on",
+    "ebpf_tcp_splice_bytes_total": "tc splice relay: only when it is on",
+    "ebpf_profiler_cpu_percent":
+        "written by `sni-proxy profile --metrics-file` for node_exporter, not by the proxy",
+    "ebpf_profiler_memory_bytes":
+        "written by `sni-proxy profile --metrics-file` for node_exporter, not by the proxy",
+}
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool is missing: `apt-get install prometheus` (scripts/bootstrap.sh)")
+    return path
+
+
+# ------------------------------------------------------------------------ rules (no proxy)
+def test_promtool_checks_the_rules():
+    r = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout
+
+
+def test_promtool_unit_tests_fire_and_do_not_fire_every_alert():
+    import yaml
+    r = subprocess.run([promtool(), "test", "rules", str(RULES_TEST)], capture_output=True,
+                       text=True, timeout=60, cwd=RULES_TEST.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    alerts = {rule["alert"] for g in yaml.safe_load(RULES.read_text())["groups"]
+              for rule in g["rules"] if "alert" in rule}
+    fired, quiet = set(), set()
+    for test in yaml.safe_load(RULES_TEST.read_text())["tests"]:
+        for case in test.get("alert_rule_test", []):
+            (fired if case["exp_alerts"] else quiet).add(case["alertname"])
+    assert fired == alerts, f"alerts never shown firing: {alerts - fired}"
+    assert quiet == alerts, f"alerts never shown quiet: {alerts - quiet}"
+
+
+def test_every_alert_has_a_runbook_and_the_seed_thresholds():
+    import yaml
+    rules = {rule["alert"]: rule for g in yaml.safe_load(RULES.read_text())["groups"]
+             for rule in g["rules"] if "alert" in rule}
+    docs = (REPO / "docs" / "operations.md").read_text()
+    for name, rule in rules.items():
+        ann = rule["annotations"]
+        assert ann.get("summary") and ann.get("description"), name
+        anchor = ann["runbook"].split("#", 1)[1]
+        assert ann["runbook"] == f"docs/operations.md#{name.lower()}", name
+        assert re.search(rf"^#+ .*{name}\b", docs, re.M), f"docs/operations.md: no section {anchor}"
+    # The seed's thresholds, as written in the quick start.
+    assert "< 0.8" in rules["SniProxyDnsCacheHitRateLow"]["expr"]
+    assert "> 0.9" in rules["SniProxyEbpfMapUtilizationHigh"]["expr"]
+    assert "> 0.1" in rules["SniProxySockmapFallbackRateHigh"]["expr"]
+    expr = rules["SniProxyProfilerOverheadHigh"]["expr"]
+    assert "ebpf_profiler_cpu_percent > 1" in expr and "> 50 * 1024 * 1024" in expr
+
+
+# ------------------------------------------------------------------------ a live proxy
+@dataclass
+class Stack:
+    proxy: ProxyProcess
+    prom: PrometheusServer
+
+
+def make_traffic(port: int, pki: Pki) -> None:
+    """Real TLS clients (curl, CA-verified) through the proxy, and one plain-HTTP client."""
+    for _ in range(OK_CONNECTIONS):
+        r = curl("a.test", port, "/", pki.ca_path)
+        assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+    for name in ("down.test", "down.test", "nowhere.test"):
+        assert curl(name, port, "/", pki.ca_path).returncode != 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # plain HTTP: not_tls
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        while s.recv(4096):
+            pass
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    require_ebpf()
+    if prometheus_binary() is None:
+        pytest.fail("prometheus is missing: `apt-get install prometheus` (scripts/bootstrap.sh)")
+    tmp = tmp_path_factory.mktemp("deploy")
+    pki = make_pki(tmp / "pki", ["a.test"])
+    with contextlib.ExitStack() as es:
+        backend_port = es.enter_context(tls_backend(pki, ["a.test"], "A"))
+        dns = es.enter_context(start_dns_server({"backend.test": [("A", "127.0.0.1", 300)]}))
+        port, metrics_port, dead_port = free_ports(3)
+        cfg = base_config(
+            port, metrics_port, workers=2,
+            routes=[{"match": "a.test", "backend": f"backend.test:{backend_port}",
+                     "allow_private": True},
+                    {"match": "down.test", "backend": f"127.0.0.1:{dead_port}"}],
+            dns={"nameservers": [f"127.0.0.1:{dns.port}"]},
+            ebpf={"enabled": True, "dns_cache": {"pin_path": None}})
+        (tmp / "proxy").mkdir()
+        proxy = ProxyProcess(cfg, tmp / "proxy").start()
+        es.callback(proxy.stop)
+        make_traffic(port, pki)
+        proxy.signal(signal.SIGHUP)                     # sniproxy_config_reloads_total exists
+        total = sum(TRAFFIC.values())
+        wait_until(lambda: proxy.metric("sniproxy_connections_total") >= total, 10,
+                   "the workers to publish their counts")
+        wait_until(lambda: proxy.metric("sniproxy_config_reloads_total") >= 1, 10, "the reload")
+        prom = es.enter_context(PrometheusServer(tmp / "prometheus", [f"127.0.0.1:{metrics_port}"],
+                                                 rule_files=[RULES]))
+        prom.wait_target_up()
+        # rate() needs two samples in its window: wait for a few scrapes.
+        prom.wait_value(f'count_over_time(up{{job="{JOB}"}}[1m])', lambda v: v >= 3)
+        yield Stack(proxy, prom)
+
+
+def test_promtool_check_metrics_finds_nothing_on_a_live_proxy(stack):
+    body = stack.proxy.metrics()
+    for family in ("sniproxy_connections_total", "sniproxy_upstream_connect_seconds_bucket",
+                   "sniproxy_upstream_connect_failures_total", "sniproxy_client_hello_failures_total",
+                   "sniproxy_config_reloads_total", "sniproxy_dns_cache_lookups_total",
+                   "ebpf_sockmap_redirects_total", "ebpf_dns_cache_hit_rate",
+                   "ebpf_map_utilization", "ebpf_feature_requested"):
+        assert f"\n{family}" in body, family          # the linter sees every kind of metric
+    r = subprocess.run([promtool(), "check", "metrics"], input=body, capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+
+
+def test_prometheus_scrapes_the_counts_the_test_made(stack):
+    prom = stack.prom
+    assert prom.value(f'up{{job="{JOB}"}}') == 1
+    for (route, outcome), n in TRAFFIC.items():
+        got = prom.value(f'sum(sniproxy_connections_total{{job="{JOB}", route="{route}", '
+                         f'outcome="{outcome}"}})')
+        assert got == n, (route, outcome, got)
+    assert prom.value('sum(sniproxy_relay_connections_total{relay="sockmap"})') == OK_CONNECTIONS
+    assert prom.value('sum(sniproxy_client_hello_failures_total{reason="not_tls"})') == 1
+    assert prom.value('sum(sniproxy_upstream_connect_failures_total{kind="refused"})') == 2
+    assert prom.value('sum(sniproxy_upstream_connect_seconds_count)') == OK_CONNECTIONS
+    # the seed's ebpf_* figures
+    assert prom.value('sum(ebpf_sockmap_redirects_total)') > 0
+    assert prom.value('sum(ebpf_sockmap_redirected_bytes_total{direction="backend_to_client"})') > 0
+    assert prom.value("ebpf_active_connections") == 0          # every connection has ended
+    assert 0 < prom.value("ebpf_dns_cache_hit_rate") < 1       # first lookup(s) missed, then hits
+    assert prom.value("sum(ebpf_dns_cache_lookups_total)") >= OK_CONNECTIONS
+    assert prom.value('ebpf_map_utilization{map="sockmap"}') == 0
+    assert prom.value('ebpf_map_utilization{map="dns_cache"}') > 0
+    modes = {(r["metric"]["feature"], r["metric"]["state"])
+             for r in prom.query("ebpf_feature_state == 1")}
+    assert modes == {("sockmap", "active"), ("dns_cache", "active"), ("stats", "active")}
+    assert prom.value("sum(ebpf_feature_requested)") == 3
+
+
+def test_every_rule_evaluates_without_error_in_prometheus(stack):
+    import yaml
+    prom = stack.prom
+    exprs = [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    for expr in exprs:
+        prom.query(expr)                      # raises with Prometheus' message on a bad expr
+
+    def evaluated():
+        rules = prom.rules()
+        return rules if all(r["health"] != "unknown" for r in rules) else None
+    rules = wait_until(evaluated, 15, "every rule to be evaluated", interval=0.2)
+    assert len(rules) == len(exprs)
+    bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not bad
+    # A healthy proxy with a clean start fires nothing (only `for: 0` alerts could be pending).
+    firing = [a for r in rules for a in r.get("alerts", []) if a["state"] == "firing"]
+    assert not firing, firing
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            walk(p.get("panels", []))
+            for t in p.get("targets", []):
+                out.append((p["title"], t["expr"]))
+    walk(dash["panels"])
+    return out
+
+
+def grafana_to_promql(expr: str) -> str:
+    """What Grafana sends for the dashboard's defaults: job sni-proxy, all instances."""
+    return (expr.replace("$__rate_interval", "1m").replace("$job", JOB)
+            .replace("$instance", ".*"))
+
+
+def test_dashboard_is_importable_json_with_the_panels_operators_expect():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "sni-proxy" and dash["schemaVersion"] >= 36
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "job", "instance"}
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in panels:
+        assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+    text = json.dumps([q for _, q in dashboard_queries()])
+    for metric in ("sniproxy_connections_total", "sniproxy_active_connections", "sniproxy_bytes_total",
+                   "sniproxy_upstream_connect_seconds_bucket", "sniproxy_client_hello_failures_total",
+                   "ebpf_feature_state", "ebpf_sockmap_redirects_total", "ebpf_tcp_splice_active_flows",
+                   "ebpf_tcp_splice_engaged_total", "ebpf_tcp_splice_fallbacks_total",
+                   "ebpf_tcp_splice_bytes_total", "ebpf_dns_cache_hit_rate", "ebpf_map_utilization",
+                   "ebpf_profiler_cpu_percent", "ebpf_profiler_memory_bytes"):
+        assert metric in text, metric
+
+
+def test_every_dashboard_query_runs_in_prometheus_on_series_that_exist(stack):
+    prom = stack.prom
+    names = prom.metric_names()
+    queries = dashboard_queries()
+    used: set[str] = set()
+    missing = []
+    for title, expr in queries:
+        promql = grafana_to_promql(expr)
+        prom.query(promql)                                        # parse / evaluation errors
+        for name in re.findall(r"\b((?:sniproxy|ebpf)_[a-z0-9_]+|up)\b", promql):
+            used.add(name)
+            if name not in names and name not in EXPECTED_ABSENT:
+                missing.append((title, name))
+    assert not missing, f"panels query series that never exist: {missing}"
+    assert set(EXPECTED_ABSENT) <= used, "stale EXPECTED_ABSENT entries"
+    # Not vacuous: the panels a deployment watches first return data now.
+    for title, expr in queries:
+        if title in ("Connections by route and outcome", "Bytes relayed", "Sockmap redirects",
+                     "Map utilization", "eBPF mode per feature", "DNS cache lookups"):
+            assert prom.query(grafana_to_promql(expr)), title
+
+
+# ------------------------------------------------------------------------ systemd
+UNIT = DEPLOY / "systemd" / "sni-proxy.service"
+REFERENCE_CONFIG = DEPLOY / "config.json"
+INSTALLED_BINARY = "/opt/sni-proxy/.venv/bin/sni-proxy"
+NOBODY = 65534            # an unprivileged user every Debian has
+
+
+def unit_directives(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith(("#", "["))]
+
+
+def test_systemd_analyze_verify_passes(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing: `apt-get install systemd` (scripts/bootstrap.sh)")
+    # verify checks that ExecStart= exists: point it at this checkout's entry point
+    unit = tmp_path / "sni-proxy.service"
+    unit.write_text(UNIT.read_text().replace(INSTALLED_BINARY, str(REPO / ".venv/bin/sni-proxy")))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")   # unknown keys only warn: none allowed
+    directives = unit_directives(UNIT.read_text())
+    for line in ("User=sni-proxy", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
+                 "PrivateTmp=yes", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert line in directives, line
+
+
+def test_unit_lines_are_those_sni_proxy_check_prints_for_the_reference_config():
+    from sniproxy.config import load_config
+    from sniproxy.privileges import unit_lines
+    expected = unit_directives("\n".join(unit_lines(load_config(REFERENCE_CONFIG))))
+    assert "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN" in expected
+    assert "LimitNOFILE=150064" in expected and "TimeoutStopSec=45" in expected
+    directives = unit_directives(UNIT.read_text())
+    assert [d for d in expected if d not in directives] == []
+    r = subprocess.run([str(REPO / ".venv/bin/sni-proxy"), "check", "--config", str(REFERENCE_CONFIG)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode in (0, 1), r.stderr
+    printed = r.stdout.split("systemd [Service] lines for", 1)[1]
+    assert unit_directives(printed.split("\n", 1)[1]) == expected
+
+
+@pytest.fixture
+def world_readable_dir():
+    """The proxy runs as `nobody`: its config must be readable outside root's pytest tmp."""
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="sni-proxy-deploy-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def bpffs_for_nobody(world_readable_dir):
+    mnt = world_readable_dir / "bpffs"
+    mnt.mkdir()
+    # as systemd mounts /sys/fs/bpf at boot: mode 0700, the service user cannot even traverse it
+    r = subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        skip_or_fail(f"cannot mount a bpffs here: {r.stderr.strip()}")
+    # the unit's own `ExecStartPre=+` command, on this bpffs and for this user
+    (pre,) = re.findall(r"^ExecStartPre=\+/bin/sh -c '(.*)'$", UNIT.read_text(), re.M)
+    pre = pre.replace("/sys/fs/bpf", str(mnt)).replace("-o sni-proxy -g sni-proxy",
+                                                       f"-o {NOBODY} -g {NOBODY}")
+    subprocess.run(["/bin/sh", "-c", pre], check=True, timeout=10)
+    yield mnt / "sni-proxy"
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def capabilities_of(pid: int) -> tuple[int, int]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    uid = int(re.search(r"^Uid:\s+(\d+)", text, re.M).group(1))
+    eff = int(re.search(r"^CapEff:\s+([0-9a-f]+)", text, re.M).group(1), 16)
+    return uid, eff
+
+
+def cap_mask(names) -> int:
+    bits = {"CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38,
+            "CAP_BPF": 39}
+    return sum(1 << bits[n] for n in names)
+
+
+def unprivileged_proxy(tmp: Path, pins: Path, pki: Pki, backend_port: int, drop: str | None):
+    from sniproxy.config import parse_config
+    from sniproxy.privileges import capabilities, required_privileges, setpriv_argv
+    if shutil.which("setpriv") is None:
+        skip_or_fail("setpriv (util-linux) is needed to run as another user with capabilities")
+    port, metrics_port = free_ports(2)
+    cfg = base_config(port, metrics_port, workers=2,
+                      routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend_port}"}],
+                      ebpf={"enabled": True, "dns_cache": {"pin_path": str(pins)}})
+    config = parse_config(cfg)
+    caps = capabilities(required_privileges(config))
+    assert caps == ("CAP_BPF", "CAP_NET_ADMIN")
+    proxy = ProxyProcess(cfg, tmp, env={"SNI_PROXY_LOG": "debug"},
+                         argv_prefix=setpriv_argv(config, NOBODY, NOBODY, drop=drop))
+    proxy.config_path.chmod(0o644)
+    return proxy.start(), port, [c for c in caps if c != drop]
+
+
+def test_unprivileged_user_with_the_unit_capabilities_runs_every_feature_active(
+        tmp_path, world_readable_dir, bpffs_for_nobody):
+    require_ebpf()
+    pki = make_pki(tmp_path / "pki", ["a.test"])
+    with tls_backend(pki, ["a.test"], "A") as backend_port:
+        proxy, port, caps = unprivileged_proxy(world_readable_dir, bpffs_for_nobody, pki,
+                                               backend_port, drop=None)
+        try:
+            for pid in [proxy.proc.pid] + [w["pid"] for w in proxy.status()["workers"]]:
+                assert capabilities_of(pid) == (NOBODY, cap_mask(caps)), pid
+            e = proxy.status()["ebpf"]
+            assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"], e["pinning"]) == \
+                ("full", "active", "active", "active", "on"), e
+            r = curl("a.test", port, "/", pki.ca_path)
+            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+            wait_until(lambda: proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 1,
+                       10, "the connection to be counted as sockmap-relayed")
+        finally:
+            proxy.stop()
+
+
+@pytest.mark.parametrize("drop", ["CAP_NET_ADMIN", "CAP_BPF"])
+def test_one_capability_missing_is_named_and_the_proxy_degrades(
+        tmp_path, world_readable_dir, bpffs_for_nobody, drop):
+    require_ebpf()
+    pki = make_pki(tmp_path / "pki", ["a.test"])
+    with tls_backend(pki, ["a.test"], "A") as backend_port:
+        proxy, port, caps = unprivileged_proxy(world_readable_dir, bpffs_for_nobody, pki,
+                                               backend_port, drop=drop)
+        try:
+            assert capabilities_of(proxy.proc.pid) == (NOBODY, cap_mask(caps))
+            e = proxy.status()["ebpf"]
+            if drop == "CAP_NET_ADMIN":     # only the sockmap needs it
+                assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"]) == \
+                    ("partial", "disabled", "active", "active"), e
+            else:                           # everything needs CAP_BPF
+                assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"]) == \
+                    ("none", "disabled", "disabled", "disabled"), e
+            assert f"missing capability {drop}" in e["reasons"]["sockmap"], e["reasons"]
+            log = proxy.log()
+            assert f"eBPF sockmap disabled: missing capability {drop}" in log
+            if drop == "CAP_NET_ADMIN":
+                assert "eBPF manager initialised: mode partial (sockmap disabled, " in log
+            else:
+                assert "eBPF manager initialisation failed (falling back to the traditional " \
+                       "mode): mode none" in log
+                assert "using the traditional data forwarding mode" in log
+            r = curl("a.test", port, "/", pki.ca_path)            # degraded, still serving
+            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+            wait_until(lambda: proxy.metric("sniproxy_relay_connections_total") == 1, 10,
+                       "the connection to be counted")
+            assert proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 0
+            if drop == "CAP_NET_ADMIN":     # the worker's side of it, at debug level
+                assert "socket pair registration failed (program not loaded)" in proxy.log()
+        finally:
+            proxy.stop()
+
+
+# ------------------------------------------------------------------------ Kubernetes
+K8S = DEPLOY / "kubernetes"
+
+
+def k8s_documents() -> list[tuple[Path, dict]]:
+    import yaml
+    return [(path, doc) for path in sorted(K8S.glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_kubernetes_manifests_validate_offline_strict():
+    import kubernetes_validate
+    docs = k8s_documents()
+    assert {d["kind"] for _, d in docs} == {"Namespace", "ConfigMap", "DaemonSet"}
+    for path, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)   # unknown fields fail too
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{path.name}: {e.path}: {e.message}")
+    typo = json.loads(json.dumps(next(d for _, d in docs if d["kind"] == "DaemonSet")))
+    typo["spec"]["template"]["spec"]["hostNetwrok"] = True           # the validator has teeth
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, "1.30.0", strict=True)
+
+
+def test_daemonset_matches_its_config():
+    from sniproxy.config import parse_config
+    from sniproxy.privileges import capabilities, required_privileges, stop_timeout_s
+    docs = {d["kind"]: d for _, d in k8s_documents()}
+    config = parse_config(json.loads(docs["ConfigMap"]["data"]["config.json"]))
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert pod["hostNetwork"] is True and sc["privileged"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sorted(sc["capabilities"]["add"]) == sorted(
+        cap.removeprefix("CAP_") for cap in capabilities(required_privileges(config)))
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert pod["terminationGracePeriodSeconds"] == stop_timeout_s(config)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["tls"] == config.listen[0].port and ports["metrics"] == config.metrics.port
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/sys/fs/bpf"]["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
+    assert config.ebpf.dns_cache.pin_path.startswith("/sys/fs/bpf/")
+    assert volumes[mounts["/sys/kernel/btf"]["name"]]["hostPath"]["path"] == "/sys/kernel/btf"
+    cm = volumes[mounts["/etc/sni-proxy"]["name"]]["configMap"]
+    assert cm["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert "subPath" not in mounts["/etc/sni-proxy"]        # subPath mounts never see updates
+    assert c["args"] == ["--config", "/etc/sni-proxy/config.json"]
+
+
+# ------------------------------------------------------------------------ logs operators grep
+def test_the_seed_log_lines_with_sni_proxy_log_debug(tmp_path):
+    """`SNI_PROXY_LOG=debug` (the seed's RUST_LOG=debug) and the lines its troubleshooting greps:
+    manager initialised, socket pair registered / registration failed (map full), DNS cache
+    hit / miss, the mode summary."""
+    import ssl
+    require_ebpf()
+    pki = make_pki(tmp_path / "pki", ["a.test"])
+    with contextlib.ExitStack() as es:
+        backend_port = es.enter_context(tls_backend(pki, ["a.test"], "A"))
+        dns = es.enter_context(start_dns_server({"backend.test": [("A", "127.0.0.1", 300)]}))
+        port, metrics_port = free_ports(2)
+        cfg = base_config(port, metrics_port, workers=2,
+                          routes=[{"match": "a.test", "backend": f"backend.test:{backend_port}",
+                                   "allow_private": True}],
+                          dns={"nameservers": [f"127.0.0.1:{dns.port}"]},
+                          # room for one pair: a second concurrent connection finds the map full
+                          ebpf={"enabled": True, "sockmap": {"max_entries": 2},
+                                "dns_cache": {"pin_path": None}})
+        proxy = ProxyProcess(cfg, tmp_path, env={"SNI_PROXY_LOG": "debug"}).start()
+        es.callback(proxy.stop)
+        ctx = ssl.create_default_context(cafile=str(pki.ca_path))
+        held = es.enter_context(ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="a.test"))
+        wait_until(lambda: "socket pair registered" in proxy.log(), 10, "the held pair")
+        for _ in range(3):          # 3 over 2 workers: one worker sees the map full twice
+            r = curl("a.test", port, "/", pki.ca_path)
+            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+        held.close()
+        wait_until(lambda: proxy.metric("sniproxy_connections_total") >= 4, 10, "4 connections")
+        log = proxy.log()
+    lines = log.splitlines()
+
+    def grep(text: str, level: str) -> list[str]:
+        return [line for line in lines if text in line and f" {level} " in line]
+    assert grep("eBPF manager initialised: mode full (sockmap active, dns_cache active, "
+                "stats active)", "INFO")
+    assert grep("socket pair registered", "DEBUG")
+    failed = grep("socket pair registration failed (map full): Map capacity full", "WARNING")
+    pids = [re.search(r"\[(\d+)\]", line).group(1) for line in failed]
+    # once per worker at WARNING (each curl may land on either worker); later ones at DEBUG
+    assert failed and len(pids) == len(set(pids)), failed
+    assert grep("socket pair registration failed (map full): Map capacity full", "DEBUG")
+    assert grep("DNS cache miss: backend.test", "DEBUG")
+    assert grep("DNS cache hit: backend.test", "DEBUG")
+
+
+# ------------------------------------------------------------------------ profiler overhead
+def test_profiler_metrics_file_feeds_the_overhead_alert(tmp_path):
+    """`sni-proxy profile --metrics-file` writes what SniProxyProfilerOverheadHigh reads, in a
+    form promtool accepts, and removes it when the profiler stops (no stale alert)."""
+    require_ebpf()
+    out = tmp_path / "profiler.prom"
+    target = subprocess.Popen(["sleep", "30"])
+    profiler = subprocess.Popen(
+        [str(REPO / ".venv/bin/sni-proxy"), "profile", "-p", str(target.pid), "--duration", "4",
+         "-q", "--top", "0", "--metrics-file", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(out.exists, 10, "the metrics file")
+        text = out.read_text()
+        r = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=30)
+        assert (r.returncode, r.stdout + r.stderr) == (0, "")
+        from prometheus_client.parser import text_string_to_metric_families
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert 0 <= values["ebpf_profiler_cpu_percent"] < 100
+        assert values["ebpf_profiler_memory_bytes"] > 0
+        assert profiler.wait(20) == 0, profiler.stderr.read()
+        assert not out.exists()
+    finally:
+        for proc in (profiler, target):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
