@@ -212,6 +212,26 @@ class CopyPump:
         self.view.release()
 
 
+_TCP_CLOSE = 7
+
+
+def _was_reset(sock: socket.socket, we_sent_fin: bool) -> bool:
+    """A read returned 0 on `sock`: True when that end reset rather than sent a FIN.
+
+    A pending error says so; else the TCP state: a FIN leaves the socket in CLOSE_WAIT, a RST
+    in CLOSE. Once we sent our own FIN to it, CLOSE is also the end of a clean close (TIME_WAIT
+    leaves the socket in CLOSE), so only the pending error can tell.
+    """
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            return True
+        if we_sent_fin:
+            return False
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except OSError:
+        return True
+
+
 class _Direction:
     """One direction of a relay: read src while dst keeps up, then half-close."""
 
@@ -242,6 +262,13 @@ class _Direction:
                 if n is None:
                     break
                 if n == 0:
+                    if _was_reset(self.src, self.relay.other(self).done):
+                        # The peer reset and another call already took the error (a splice
+                        # that wrote part of its bytes returns their count and swallows it):
+                        # this read only says 0. Forwarding that as a FIN would hand the other
+                        # side a truncated stream that looks complete.
+                        self.relay.reset(f"{self.name}: the peer reset the connection")
+                        return
                     self.eof = True
                     break
                 written = pump.flush()
@@ -351,6 +378,9 @@ class UserspaceRelay:
         self._finish(outcome, detail, reset=True)
 
     # --- callbacks from the directions ---
+    def other(self, direction: _Direction) -> _Direction:
+        return self.down if direction is self.up else self.up
+
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 

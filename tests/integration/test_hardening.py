@@ -1,0 +1,179 @@
+"""Hardening found by hostile testing (issue 15): each test reproduces one finding for real.
+
+The proxy runs as a subprocess with real backends and real client sockets; every wait is bounded.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.ebpf_required import require_ebpf
+from tests.integration.harness import (
+    ProxyProcess, RawBackend, base_config, client_hello_bytes, free_ports, wait_until,
+)
+
+RELAY_MODES = pytest.mark.parametrize("ebpf", [False, True], ids=["userspace", "sockmap"])
+
+
+@pytest.fixture
+def proxy_factory(tmp_path):
+    started: list[ProxyProcess] = []
+
+    def start(wait: bool = True, env: dict | None = None, ports: tuple[int, int] | None = None,
+              **over) -> ProxyProcess:
+        cfg = base_config(*(ports or free_ports(2)), **over)
+        workdir = tmp_path / f"proxy{len(started)}"
+        workdir.mkdir()
+        p = ProxyProcess(cfg, workdir, env=env)
+        started.append(p)
+        return p.start(wait=wait)
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def proxy_port(p: ProxyProcess) -> int:
+    return int(p.config["listen_addr"].rsplit(":", 1)[1])
+
+
+def raw_connect(port: int, timeout: float = 10) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def ebpf_cfg(on: bool) -> dict:
+    if on:
+        require_ebpf()
+    return {"enabled": on}
+
+
+def access_lines(p: ProxyProcess, **fields) -> list[dict]:
+    """Access-log lines (key=value text format) whose fields match."""
+    out = []
+    for line in p.log().splitlines():
+        if "sniproxy.access" not in line:
+            continue
+        kv = dict(re.findall(r"(\w+)=(\S+)", line.split("sniproxy.access:", 1)[1]))
+        if all(kv.get(k) == str(v) for k, v in fields.items()):
+            out.append(kv)
+    return out
+
+
+class CountingBackend:
+    """Reads and counts everything it receives (live), never answers; closes at EOF."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.received = 0
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn):
+        try:
+            while chunk := conn.recv(1 << 20):
+                self.received += len(chunk)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+# ------------------------------------------------------------------ 2: a reset stays a reset
+class ResettingBackend:
+    """Reads `after` bytes, then closes with SO_LINGER 0: the proxy's backend socket gets a RST."""
+
+    def __init__(self, after: int):
+        self.after = after
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        got = 0
+        conn.settimeout(20)
+        try:
+            while got < self.after:
+                chunk = conn.recv(self.after - got)
+                if not chunk:
+                    break
+                got += len(chunk)
+        except OSError:
+            pass
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def _client_sees(port: int, hello: bytes, payload: bytes) -> str:
+    """'reset' when the proxy reset the client, 'eof' when it closed cleanly (a lie here)."""
+    s = raw_connect(port, timeout=20)
+    try:
+        s.sendall(hello)
+        try:
+            s.sendall(payload)
+        except (ConnectionResetError, BrokenPipeError):
+            return "reset"
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                return "reset"
+            if not chunk:
+                return "eof"
+    finally:
+        s.close()
+
+
+@RELAY_MODES
+def test_backend_reset_reaches_every_client_as_a_reset(proxy_factory, ebpf):
+    backend = ResettingBackend(after=100_000)
+    p = proxy_factory(routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend.port}"}],
+                      ebpf=ebpf_cfg(ebpf))
+    hello = client_hello_bytes("a.test")
+    payload = os.urandom(200_000)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            seen = list(pool.map(lambda _: _client_sees(proxy_port(p), hello, payload), range(200)))
+    finally:
+        backend.close()
+    assert seen.count("eof") == 0, f"{seen.count('eof')} of 200 clients saw a clean EOF"
