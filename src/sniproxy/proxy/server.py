@@ -50,6 +50,10 @@ class ClientGone(Exception):
 # TCP_DEFER_ACCEPT, in seconds: a client that connects and stays silent is handed over after
 # about this long anyway (the kernel retransmits its SYN-ACK once), then client_hello_s applies.
 DEFER_ACCEPT_S = 1
+# At the end of the drain: how long aborted relays get to hand in their results before the
+# connections still waiting (on a hello, a connect) are cancelled. Aborting is synchronous, so
+# one loop turn is enough; the bound only guards against a relay that does not stop.
+ABORT_SETTLE_S = 1.0
 
 
 def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool,
@@ -190,6 +194,11 @@ class Worker:
                 log.warning("shutdown grace over: closing %d connections", len(self.active))
                 for relay in list(self.relays):
                     relay.abort("shutdown", "shutdown grace period over")
+                # An aborted relay has its result (with the bytes it moved) ready: let its
+                # connection account for it. Cancelling at once threw CancelledError into the
+                # task instead, and the connection was counted with 0 bytes.
+                if self.active:
+                    await asyncio.wait(list(self.active), timeout=ABORT_SETTLE_S)
                 for task in list(self.active):
                     task.cancel()
                 await asyncio.gather(*self.active, return_exceptions=True)
