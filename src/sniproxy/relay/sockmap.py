@@ -45,6 +45,10 @@ MOVE_QUIET_S = 0.002
 # everything kept (bounded by the source's receive buffer, tcp_rmem[2]): a read that split a
 # kept message duplicated part of it on 6.18 (2 MSS inside 8 MiB reads, measured).
 MOVE_BUDGET = 16 * 1024 * 1024
+# Idle checks per idle timeout: the timeout fires between idle_s and (1 + 1/N) idle_s after the
+# last byte. Each check costs two map lookups and two TCP_INFO calls: at the default
+# idle_s=300 that is one check per connection every 37 s.
+IDLE_CHECKS_PER_TIMEOUT = 8
 # Events handled per epoll wake-up before yielding to the event loop.
 EPOLL_BATCH = 512
 
@@ -72,6 +76,7 @@ class SockmapRelay:
         self._drain_delay = [DRAIN_CHECK_FIRST_S, DRAIN_CHECK_FIRST_S]
         self._movers: list[asyncio.Task | None] = [None, None]
         self._activity: tuple = ()
+        self._last_change = 0.0
         self._seen_passed = [(-1, 0.0), (-1, 0.0)]   # per direction: (`passed`, since when)
         self._final: list[sm.ConnState | None] = [None, None]   # a finished direction's counters
 
@@ -80,7 +85,8 @@ class SockmapRelay:
         # has: four syscalls fewer per connection. Bytes the trigger flushed since then count
         # as activity, as they should.
         self._activity = (0, 0, 0, 0, *self.pair.base_acked)
-        self._later("idle", self.idle_timeout_s, self._check_idle)
+        self._last_change = self.loop.time()
+        self._later("idle", self.idle_timeout_s / IDLE_CHECKS_PER_TIMEOUT, self._check_idle)
         try:
             return await self.finished
         finally:
@@ -334,14 +340,21 @@ class SockmapRelay:
         return (*counts, *self.copied, *acked)
 
     def _check_idle(self) -> None:
+        """Kernel counters carry no timestamps: sample them every idle_s / IDLE_CHECKS_PER_TIMEOUT
+        and time out once nothing moved since the sample where they last changed. (Sampling
+        once per idle_s let a connection idle for up to twice idle_s.)"""
         if self.finished.done():
             return
-        now = self._snapshot()
-        if now == self._activity:
+        sample = self._snapshot()
+        now = self.loop.time()
+        if sample != self._activity:
+            self._activity = sample
+            self._last_change = now
+        elif now - self._last_change >= self.idle_timeout_s:
             self._finish("idle_timeout", f"no bytes either way for {self.idle_timeout_s:.0f}s")
             return
-        self._activity = now
-        self._later("idle", self.idle_timeout_s, self._check_idle)
+        step = self.idle_timeout_s / IDLE_CHECKS_PER_TIMEOUT
+        self._later("idle", min(step, self._last_change + self.idle_timeout_s - now), self._check_idle)
 
     # --- end ----------------------------------------------------------------------------
     def _later(self, key: str, delay: float, fn: Callable, *args: Any) -> None:
