@@ -517,6 +517,9 @@ class Config(_Model):
     )
     listen_backlog: Annotated[int, Strict(), Field(ge=1, le=65535)] = 4096
     listen_defer_accept: Annotated[bool, Strict()] = True
+    # false: refuse to start when another process listens on a listen_addr (SO_REUSEPORT would
+    # silently split the traffic with it); true: share the port on purpose (both need it).
+    listen_reuse_port_shared: Annotated[bool, Strict()] = False
     max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 50000
     workers: Annotated[int, Strict(), Field(ge=1, le=256)] = 1
     metrics_addr: Annotated[Str, AfterValidator(_check_metrics_addr)] | None = _hint(
