@@ -261,3 +261,59 @@ def test_connections_cut_at_the_end_of_the_drain_report_their_bytes(proxy_factor
     lines = access_lines(p, outcome="shutdown")
     assert len(lines) == 1, p.log()
     assert int(lines[0]["bytes_up"]) == sent, lines
+
+
+# ------------------------------------------------------------------ 4: supervisor killed
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(link)
+    return out
+
+
+@RELAY_MODES
+def test_workers_stop_at_once_when_the_supervisor_is_killed(proxy_factory, tmp_path, ebpf):
+    from sniproxy.proxy.supervisor import port_owners
+    run_tmp = tmp_path / "run"
+    run_tmp.mkdir()
+    p = proxy_factory(workers=3, default_backend="127.0.0.1:9",
+                      timeouts={"client_hello_s": 5, "connect_s": 5, "idle_s": 60,
+                                "shutdown_grace_s": 2},
+                      env={"TMPDIR": str(run_tmp)}, ebpf=ebpf_cfg(ebpf))
+    port, metrics_port = proxy_port(p), int(p.config["metrics_addr"].rsplit(":", 1)[1])
+    pids = [w["pid"] for w in p.status()["workers"]]
+    assert len(list(run_tmp.glob("sni-proxy-metrics-*"))) == 1
+    # Only the supervisor holds the metrics listener; no worker holds another's control socket.
+    assert [pid for pid, _ in port_owners(metrics_port)] == [p.proc.pid]
+    for i, pid in enumerate(pids):
+        for other in pids[i + 1:]:
+            assert not (_socket_inodes(pid) & _socket_inodes(other)
+                        - {f"socket:[{x}]" for x in _listener_inodes(port)}), (pid, other)
+    t0 = time.monotonic()
+    os.kill(p.proc.pid, signal.SIGKILL)
+    p.proc.wait(5)
+    # Listeners close at once (the drain starts); the workers then exit within the grace.
+    wait_until(lambda: not port_owners(port), 1.5, "the listen port released")
+    wait_until(lambda: all(_gone(pid) for pid in pids), 5, "every worker gone")
+    assert time.monotonic() - t0 < 4
+    assert "Traceback" not in p.log(), p.log()
+    wait_until(lambda: not list(run_tmp.glob("sni-proxy-metrics-*")), 2,
+               f"the metrics dir removed: {list(run_tmp.rglob('*'))}\n{p.log()}")
+
+
+def _listener_inodes(port: int) -> set[str]:
+    from sniproxy.proxy.supervisor import _listening_inodes
+    return _listening_inodes(port)

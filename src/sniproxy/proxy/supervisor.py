@@ -55,6 +55,9 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(config.workers)]
         self.stopping = False
         self.metrics_dir = metrics_mod.enable_multiprocess()
+        # Opened first, so it has a lower fd number than any control socket: a killed
+        # supervisor's files close in fd order, so the lock is gone before a worker sees EOF.
+        self.metrics_lock = metrics_mod.hold_multiprocess_dir()
         self.own_metrics = metrics_mod.ProxyMetrics()
         self.status_server: StatusServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -65,6 +68,7 @@ class Supervisor:
         try:
             return asyncio.run(self._main())
         finally:
+            metrics_mod.release_multiprocess_dir(self.metrics_lock, remove_if_last=False)
             metrics_mod.remove_multiprocess_dir(self.metrics_dir)
 
     async def _main(self) -> int:
@@ -114,12 +118,17 @@ class Supervisor:
                      for a in self.config.listen]
         parent_end, child_end = socket.socketpair()
         kernel_factory = self.ebpf.worker_factory() if self.ebpf is not None else None
+        supervisor_pid = os.getpid()
         pid = os.fork()
         if pid == 0:   # child
             status = 1
             try:
                 parent_end.close()
-                status = worker_main(slot.index, self.config, listeners, child_end, kernel_factory)
+                if self.metrics_lock is not None:
+                    os.close(self.metrics_lock)    # the supervisor's lock (see hold_multiprocess_dir)
+                self._drop_inherited_fds({child_end.fileno(), *(ls.fileno() for ls in listeners)})
+                status = worker_main(slot.index, self.config, listeners, child_end, kernel_factory,
+                                     supervisor_pid=supervisor_pid)
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
             finally:
@@ -130,6 +139,36 @@ class Supervisor:
             lsock.close()
         parent_end.setblocking(False)
         slot.pid, slot.control, slot.alive, slot.started = pid, parent_end, True, time.monotonic()
+
+    def _drop_inherited_fds(self, keep: set[int]) -> None:
+        """In a new worker: let go of the supervisor's sockets and epoll it inherited.
+
+        Another worker's control-socket end kept that worker from seeing the supervisor's
+        death (EOF) until this one exited; the metrics listener kept the port bound by orphans.
+        Every inherited socket goes but stdio and `keep` (this worker's listeners and control
+        end); BPF objects are not sockets and stay. Each fd is replaced by /dev/null rather
+        than closed: the objects that own them (the supervisor's loop, forgotten here) still
+        hold the numbers, and a later close of a reused number would hit an unrelated fd.
+        """
+        fds = []
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd <= 2 or fd in keep:
+                continue
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:") or target == "anon_inode:[eventpoll]":
+                fds.append(fd)
+        if not fds:
+            return
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for fd in fds:
+                os.dup2(null, fd)
+        finally:
+            os.close(null)
 
     def _reap(self) -> None:
         while True:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import pickle
 import logging
 import os
@@ -11,6 +12,7 @@ import struct
 
 from sniproxy.proxy.app import ProxyApp
 from sniproxy.proxy.server import Worker
+from sniproxy.telemetry import metrics as metrics_mod
 from sniproxy.telemetry.metrics import ProxyMetrics
 
 log = logging.getLogger("sniproxy")
@@ -43,7 +45,7 @@ def new_event_loop(preference: str = "asyncio") -> asyncio.AbstractEventLoop:
 
 
 def worker_main(index: int, config, listeners: list[socket.socket], control: socket.socket,
-                kernel_relay_factory=None) -> int:
+                kernel_relay_factory=None, *, supervisor_pid: int = 0) -> int:
     """Runs in the child after fork(); returns the exit status."""
     # The fork happened inside the supervisor's running loop: forget it here.
     asyncio.events._set_running_loop(None)
@@ -53,12 +55,33 @@ def worker_main(index: int, config, listeners: list[socket.socket], control: soc
         signal.set_wakeup_fd(-1)
     except ValueError:
         pass
+    # SIGTERM (a drain) the moment the supervisor dies, even by SIGKILL; before the loop's
+    # handler is installed the default action ends this connection-less worker at once.
+    set_parent_death_signal(signal.SIGTERM)
+    if supervisor_pid and os.getppid() != supervisor_pid:
+        return 0                      # it died before the line above took effect
+    metrics_lock = metrics_mod.hold_multiprocess_dir()
     loop = new_event_loop(os.environ.get("SNI_PROXY_EVENT_LOOP", "asyncio"))
     asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(_run(index, config, listeners, control, kernel_relay_factory))
     finally:
         loop.close()
+        # When the supervisor was killed nobody else removes the metrics files: the last
+        # process out does (a no-op while the supervisor lives: it holds the lock too).
+        metrics_mod.release_multiprocess_dir(metrics_lock, remove_if_last=True)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends `sig` to this process when its parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
