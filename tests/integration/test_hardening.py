@@ -317,3 +317,46 @@ def test_workers_stop_at_once_when_the_supervisor_is_killed(proxy_factory, tmp_p
 def _listener_inodes(port: int) -> set[str]:
     from sniproxy.proxy.supervisor import _listening_inodes
     return _listening_inodes(port)
+
+
+# ------------------------------------------------------------------ 3: sockmap worker killed
+def _recv_outcome(s: socket.socket) -> str:
+    try:
+        return "eof" if s.recv(1) == b"" else "data"
+    except ConnectionResetError:
+        return "reset"
+    except socket.timeout:
+        return "timeout"
+
+
+def test_killed_sockmap_worker_leaves_no_map_entries_and_no_active_count(proxy_factory):
+    require_ebpf()
+    backend = CountingBackend()
+    # Room for 4 pairs: three kills of a worker holding 3 each used to fill it for good.
+    p = proxy_factory(routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend.port}"}],
+                      ebpf={"enabled": True, "sockmap": {"max_entries": 8}})
+    hello = client_hello_bytes("a.test")
+    try:
+        for round_ in range(3):
+            clients = []
+            for _ in range(3):
+                s = raw_connect(proxy_port(p), timeout=5)
+                s.sendall(hello)
+                clients.append(s)
+            wait_until(lambda: p.status()["ebpf"]["active_connections"] == 3, 5,
+                       f"3 kernel-relayed connections (round {round_})")
+            assert p.status()["ebpf"]["map_entries"]["conn"] == 6
+            worker = p.status()["workers"][0]
+            os.kill(worker["pid"], signal.SIGKILL)
+            # Its clients learn that the connection broke: a reset, not a clean end.
+            assert [_recv_outcome(s) for s in clients] == ["reset"] * 3
+            for s in clients:
+                s.close()
+            wait_until(lambda: (w := p.status()["workers"][0])["alive"] and w["pid"] != worker["pid"],
+                       10, "the worker restarted")
+            status = p.status()["ebpf"]
+            assert status["active_connections"] == 0, status
+            assert status["map_entries"] == {"sks": 0, "dst": 0, "conn": 0, "cred": 0}, status
+        assert p.status()["ebpf"]["fallbacks"]["map_full"] == 0
+    finally:
+        backend.close()

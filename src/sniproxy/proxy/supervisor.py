@@ -43,6 +43,7 @@ class WorkerSlot:
     restarts: int = 0
     started: float = field(default_factory=time.monotonic)
     alive: bool = False
+    kernel_row: int | None = None      # its counter row / ring in the kernel data path
 
 
 class Supervisor:
@@ -139,6 +140,7 @@ class Supervisor:
             lsock.close()
         parent_end.setblocking(False)
         slot.pid, slot.control, slot.alive, slot.started = pid, parent_end, True, time.monotonic()
+        slot.kernel_row = getattr(kernel_factory, "row", None)
 
     def _drop_inherited_fds(self, keep: set[int]) -> None:
         """In a new worker: let go of the supervisor's sockets and epoll it inherited.
@@ -187,6 +189,8 @@ class Supervisor:
     def _worker_exited(self, slot: WorkerSlot, status: int) -> None:
         slot.alive = False
         metrics_mod.mark_worker_dead(slot.pid)
+        if self.ebpf is not None and slot.kernel_row is not None:
+            self.ebpf.worker_gone(slot.kernel_row)
         if slot.control is not None:
             slot.control.close()
             slot.control = None

@@ -23,7 +23,7 @@ from typing import Any
 from sniproxy.ebpf import sockmap as sm
 from sniproxy.ebpf.objects import Map
 from sniproxy.ebpf.stats import CounterRow
-from sniproxy.relay.base import RelayResult, reset_on_close
+from sniproxy.relay.base import RelayResult, fin_on_close, reset_on_close
 
 log = logging.getLogger("sniproxy")
 
@@ -376,8 +376,8 @@ class SockmapRelay:
         up, down = counts[0] + self.copied[0], counts[1] + self.copied[1]
         # Out of the maps before anything is closed or reset: nothing may still be redirected.
         self._teardown()
-        if reset:
-            reset_on_close(*self.pair.socks)
+        if not reset:
+            fin_on_close(*self.pair.socks)
         self.finished.set_result(RelayResult(up, down, outcome, detail))
 
     def _teardown(self) -> None:
@@ -511,6 +511,10 @@ class WorkerKernel:
         except OSError as exc:
             return self._fallback("socket_error", f"cannot read the socket state: {exc}")
         self.counters.add("inserted")
+        # Until the relay ends cleanly a close resets both sides: if this worker dies (SIGKILL)
+        # the kernel closes its sockets, and the clients must see a broken connection, not a
+        # clean end of a truncated stream. A clean end restores the FIN (_finish).
+        reset_on_close(client, backend)
         relay = SockmapRelay(self, pair, idle_timeout_s)
         for side, sock in enumerate(pair.socks):
             self._by_fd[sock.fileno()] = (relay, side)
