@@ -360,3 +360,25 @@ def test_killed_sockmap_worker_leaves_no_map_entries_and_no_active_count(proxy_f
         assert p.status()["ebpf"]["fallbacks"]["map_full"] == 0
     finally:
         backend.close()
+
+
+# ------------------------------------------------------------------ $sni through SOCKS5
+def test_dynamic_socks_route_refuses_names_of_internal_hosts(proxy_factory):
+    from tests.integration.socks_servers import start_pproxy
+    backend = CountingBackend()
+    try:
+        with start_pproxy() as socks:
+            p = proxy_factory(
+                routes=[{"match": "localhost", "backend": f"$sni:{backend.port}", "upstream": "corp"},
+                        {"match": "*.localhost", "backend": f"$sni:{backend.port}", "upstream": "corp"}],
+                upstreams={"corp": {"type": "socks5", "addr": socks.addr}})
+            for name in ("localhost", "sub.localhost"):
+                with raw_connect(proxy_port(p), timeout=3) as s:
+                    s.sendall(client_hello_bytes(name))
+                    assert _recv_outcome(s) in ("eof", "reset")
+            wait_until(lambda: len(access_lines(p, outcome="forbidden")) == 2, 5,
+                       f"2 forbidden:\n{p.log()}")
+            assert backend.received == 0 and not backend.conns
+            assert "allow_private" in p.log()
+    finally:
+        backend.close()

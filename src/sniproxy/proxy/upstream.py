@@ -414,6 +414,26 @@ class Connector:
             f"If this is intended, set \"allow_private\": true on the route",
         )
 
+    async def _check_socks_name(self, decision: ConnectDecision) -> None:
+        """A dynamic route through SOCKS5 sends the SNI unresolved: the SOCKS server resolves
+        it, so `localhost` reached its loopback. Refuse *.localhost (RFC 6761: always loopback)
+        and names that resolve here to an internal address. A name that does not resolve here
+        goes on: only the SOCKS side knows it (split DNS), and it cannot be checked.
+        """
+        name = decision.host.rstrip(".").lower()
+        if name == "localhost" or name.endswith(".localhost"):
+            raise self._forbidden(decision, [(name, "loopback by definition, RFC 6761")])
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                addresses = await self.resolver.resolve(decision.host)
+        except (ResolveError, TimeoutError, OSError):
+            return
+        refused = [(ip, why) for ip in addresses if (why := forbidden_reason(ip))]
+        if refused:
+            # Unlike the direct path we cannot keep only the public addresses: the SOCKS
+            # server picks one itself.
+            raise self._forbidden(decision, refused)
+
     async def _direct(self, decision: ConnectDecision) -> tuple[socket.socket, str]:
         try:
             addresses = await self.resolver.resolve(decision.host)
@@ -448,6 +468,8 @@ class Connector:
             why = self._check_destination(decision, literal)
             if why:
                 raise self._forbidden(decision, [(literal, why)])
+        elif decision.dynamic and not decision.allow_private:
+            await self._check_socks_name(decision)
         try:
             server = parse_host_port(cfg.addr)
         except ValueError as exc:
