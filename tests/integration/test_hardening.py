@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import struct
@@ -380,5 +381,36 @@ def test_dynamic_socks_route_refuses_names_of_internal_hosts(proxy_factory):
                        f"2 forbidden:\n{p.log()}")
             assert backend.received == 0 and not backend.conns
             assert "allow_private" in p.log()
+    finally:
+        backend.close()
+
+
+# ------------------------------------------------------------------ fd exhaustion is named
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(i for i in range(len(used) + 1) if i not in used)
+
+
+def test_fd_exhaustion_is_counted_as_fd_limit(proxy_factory):
+    backend = CountingBackend()
+    p = proxy_factory(routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend.port}"}],
+                      relay={"mode": "splice"})
+    worker = p.status()["workers"][0]["pid"]
+    hello = client_hello_bytes("a.test")
+    try:
+        # Room for exactly the accepted socket (socket() fails), then for the backend too (the
+        # relay's pipe fails): fds are allocated lowest first, so the limit decides which.
+        for extra, in ((1,), (2,)):
+            limit = _lowest_free_fd(worker) + extra
+            hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)[1]
+            resource.prlimit(worker, resource.RLIMIT_NOFILE, (limit, hard))
+            with raw_connect(proxy_port(p), timeout=5) as s:
+                s.sendall(hello)
+                assert _recv_outcome(s) in ("eof", "reset")
+        wait_until(lambda: p.metric("sniproxy_upstream_connect_failures_total", kind="fd_limit") == 1,
+                   5, f"a connect failure of kind fd_limit\n{p.log()}")
+        wait_until(lambda: p.metric("sniproxy_connections_total", outcome="fd_limit") == 1, 5,
+                   f"a connection with outcome fd_limit\n{p.log()}")
+        assert "LimitNOFILE" in p.log()
     finally:
         backend.close()

@@ -268,8 +268,14 @@ class Worker:
             result.outcome = "shutdown"
             raise
         except OSError as exc:
-            result.outcome = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
-            result.detail = str(exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Most often the relay's pipes (the sockets were open already).
+                result.outcome = "fd_limit"
+                result.detail = (f"{exc.strerror}: out of file descriptors (raise the fd limit: "
+                                 "LimitNOFILE= / ulimit -n, add workers, or lower max_connections)")
+            else:
+                result.outcome = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
+                result.detail = str(exc)
         finally:
             if info.relay == "-":
                 # Never relayed: consume the peeked bytes so close() sends FIN, not RST.
