@@ -960,3 +960,42 @@ def load_config(path: str | Path) -> Config:
             source,
         ) from None
     return parse_config(data, source)
+
+
+# --------------------------------------------------------------------------------------------
+# File permissions
+# --------------------------------------------------------------------------------------------
+
+
+def config_file_warnings(path: str | Path) -> list[str]:
+    """Warnings about who may change the config file (it decides where traffic goes).
+
+    A world-writable file (or a symlink to one), or one in a world-writable directory without
+    the sticky bit (anyone may replace it), lets any local user reroute connections.
+    """
+    import os
+    import stat
+
+    shown = str(path)
+    real = os.path.realpath(path)
+    name = real if real == os.path.abspath(shown) else f"{real} (through the symlink {shown})"
+    warnings = []
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        return warnings
+    if mode & stat.S_IWOTH:
+        warnings.append(
+            f"config file {name} is world-writable (mode {stat.S_IMODE(mode):04o}): any local user "
+            f"can change where connections go; fix: chmod o-w {real}")
+    parent = os.path.dirname(real)
+    try:
+        dmode = os.stat(parent).st_mode
+    except OSError:
+        return warnings
+    if dmode & stat.S_IWOTH and not dmode & stat.S_ISVTX:
+        warnings.append(
+            f"config file {name} is in the world-writable directory {parent} (mode "
+            f"{stat.S_IMODE(dmode):04o}, no sticky bit): any local user can replace it; fix: "
+            f"chmod o-w {parent}, or move the file")
+    return warnings

@@ -414,3 +414,25 @@ def test_fd_exhaustion_is_counted_as_fd_limit(proxy_factory):
         assert "LimitNOFILE" in p.log()
     finally:
         backend.close()
+
+
+# ------------------------------------------------------------------ world-writable config
+@pytest.mark.parametrize("via_symlink", [False, True], ids=["file", "symlink"])
+def test_world_writable_config_is_warned_about(tmp_path, via_symlink):
+    ports = free_ports(2)
+    p = ProxyProcess(base_config(*ports, default_backend="127.0.0.1:9"), tmp_path)
+    p.config_path.chmod(0o666)
+    if via_symlink:
+        link = tmp_path / "link.json"
+        link.symlink_to(p.config_path)
+        p.config_path = link
+    p.start()
+    try:
+        target = os.path.realpath(p.config_path)
+        wait_until(lambda: "world-writable" in p.log(), 5, "the warning")
+        line = next(l for l in p.log().splitlines() if "world-writable" in l)
+        assert target in line and f"chmod o-w {target}" in line, line
+        if via_symlink:
+            assert str(p.config_path) in line, line
+    finally:
+        p.stop()

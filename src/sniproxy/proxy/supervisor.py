@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from sniproxy import __version__
-from sniproxy.config import ConfigError, load_config
+from sniproxy.config import ConfigError, config_file_warnings, load_config
 from sniproxy.proxy.server import create_listener
 from sniproxy.proxy.worker_process import encode_control, worker_main
 from sniproxy.telemetry import metrics as metrics_mod
@@ -256,6 +256,8 @@ class Supervisor:
             self.own_metrics.reloads.labels("rejected").inc()
             log.error("reload rejected, keeping the running config: %s", exc)
             return
+        for warning in config_file_warnings(self.config_path):
+            log.warning("%s", warning)
         fixed = [key for key in RESTART_ONLY_KEYS if getattr(new, key) != getattr(self.config, key)]
         if fixed:
             log.warning("reload: %s changed but only take effect after a restart; the running "
