@@ -436,3 +436,43 @@ def test_world_writable_config_is_warned_about(tmp_path, via_symlink):
             assert str(p.config_path) in line, line
     finally:
         p.stop()
+
+
+# ------------------------------------------------------------------ idle pipes given back
+def _pipe_fds(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass
+    return n
+
+
+def test_idle_pipes_of_the_pool_are_given_back_after_a_burst(proxy_factory):
+    backend = RawBackend(reply_bytes=1000)
+    p = proxy_factory(routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend.port}"}],
+                      relay={"mode": "splice"})
+    worker = p.status()["workers"][0]["pid"]
+    baseline = _pipe_fds(worker)
+    hello = client_hello_bytes("a.test")
+    burst = 150
+    clients = []
+    for _ in range(burst):          # all open at once: the burst needs 2 pipes per connection
+        s = raw_connect(proxy_port(p))
+        s.sendall(hello)
+        clients.append(s)
+    wait_until(lambda: _pipe_fds(worker) >= baseline + 4 * burst, 10, "the burst's pipes")
+    for s in clients:
+        s.shutdown(socket.SHUT_WR)
+    for s in clients:
+        while s.recv(65536):
+            pass
+        s.close()
+    backend.wait_sessions(burst)
+    # Bounded right away, then given back once idle.
+    from sniproxy.relay.userspace import MAX_IDLE_PIPES, PIPE_IDLE_S
+    wait_until(lambda: _pipe_fds(worker) <= baseline + 2 * MAX_IDLE_PIPES, 5, "the pool bound")
+    wait_until(lambda: _pipe_fds(worker) == baseline, PIPE_IDLE_S + 5,
+               f"idle pipes closed ({_pipe_fds(worker)} pipe fds, baseline {baseline})")
+    backend.close()

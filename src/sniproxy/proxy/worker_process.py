@@ -128,6 +128,7 @@ async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
 
     def sync_metrics() -> None:
         app.flush_metrics()
+        app.pipes.trim()              # idle pipes of the relay pool go back after a burst
         loop.call_later(METRICS_SYNC_S, sync_metrics)
 
     loop.call_later(METRICS_SYNC_S, sync_metrics)
