@@ -476,3 +476,37 @@ def test_idle_pipes_of_the_pool_are_given_back_after_a_burst(proxy_factory):
     wait_until(lambda: _pipe_fds(worker) == baseline, PIPE_IDLE_S + 5,
                f"idle pipes closed ({_pipe_fds(worker)} pipe fds, baseline {baseline})")
     backend.close()
+
+
+# ------------------------------------------------------------------ TLS alerts for bad hellos
+def _hello_cases():
+    from tests.unit.hello_builder import build_hello, client_hello_body, handshake, records, u16
+    overrun_alpn = u16(16) + u16(50) + b"\x00"     # an extension longer than what follows
+    # (hello bytes, the alert the proxy answers with, or None for no alert)
+    return {
+        "bad_sni": (records(build_hello(sni=b"exa mple.com")), 112),     # unrecognized_name
+        "malformed": (records(handshake(client_hello_body(extensions=[overrun_alpn]))), 50),
+        "not_tls": (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", None),
+    }
+
+
+def _read_to_end(s: socket.socket) -> bytes:
+    out = b""
+    try:
+        while chunk := s.recv(4096):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def test_rejected_hellos_get_the_alert_a_tls_stack_would_send(proxy_factory):
+    from sniproxy.proxy.clienthello import tls_alert
+    p = proxy_factory(default_backend="127.0.0.1:9")
+    for reason, (hello, alert) in _hello_cases().items():
+        with raw_connect(proxy_port(p), timeout=5) as s:
+            s.sendall(hello)
+            got = _read_to_end(s)
+        assert got == (tls_alert(alert) if alert is not None else b""), (reason, got)
+        wait_until(lambda: p.metric("sniproxy_client_hello_failures_total", reason=reason) == 1, 5,
+                   f"{reason} counted")

@@ -224,6 +224,11 @@ class Worker:
                 app.metrics.hello_failures.labels(hello.reason).inc()
                 result.outcome = "bad_hello"
                 result.detail = f"{hello.reason}: {hello.detail}"
+                alert = clienthello.alert_for(hello.reason)
+                if alert is not None:
+                    _discard_queued(client)      # FIN after the alert, not RST
+                    _send_quietly(client, clienthello.tls_alert(alert))
+                    info.relay = "none"
                 return
             info.sni = hello.sni
             routes = app.routes          # a reload swaps the table; this connection keeps its own
