@@ -56,8 +56,8 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(config.workers)]
         self.stopping = False
         self.metrics_dir = metrics_mod.enable_multiprocess()
-        # Opened first, so it has a lower fd number than any control socket: a killed
-        # supervisor's files close in fd order, so the lock is gone before a worker sees EOF.
+        # Held while the supervisor lives: a worker then never removes the directory (see
+        # hold_multiprocess_dir and worker_process._wait_reparented).
         self.metrics_lock = metrics_mod.hold_multiprocess_dir()
         self.own_metrics = metrics_mod.ProxyMetrics()
         self.status_server: StatusServer | None = None

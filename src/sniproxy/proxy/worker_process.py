@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import struct
+import time
 
 from sniproxy.proxy.app import ProxyApp
 from sniproxy.proxy.server import Worker
@@ -63,13 +64,34 @@ def worker_main(index: int, config, listeners: list[socket.socket], control: soc
     metrics_lock = metrics_mod.hold_multiprocess_dir()
     loop = new_event_loop(os.environ.get("SNI_PROXY_EVENT_LOOP", "asyncio"))
     asyncio.set_event_loop(loop)
+    seen = {"supervisor_gone": False}
     try:
-        return loop.run_until_complete(_run(index, config, listeners, control, kernel_relay_factory))
+        return loop.run_until_complete(_run(index, config, listeners, control, kernel_relay_factory,
+                                            seen))
     finally:
+        # Done serving: a late SIGTERM (the supervisor's death signal arriving after its closed
+        # control channel stopped us) must not kill this process before its clean-up below.
+        # Blocked, not ignored: loop.close() puts the default action back.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         loop.close()
         # When the supervisor was killed nobody else removes the metrics files: the last
         # process out does (a no-op while the supervisor lives: it holds the lock too).
+        if seen["supervisor_gone"] and supervisor_pid:
+            _wait_reparented(supervisor_pid)
         metrics_mod.release_multiprocess_dir(metrics_lock, remove_if_last=True)
+
+
+# How long a worker that saw its control channel close waits for the supervisor's exit to finish.
+SUPERVISOR_EXIT_WAIT_S = 2.0
+
+
+def _wait_reparented(supervisor_pid: int) -> None:
+    """The control channel closes while the dying supervisor still releases its files (and its
+    lock on the metrics directory); the kernel reparents its children only after that. No event
+    says so, hence a short bounded poll (only on this rare path)."""
+    deadline = time.monotonic() + SUPERVISOR_EXIT_WAIT_S
+    while os.getppid() == supervisor_pid and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -84,7 +106,7 @@ def set_parent_death_signal(sig: int) -> bool:
         return False
 
 
-async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
+async def _run(index, config, listeners, control, kernel_relay_factory, seen: dict) -> int:
     loop = asyncio.get_running_loop()
     metrics = ProxyMetrics()
     kernel_relay = kernel_relay_factory(metrics) if kernel_relay_factory else None
@@ -109,6 +131,7 @@ async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
         if not chunk:
             # The supervisor is gone: stop rather than run unsupervised.
             loop.remove_reader(control.fileno())
+            seen["supervisor_gone"] = True
             stop.set()
             return
         buffer.extend(chunk)
