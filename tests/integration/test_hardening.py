@@ -287,7 +287,7 @@ def _socket_inodes(pid: int) -> set[str]:
 
 @RELAY_MODES
 def test_workers_stop_at_once_when_the_supervisor_is_killed(proxy_factory, tmp_path, ebpf):
-    from sniproxy.proxy.supervisor import port_owners
+    from sniproxy.proxy.portowner import port_owners
     run_tmp = tmp_path / "run"
     run_tmp.mkdir()
     p = proxy_factory(workers=3, default_backend="127.0.0.1:9",
@@ -323,8 +323,8 @@ def _refused(port: int) -> bool:
 
 
 def _listener_inodes(port: int) -> set[str]:
-    from sniproxy.proxy.supervisor import _listening_inodes
-    return _listening_inodes(port)
+    from sniproxy.proxy.portowner import listening_inodes
+    return listening_inodes(port)
 
 
 # ------------------------------------------------------------------ 3: sockmap worker killed
