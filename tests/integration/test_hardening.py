@@ -517,3 +517,36 @@ def test_rejected_hellos_get_the_alert_a_tls_stack_would_send(proxy_factory):
         assert got == (tls_alert(alert) if alert is not None else b""), (reason, got)
         wait_until(lambda: p.metric("sniproxy_client_hello_failures_total", reason=reason) == 1, 5,
                    f"{reason} counted")
+
+
+def test_pipe_pool_trim_closes_only_pipes_idle_long_enough():
+    from sniproxy.relay.userspace import PipePool
+    pool = PipePool(max_idle=3, idle_s=10)
+    pipes = [pool.get() for _ in range(4)]
+    for r, w, cap in pipes:
+        pool.put(r, w, cap, empty=True)
+    assert len(pool.idle) == 3                      # the bound: the fourth was closed
+    with pytest.raises(OSError):
+        os.fstat(pipes[3][0])
+    now = pool._since[-1]
+    assert pool.trim(now + 5) == 0                  # not idle long enough
+    reused = pool.get()                             # the newest comes back first
+    assert pool.trim(now + 10) == 2 and pool.idle == []
+    for fd in reused[:2]:
+        os.fstat(fd)                                # still open: in use
+    pool.put(*reused, empty=True)
+    pool.close()
+
+
+def test_config_in_a_world_writable_directory_is_warned_about(tmp_path):
+    from sniproxy.config import config_file_warnings
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    cfg = shared / "config.json"
+    cfg.write_text("{}")
+    cfg.chmod(0o644)
+    [warning] = config_file_warnings(cfg)
+    assert "world-writable directory" in warning and f"chmod o-w {shared}" in warning
+    shared.chmod(0o1777)                             # sticky, like /tmp: others cannot replace it
+    assert config_file_warnings(cfg) == []
