@@ -517,6 +517,9 @@ class Config(_Model):
     )
     listen_backlog: Annotated[int, Strict(), Field(ge=1, le=65535)] = 4096
     listen_defer_accept: Annotated[bool, Strict()] = True
+    # false: refuse to start when another process listens on a listen_addr (SO_REUSEPORT would
+    # silently split the traffic with it); true: share the port on purpose (both need it).
+    listen_reuse_port_shared: Annotated[bool, Strict()] = False
     max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 50000
     workers: Annotated[int, Strict(), Field(ge=1, le=256)] = 1
     metrics_addr: Annotated[Str, AfterValidator(_check_metrics_addr)] | None = _hint(
@@ -957,3 +960,42 @@ def load_config(path: str | Path) -> Config:
             source,
         ) from None
     return parse_config(data, source)
+
+
+# --------------------------------------------------------------------------------------------
+# File permissions
+# --------------------------------------------------------------------------------------------
+
+
+def config_file_warnings(path: str | Path) -> list[str]:
+    """Warnings about who may change the config file (it decides where traffic goes).
+
+    A world-writable file (or a symlink to one), or one in a world-writable directory without
+    the sticky bit (anyone may replace it), lets any local user reroute connections.
+    """
+    import os
+    import stat
+
+    shown = str(path)
+    real = os.path.realpath(path)
+    name = real if real == os.path.abspath(shown) else f"{real} (through the symlink {shown})"
+    warnings = []
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        return warnings
+    if mode & stat.S_IWOTH:
+        warnings.append(
+            f"config file {name} is world-writable (mode {stat.S_IMODE(mode):04o}): any local user "
+            f"can change where connections go; fix: chmod o-w {real}")
+    parent = os.path.dirname(real)
+    try:
+        dmode = os.stat(parent).st_mode
+    except OSError:
+        return warnings
+    if dmode & stat.S_IWOTH and not dmode & stat.S_ISVTX:
+        warnings.append(
+            f"config file {name} is in the world-writable directory {parent} (mode "
+            f"{stat.S_IMODE(dmode):04o}, no sticky bit): any local user can replace it; fix: "
+            f"chmod o-w {parent}, or move the file")
+    return warnings

@@ -183,13 +183,17 @@ def test_2kb_post_quantum_hello_split_over_records(proxy_factory):
 
 
 def test_garbage_is_closed_and_counted_proxy_survives(proxy_factory, backends, pki):
+    from sniproxy.proxy.clienthello import UNEXPECTED_MESSAGE, tls_alert
     p = proxy_factory(routes=[{"match": "a.test", "backend": f"127.0.0.1:{backends['A']}"}])
-    for payload in (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", b"\x80\x2e\x01\x03\x01" + b"\0" * 40,
-                    b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", bytes(range(256))):
+    for payload, answer in ((b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", b""),
+                            (b"\x80\x2e\x01\x03\x01" + b"\0" * 40, b""),
+                            # a TLS ServerHello: the peer speaks TLS, so it gets an alert
+                            (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", tls_alert(UNEXPECTED_MESSAGE)),
+                            (bytes(range(256)), b"")):
         with raw_connect(p) as s:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)
-            assert recv_all(s) == b""
+            assert recv_all(s) == answer
     assert p.metric("sniproxy_client_hello_failures_total", reason="not_tls") >= 1
     assert p.metric("sniproxy_client_hello_failures_total", reason="sslv2") == 1
     assert p.metric("sniproxy_client_hello_failures_total") >= 3

@@ -97,6 +97,7 @@ BAD_VALUES: list[tuple[str, Any, list[str]]] = [
     ("listen_addr", 8443, ['"host:port" string']),
     ("listen_backlog", 0, ["integer from 1 to 65535"]),
     ("listen_defer_accept", "yes", ["true or false"]),
+    ("listen_reuse_port_shared", 1, ["true or false"]),
     ("max_connections", "50000", ["integer from 1 to 10000000"]),
     ("max_connections", True, ["integer"]),
     ("max_connections", 1.5, ["integer"]),

@@ -243,6 +243,27 @@ class SockmapDataPath:
         self._rings[index] = ring
         return ring
 
+    def purge_ring(self, ring_index: int) -> int:
+        """Remove every entry owned by the worker of ring slot `ring_index` (it died without
+        removing its pairs: SIGKILL, a crash). Returns the number of sockets purged.
+
+        Its sockets closed with the process and the kernel took them out of the sockhashes; the
+        conn/cred entries (plain hashes) would stay and fill the maps. Ownership is the cred
+        entry's `ring`. Call only once the worker is gone: its pairs cannot change any more.
+        """
+        m = self.maps
+        owned = []
+        for key, value in m.cred.items():
+            if _CRED.unpack(value)[3] == ring_index:
+                owned.append(int.from_bytes(key, "little"))
+        for cookie in owned:
+            for table in (m.sks, m.dst, m.conn, m.cred):
+                try:
+                    table.delete(cookie)
+                except BpfError:
+                    pass
+        return len(owned)
+
     def stats(self) -> dict[str, int]:
         """Per-CPU counters summed over CPUs."""
         return {name: self.maps.stat.percpu_sum(i) for i, name in enumerate(STAT_NAMES)}

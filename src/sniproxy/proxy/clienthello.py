@@ -38,7 +38,11 @@ __all__ = [
     "parse_client_hello",
     "ClientHelloReader",
     "tls_alert",
+    "alert_for",
+    "DECODE_ERROR",
+    "UNEXPECTED_MESSAGE",
     "HANDSHAKE_FAILURE",
+    "ILLEGAL_PARAMETER",
     "INTERNAL_ERROR",
     "PROTOCOL_VERSION",
     "UNRECOGNIZED_NAME",
@@ -139,10 +143,42 @@ Outcome = ClientHello | NeedMore | Rejected
 # ---------------------------------------------------------------------------------------------
 
 # Alert descriptions (RFC 8446 section 6) the proxy sends before closing.
+UNEXPECTED_MESSAGE = 10
 HANDSHAKE_FAILURE = 40
+ILLEGAL_PARAMETER = 47
+DECODE_ERROR = 50
 PROTOCOL_VERSION = 70
 INTERNAL_ERROR = 80
 UNRECOGNIZED_NAME = 112
+
+# The alert for each reject reason: what OpenSSL (so nginx or HAProxy terminating TLS) sends for
+# the same hello, so a client reports the same error behind the proxy as in front of a server.
+# nginx's ssl_preread and HAProxy's req.ssl_sni (which do not terminate TLS either) send none.
+#   malformed structure: decode_error, as OpenSSL's extension and handshake parsers;
+#   another message or record type than a ClientHello: unexpected_message, as OpenSSL's state
+#     machine;
+#   bad_sni: unrecognized_name, as OpenSSL for an over-long name or one with a NUL, and nginx
+#     (ssl_reject_handshake) for a name no server has; not illegal_parameter (47), which RFC 8446
+#     keeps for fields that parse but are inconsistent, and which no peer sends here;
+#   too_large: illegal_parameter, as OpenSSL's "excessive message size";
+#   bad_version: protocol_version.
+# Bytes that are not TLS records (plain HTTP, a PROXY header, SSLv2) get no alert: the peer
+# would not understand one (an SSLv2 client cannot parse a TLS record).
+_ALERTS = {
+    "bad_length": DECODE_ERROR,
+    "too_fragmented": DECODE_ERROR,
+    "not_client_hello": UNEXPECTED_MESSAGE,
+    "unexpected_record": UNEXPECTED_MESSAGE,
+    "malformed": DECODE_ERROR,
+    "bad_sni": UNRECOGNIZED_NAME,
+    "too_large": ILLEGAL_PARAMETER,
+    "bad_version": PROTOCOL_VERSION,
+}
+
+
+def alert_for(reason: str) -> int | None:
+    """The alert description to send for a Rejected reason, or None (not TLS: send nothing)."""
+    return _ALERTS.get(reason)
 
 _ALERT = 21
 _FATAL = 2

@@ -7,7 +7,7 @@ import resource
 import sys
 
 from sniproxy import __version__
-from sniproxy.config import ConfigError, load_config
+from sniproxy.config import ConfigError, config_file_warnings, load_config
 from sniproxy.logs import resolve_level, setup_logging
 
 log = logging.getLogger("sniproxy")
@@ -45,6 +45,8 @@ def cli_run(argv: list[str]) -> int:
         print(f"sni-proxy: {exc}", file=sys.stderr)
         return 2
     setup_logging(level, config.log.format, config.log.file)
+    for warning in config_file_warnings(args.config):
+        log.warning("%s", warning)
     _raise_fd_limit(config)
 
     from sniproxy.proxy.supervisor import StartupError, Supervisor

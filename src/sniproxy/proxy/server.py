@@ -48,6 +48,10 @@ class ClientGone(Exception):
 # TCP_DEFER_ACCEPT, in seconds: a client that connects and stays silent is handed over after
 # about this long anyway (the kernel retransmits its SYN-ACK once), then client_hello_s applies.
 DEFER_ACCEPT_S = 1
+# At the end of the drain: how long aborted relays get to hand in their results before the
+# connections still waiting (on a hello, a connect) are cancelled. Aborting is synchronous, so
+# one loop turn is enough; the bound only guards against a relay that does not stop.
+ABORT_SETTLE_S = 1.0
 
 
 def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool,
@@ -188,6 +192,11 @@ class Worker:
                 log.warning("shutdown grace over: closing %d connections", len(self.active))
                 for relay in list(self.relays):
                     relay.abort("shutdown", "shutdown grace period over")
+                # An aborted relay has its result (with the bytes it moved) ready: let its
+                # connection account for it. Cancelling at once threw CancelledError into the
+                # task instead, and the connection was counted with 0 bytes.
+                if self.active:
+                    await asyncio.wait(list(self.active), timeout=ABORT_SETTLE_S)
                 for task in list(self.active):
                     task.cancel()
                 await asyncio.gather(*self.active, return_exceptions=True)
@@ -213,6 +222,11 @@ class Worker:
                 app.metrics.hello_failures.labels(hello.reason).inc()
                 result.outcome = "bad_hello"
                 result.detail = f"{hello.reason}: {hello.detail}"
+                alert = clienthello.alert_for(hello.reason)
+                if alert is not None:
+                    _discard_queued(client)      # FIN after the alert, not RST
+                    _send_quietly(client, clienthello.tls_alert(alert))
+                    info.relay = "none"
                 return
             info.sni = hello.sni
             routes = app.routes          # a reload swaps the table; this connection keeps its own
@@ -257,8 +271,14 @@ class Worker:
             result.outcome = "shutdown"
             raise
         except OSError as exc:
-            result.outcome = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
-            result.detail = str(exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Most often the relay's pipes (the sockets were open already).
+                result.outcome = "fd_limit"
+                result.detail = (f"{exc.strerror}: out of file descriptors (raise the fd limit: "
+                                 "LimitNOFILE= / ulimit -n, add workers, or lower max_connections)")
+            else:
+                result.outcome = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
+                result.detail = str(exc)
         finally:
             if info.relay == "-":
                 # Never relayed: consume the peeked bytes so close() sends FIN, not RST.

@@ -8,6 +8,7 @@ BPF maps created here before the fork are shared by all workers.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -16,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 from sniproxy import __version__
-from sniproxy.config import ConfigError, load_config
+from sniproxy.config import ConfigError, config_file_warnings, load_config
+from sniproxy.proxy.portowner import port_in_use_hint
 from sniproxy.proxy.server import create_listener
 from sniproxy.proxy.worker_process import encode_control, worker_main
 from sniproxy.telemetry import metrics as metrics_mod
@@ -26,6 +28,9 @@ from sniproxy.telemetry.kernel_metrics import KernelCollector
 log = logging.getLogger("sniproxy")
 
 RESTART_BACKOFF_S = (0.1, 0.5, 1, 2, 5)   # a crash-looping worker does not spin the CPU
+# Config keys a reload cannot change (sockets, processes, BPF objects made at start).
+RESTART_ONLY_KEYS = ("listen_addr", "listen_backlog", "listen_defer_accept",
+                     "listen_reuse_port_shared", "workers", "metrics_addr", "ebpf")
 
 
 class StartupError(Exception):
@@ -40,6 +45,7 @@ class WorkerSlot:
     restarts: int = 0
     started: float = field(default_factory=time.monotonic)
     alive: bool = False
+    kernel_row: int | None = None      # its counter row / ring in the kernel data path
 
 
 class Supervisor:
@@ -52,6 +58,9 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(config.workers)]
         self.stopping = False
         self.metrics_dir = metrics_mod.enable_multiprocess()
+        # Held while the supervisor lives: a worker then never removes the directory (see
+        # hold_multiprocess_dir and worker_process._wait_reparented).
+        self.metrics_lock = metrics_mod.hold_multiprocess_dir()
         self.own_metrics = metrics_mod.ProxyMetrics()
         self.status_server: StatusServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -62,20 +71,23 @@ class Supervisor:
         try:
             return asyncio.run(self._main())
         finally:
+            metrics_mod.release_multiprocess_dir(self.metrics_lock, remove_if_last=False)
             metrics_mod.remove_multiprocess_dir(self.metrics_dir)
 
     async def _main(self) -> int:
         self.loop = asyncio.get_running_loop()
         self.all_stopped = asyncio.Event()
         # Check the listen addresses once here: a clear error beats N crashing workers.
+        # Without SO_REUSEPORT unless sharing is asked for: the workers' listeners set it, and a
+        # check that set it too let a second instance start and silently take half the traffic.
+        shared = self.config.listen_reuse_port_shared
         for addr in self.config.listen:
             try:
-                create_listener(addr.host, addr.port, backlog=1, reuse_port=True).close()
+                create_listener(addr.host, addr.port, backlog=1, reuse_port=shared).close()
             except OSError as exc:
                 raise StartupError(
                     f"cannot listen on {addr}: {exc.strerror}"
-                    + (" (another process uses this port: stop it or change listen_addr)"
-                       if exc.errno == 98 else "")
+                    + (f" ({port_in_use_hint(addr.port, shared)})" if exc.errno == errno.EADDRINUSE else "")
                     + (" (binding ports below 1024 needs CAP_NET_BIND_SERVICE)" if exc.errno == 13 else "")
                 ) from None
         if self.config.metrics_addr:
@@ -109,12 +121,17 @@ class Supervisor:
                      for a in self.config.listen]
         parent_end, child_end = socket.socketpair()
         kernel_factory = self.ebpf.worker_factory() if self.ebpf is not None else None
+        supervisor_pid = os.getpid()
         pid = os.fork()
         if pid == 0:   # child
             status = 1
             try:
                 parent_end.close()
-                status = worker_main(slot.index, self.config, listeners, child_end, kernel_factory)
+                if self.metrics_lock is not None:
+                    os.close(self.metrics_lock)    # the supervisor's lock (see hold_multiprocess_dir)
+                self._drop_inherited_fds({child_end.fileno(), *(ls.fileno() for ls in listeners)})
+                status = worker_main(slot.index, self.config, listeners, child_end, kernel_factory,
+                                     supervisor_pid=supervisor_pid)
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
             finally:
@@ -125,6 +142,37 @@ class Supervisor:
             lsock.close()
         parent_end.setblocking(False)
         slot.pid, slot.control, slot.alive, slot.started = pid, parent_end, True, time.monotonic()
+        slot.kernel_row = getattr(kernel_factory, "row", None)
+
+    def _drop_inherited_fds(self, keep: set[int]) -> None:
+        """In a new worker: let go of the supervisor's sockets and epoll it inherited.
+
+        Another worker's control-socket end kept that worker from seeing the supervisor's
+        death (EOF) until this one exited; the metrics listener kept the port bound by orphans.
+        Every inherited socket goes but stdio and `keep` (this worker's listeners and control
+        end); BPF objects are not sockets and stay. Each fd is replaced by /dev/null rather
+        than closed: the objects that own them (the supervisor's loop, forgotten here) still
+        hold the numbers, and a later close of a reused number would hit an unrelated fd.
+        """
+        fds = []
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd <= 2 or fd in keep:
+                continue
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:") or target == "anon_inode:[eventpoll]":
+                fds.append(fd)
+        if not fds:
+            return
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for fd in fds:
+                os.dup2(null, fd)
+        finally:
+            os.close(null)
 
     def _reap(self) -> None:
         while True:
@@ -143,6 +191,8 @@ class Supervisor:
     def _worker_exited(self, slot: WorkerSlot, status: int) -> None:
         slot.alive = False
         metrics_mod.mark_worker_dead(slot.pid)
+        if self.ebpf is not None and slot.kernel_row is not None:
+            self.ebpf.worker_gone(slot.kernel_row)
         if slot.control is not None:
             slot.control.close()
             slot.control = None
@@ -208,11 +258,16 @@ class Supervisor:
             self.own_metrics.reloads.labels("rejected").inc()
             log.error("reload rejected, keeping the running config: %s", exc)
             return
-        fixed = [key for key in ("listen", "workers", "metrics_addr", "listen_backlog",
-                                 "listen_defer_accept", "ebpf")
-                 if getattr(new, key) != getattr(self.config, key)]
+        for warning in config_file_warnings(self.config_path):
+            log.warning("%s", warning)
+        fixed = [key for key in RESTART_ONLY_KEYS if getattr(new, key) != getattr(self.config, key)]
         if fixed:
-            log.warning("reload: %s changed but only take effect after a restart", ", ".join(fixed))
+            log.warning("reload: %s changed but only take effect after a restart; the running "
+                        "values stay in use", ", ".join(fixed))
+            # Keep the running values in the config the workers get and a respawned worker is
+            # built from: a worker restarted later listened on the new address while the
+            # others kept the old one (half applied).
+            new = new.model_copy(update={key: getattr(self.config, key) for key in fixed})
         self.config = new
         message = encode_control({"cmd": "reload", "config": new})
         for slot in self.slots:

@@ -25,7 +25,9 @@ from sniproxy.proxy import proxy_protocol, socks5
 from sniproxy.proxy.resolver import ResolveError, Resolver, ip_literal
 from sniproxy.proxy.routes import is_forbidden_destination
 
-UPSTREAM_ERROR_KINDS = ("refused", "timeout", "unreachable", "dns", "socks", "forbidden")
+UPSTREAM_ERROR_KINDS = ("refused", "timeout", "unreachable", "dns", "socks", "forbidden", "fd_limit")
+# socket() failing with these says the proxy, not the backend, is out of resources.
+_FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
 
 # SOCKS5 handshake replies are at most 262 bytes; a bigger read may also bring early backend bytes,
 # which are returned as leftover.
@@ -152,6 +154,7 @@ async def open_direct(
         raise UpstreamError("dns", f"no addresses to connect to for port {port}")
     tasks: dict[asyncio.Task[socket.socket], str] = {}
     errors: dict[str, str] = {}
+    fd_limited: list[str] = []
     winner: socket.socket | None = None
     timed_out = False
     next_index = 0
@@ -164,7 +167,10 @@ async def open_direct(
             timed_out = True
         except OSError as exc:
             errors[order[0]] = _describe_oserror(exc)
-        return _raise_connect_failure(order, port, timeout_s, errors, {order[0]}, timed_out)
+            if exc.errno in _FD_LIMIT_ERRNOS:
+                fd_limited.append(order[0])
+        return _raise_connect_failure(order, port, timeout_s, errors, {order[0]}, timed_out,
+                                      fd_limited)
     try:
         async with asyncio.timeout(timeout_s):
             while winner is None:
@@ -189,6 +195,8 @@ async def open_direct(
                             winner = task.result()
                     else:
                         errors[tasks[task]] = _describe_oserror(exc)
+                        if getattr(exc, "errno", None) in _FD_LIMIT_ERRNOS:
+                            fd_limited.append(tasks[task])
     except TimeoutError:
         timed_out = True
     finally:
@@ -202,11 +210,13 @@ async def open_direct(
                 res.close()
     if winner is not None:
         return winner
-    return _raise_connect_failure(order, port, timeout_s, errors, set(tasks.values()), timed_out)
+    return _raise_connect_failure(order, port, timeout_s, errors, set(tasks.values()), timed_out,
+                                  fd_limited)
 
 
 def _raise_connect_failure(order: list[str], port: int, timeout_s: float, errors: dict[str, str],
-                           tried: set[str], timed_out: bool) -> NoReturn:
+                           tried: set[str], timed_out: bool,
+                           fd_limited: Sequence[str] = ()) -> NoReturn:
     attempts = []
     for ip in order:
         target = format_addr(ip, port)
@@ -215,6 +225,13 @@ def _raise_connect_failure(order: list[str], port: int, timeout_s: float, errors
         elif ip in tried:
             attempts.append((target, f"no answer within {timeout_s:g}s"))
     targets = ", ".join(format_addr(ip, port) for ip in order)
+    if fd_limited:
+        raise UpstreamError(
+            "fd_limit",
+            f"cannot open a socket to {targets}: this process is out of file descriptors "
+            f"(raise the fd limit: LimitNOFILE= / ulimit -n, add workers, or lower max_connections)",
+            attempts,
+        )
     if timed_out:
         raise UpstreamError(
             "timeout",
@@ -299,7 +316,8 @@ async def open_socks5(
         sock = await open_direct(server_ips, server_port, timeout_s=remaining,
                                  happy_eyeballs_delay_s=happy_eyeballs_delay_s)
     except UpstreamError as exc:
-        raise UpstreamError("socks", f"{label} is not reachable: {exc.message}", exc.attempts) from exc
+        kind = "fd_limit" if exc.kind == "fd_limit" else "socks"
+        raise UpstreamError(kind, f"{label} is not reachable: {exc.message}", exc.attempts) from exc
     loop = asyncio.get_running_loop()
     try:
         client = socks5.Socks5Client(target_host, target_port, username, password,
@@ -414,6 +432,26 @@ class Connector:
             f"If this is intended, set \"allow_private\": true on the route",
         )
 
+    async def _check_socks_name(self, decision: ConnectDecision) -> None:
+        """A dynamic route through SOCKS5 sends the SNI unresolved: the SOCKS server resolves
+        it, so `localhost` reached its loopback. Refuse *.localhost (RFC 6761: always loopback)
+        and names that resolve here to an internal address. A name that does not resolve here
+        goes on: only the SOCKS side knows it (split DNS), and it cannot be checked.
+        """
+        name = decision.host.rstrip(".").lower()
+        if name == "localhost" or name.endswith(".localhost"):
+            raise self._forbidden(decision, [(name, "loopback by definition, RFC 6761")])
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                addresses = await self.resolver.resolve(decision.host)
+        except (ResolveError, TimeoutError, OSError):
+            return
+        refused = [(ip, why) for ip in addresses if (why := forbidden_reason(ip))]
+        if refused:
+            # Unlike the direct path we cannot keep only the public addresses: the SOCKS
+            # server picks one itself.
+            raise self._forbidden(decision, refused)
+
     async def _direct(self, decision: ConnectDecision) -> tuple[socket.socket, str]:
         try:
             addresses = await self.resolver.resolve(decision.host)
@@ -448,6 +486,8 @@ class Connector:
             why = self._check_destination(decision, literal)
             if why:
                 raise self._forbidden(decision, [(literal, why)])
+        elif decision.dynamic and not decision.allow_private:
+            await self._check_socks_name(decision)
         try:
             server = parse_host_port(cfg.addr)
         except ValueError as exc:

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import pickle
 import logging
 import os
 import signal
 import socket
 import struct
+import time
 
 from sniproxy.proxy.app import ProxyApp
 from sniproxy.proxy.resolver import TwoLevelDnsCache
 from sniproxy.proxy.server import Worker
+from sniproxy.telemetry import metrics as metrics_mod
 from sniproxy.telemetry.metrics import ProxyMetrics
 
 log = logging.getLogger("sniproxy")
@@ -48,7 +51,7 @@ def new_event_loop(preference: str = "asyncio") -> asyncio.AbstractEventLoop:
 
 
 def worker_main(index: int, config, listeners: list[socket.socket], control: socket.socket,
-                kernel_relay_factory=None) -> int:
+                kernel_relay_factory=None, *, supervisor_pid: int = 0) -> int:
     """Runs in the child after fork(); returns the exit status."""
     # The fork happened inside the supervisor's running loop: forget it here.
     asyncio.events._set_running_loop(None)
@@ -58,15 +61,57 @@ def worker_main(index: int, config, listeners: list[socket.socket], control: soc
         signal.set_wakeup_fd(-1)
     except ValueError:
         pass
+    # SIGTERM (a drain) the moment the supervisor dies, even by SIGKILL; before the loop's
+    # handler is installed the default action ends this connection-less worker at once.
+    set_parent_death_signal(signal.SIGTERM)
+    if supervisor_pid and os.getppid() != supervisor_pid:
+        return 0                      # it died before the line above took effect
+    metrics_lock = metrics_mod.hold_multiprocess_dir()
     loop = new_event_loop(os.environ.get("SNI_PROXY_EVENT_LOOP", "asyncio"))
     asyncio.set_event_loop(loop)
+    seen = {"supervisor_gone": False}
     try:
-        return loop.run_until_complete(_run(index, config, listeners, control, kernel_relay_factory))
+        return loop.run_until_complete(_run(index, config, listeners, control, kernel_relay_factory,
+                                            seen))
     finally:
+        # Done serving: a late SIGTERM (the supervisor's death signal arriving after its closed
+        # control channel stopped us) must not kill this process before its clean-up below.
+        # Blocked, not ignored: loop.close() puts the default action back.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         loop.close()
+        # When the supervisor was killed nobody else removes the metrics files: the last
+        # process out does (a no-op while the supervisor lives: it holds the lock too).
+        if seen["supervisor_gone"] and supervisor_pid:
+            _wait_reparented(supervisor_pid)
+        metrics_mod.release_multiprocess_dir(metrics_lock, remove_if_last=True)
 
 
-async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
+# How long a worker that saw its control channel close waits for the supervisor's exit to finish.
+SUPERVISOR_EXIT_WAIT_S = 2.0
+
+
+def _wait_reparented(supervisor_pid: int) -> None:
+    """The control channel closes while the dying supervisor still releases its files (and its
+    lock on the metrics directory); the kernel reparents its children only after that. No event
+    says so, hence a short bounded poll (only on this rare path)."""
+    deadline = time.monotonic() + SUPERVISOR_EXIT_WAIT_S
+    while os.getppid() == supervisor_pid and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends `sig` to this process when its parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+async def _run(index, config, listeners, control, kernel_relay_factory, seen: dict) -> int:
     loop = asyncio.get_running_loop()
     metrics = ProxyMetrics()
     kernel_relay = kernel_relay_factory(metrics) if kernel_relay_factory else None
@@ -93,6 +138,7 @@ async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
         if not chunk:
             # The supervisor is gone: stop rather than run unsupervised.
             loop.remove_reader(control.fileno())
+            seen["supervisor_gone"] = True
             stop.set()
             return
         buffer.extend(chunk)
@@ -112,6 +158,7 @@ async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
 
     def sync_metrics() -> None:
         app.flush_metrics()
+        app.pipes.trim()              # idle pipes of the relay pool go back after a burst
         loop.call_later(METRICS_SYNC_S, sync_metrics)
 
     loop.call_later(METRICS_SYNC_S, sync_metrics)

@@ -17,6 +17,7 @@ from typing import Protocol
 # SO_LINGER {on, 0 s}: close() then sends RST instead of FIN, so a reset on one side reaches
 # the other side as a reset (never as a clean end of stream).
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
 
 
 @dataclass
@@ -40,5 +41,14 @@ def reset_on_close(*socks: socket.socket) -> None:
     for sock in socks:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+
+
+def fin_on_close(*socks: socket.socket) -> None:
+    """Undo reset_on_close: close() sends FIN again (errors are ignored)."""
+    for sock in socks:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
         except OSError:
             pass

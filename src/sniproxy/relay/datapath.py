@@ -145,7 +145,23 @@ class KernelDataPath:
         def make(metrics) -> WorkerKernel:
             return WorkerKernel(self, metrics, ring, index, row)
 
+        make.row = index          # what worker_gone() needs when this worker dies
         return make
+
+    def worker_gone(self, row: int) -> None:
+        """In the supervisor, once the worker of `row` exited (even by SIGKILL): purge the map
+        entries it left and retire its active count (else /status reports connections that do
+        not exist, and the map-capacity check falls back with map_full for good)."""
+        purged = 0
+        if self.sockmap is not None:
+            try:
+                purged = self.sockmap.purge_ring(row)
+            except BpfError as exc:
+                log.warning("could not purge the sockmap entries of a dead worker: %s", exc)
+        self.counters.row(row).retire_active()
+        if purged:
+            log.warning("sockmap: removed %d socket entries (%d connections) left by a worker "
+                        "that died", purged, purged // 2)
 
     # --- views ----------------------------------------------------------------------------
     def status(self) -> dict:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from sniproxy.ebpf import sockmap as sm
 from sniproxy.ebpf.objects import Map
 from sniproxy.ebpf.stats import CounterRow
-from sniproxy.relay.base import RelayResult, reset_on_close
+from sniproxy.relay.base import RelayResult, fin_on_close, reset_on_close
 
 log = logging.getLogger("sniproxy")
 
@@ -45,6 +45,10 @@ MOVE_QUIET_S = 0.002
 # everything kept (bounded by the source's receive buffer, tcp_rmem[2]): a read that split a
 # kept message duplicated part of it on 6.18 (2 MSS inside 8 MiB reads, measured).
 MOVE_BUDGET = 16 * 1024 * 1024
+# Idle checks per idle timeout: the timeout fires between idle_s and (1 + 1/N) idle_s after the
+# last byte. Each check costs two map lookups and two TCP_INFO calls: at the default
+# idle_s=300 that is one check per connection every 37 s.
+IDLE_CHECKS_PER_TIMEOUT = 8
 # Events handled per epoll wake-up before yielding to the event loop.
 EPOLL_BATCH = 512
 
@@ -92,6 +96,7 @@ class SockmapRelay:
         self._drain_delay = [DRAIN_CHECK_FIRST_S, DRAIN_CHECK_FIRST_S]
         self._movers: list[asyncio.Task | None] = [None, None]
         self._activity: tuple = ()
+        self._last_change = 0.0
         self._seen_passed = [(-1, 0.0), (-1, 0.0)]   # per direction: (`passed`, since when)
         self._final: list[sm.ConnState | None] = [None, None]   # a finished direction's counters
 
@@ -100,7 +105,8 @@ class SockmapRelay:
         # has: four syscalls fewer per connection. Bytes the trigger flushed since then count
         # as activity, as they should.
         self._activity = (0, 0, 0, 0, *self.pair.base_acked)
-        self._later("idle", self.idle_timeout_s, self._check_idle)
+        self._last_change = self.loop.time()
+        self._later("idle", self.idle_timeout_s / IDLE_CHECKS_PER_TIMEOUT, self._check_idle)
         try:
             return await self.finished
         finally:
@@ -354,14 +360,21 @@ class SockmapRelay:
         return (*counts, *self.copied, *acked)
 
     def _check_idle(self) -> None:
+        """Kernel counters carry no timestamps: sample them every idle_s / IDLE_CHECKS_PER_TIMEOUT
+        and time out once nothing moved since the sample where they last changed. (Sampling
+        once per idle_s let a connection idle for up to twice idle_s.)"""
         if self.finished.done():
             return
-        now = self._snapshot()
-        if now == self._activity:
+        sample = self._snapshot()
+        now = self.loop.time()
+        if sample != self._activity:
+            self._activity = sample
+            self._last_change = now
+        elif now - self._last_change >= self.idle_timeout_s:
             self._finish("idle_timeout", f"no bytes either way for {self.idle_timeout_s:.0f}s")
             return
-        self._activity = now
-        self._later("idle", self.idle_timeout_s, self._check_idle)
+        step = self.idle_timeout_s / IDLE_CHECKS_PER_TIMEOUT
+        self._later("idle", min(step, self._last_change + self.idle_timeout_s - now), self._check_idle)
 
     # --- end ----------------------------------------------------------------------------
     def _later(self, key: str, delay: float, fn: Callable, *args: Any) -> None:
@@ -383,8 +396,8 @@ class SockmapRelay:
         up, down = counts[0] + self.copied[0], counts[1] + self.copied[1]
         # Out of the maps before anything is closed or reset: nothing may still be redirected.
         self._teardown()
-        if reset:
-            reset_on_close(*self.pair.socks)
+        if not reset:
+            fin_on_close(*self.pair.socks)
         self.finished.set_result(RelayResult(up, down, outcome, detail))
 
     def _teardown(self) -> None:
@@ -532,6 +545,10 @@ class WorkerKernel:
         except OSError as exc:
             return self._fallback("socket_error", f"cannot read the socket state: {exc}")
         self.counters.add("inserted")
+        # Until the relay ends cleanly a close resets both sides: if this worker dies (SIGKILL)
+        # the kernel closes its sockets, and the clients must see a broken connection, not a
+        # clean end of a truncated stream. A clean end restores the FIN (_finish).
+        reset_on_close(client, backend)
         relay = SockmapRelay(self, pair, idle_timeout_s)
         for side, sock in enumerate(pair.socks):
             self._by_fd[sock.fileno()] = (relay, side)

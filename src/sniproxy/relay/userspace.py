@@ -74,21 +74,34 @@ def splice_available() -> bool:
         return False
 
 
+# Idle pipes a worker keeps (2 fds each): enough for the connections that start within the
+# time a few end, not for a whole burst (a burst of 256 connections kept 512 fds for good).
+MAX_IDLE_PIPES = 64
+# A pipe unused for this long is closed: the pool follows the load down after a burst.
+PIPE_IDLE_S = 5.0
+
+
 class PipePool:
     """Empty pipes kept for the next connection.
 
     A new pipe costs pipe2 + F_SETPIPE_SZ and later two close(): four syscalls per
     direction, a third of a short connection's syscalls. Only pipes known to be empty
     come back here; a pipe that may hold bytes (a reset mid-transfer) is closed.
+    Bounded (max_idle) and shrunk by trim(): the pool is a stack, so its bottom holds the
+    pipes unused the longest, and trim() closes those idle for more than idle_s.
     """
 
-    def __init__(self, max_idle: int = 256, pipe_size: int = PIPE_SIZE):
+    def __init__(self, max_idle: int = MAX_IDLE_PIPES, pipe_size: int = PIPE_SIZE,
+                 idle_s: float = PIPE_IDLE_S):
         self.max_idle = max_idle
         self.pipe_size = pipe_size
+        self.idle_s = idle_s
         self.idle: list[tuple[int, int, int]] = []
+        self._since: list[float] = []          # when each idle pipe came back, same order
 
     def get(self) -> tuple[int, int, int]:
         if self.idle:
+            self._since.pop()
             return self.idle.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -101,18 +114,34 @@ class PipePool:
     def put(self, r: int, w: int, capacity: int, empty: bool) -> None:
         if empty and len(self.idle) < self.max_idle:
             self.idle.append((r, w, capacity))
+            self._since.append(time.monotonic())
             return
-        for fd in (r, w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_pipe(r, w)
+
+    def trim(self, now: float | None = None) -> int:
+        """Close the pipes idle for more than idle_s; returns how many. Call now and then."""
+        cutoff = (time.monotonic() if now is None else now) - self.idle_s
+        n = 0
+        while n < len(self._since) and self._since[n] <= cutoff:
+            n += 1
+        for r, w, _ in self.idle[:n]:
+            _close_pipe(r, w)
+        del self.idle[:n], self._since[:n]
+        return n
 
     def close(self) -> None:
-        while self.idle:
-            r, w, _ = self.idle.pop()
-            os.close(r)
-            os.close(w)
+        for r, w, _ in self.idle:
+            _close_pipe(r, w)
+        self.idle.clear()
+        self._since.clear()
+
+
+def _close_pipe(r: int, w: int) -> None:
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class SplicePump:
@@ -212,6 +241,26 @@ class CopyPump:
         self.view.release()
 
 
+_TCP_CLOSE = 7
+
+
+def _was_reset(sock: socket.socket, we_sent_fin: bool) -> bool:
+    """A read returned 0 on `sock`: True when that end reset rather than sent a FIN.
+
+    A pending error says so; else the TCP state: a FIN leaves the socket in CLOSE_WAIT, a RST
+    in CLOSE. Once we sent our own FIN to it, CLOSE is also the end of a clean close (TIME_WAIT
+    leaves the socket in CLOSE), so only the pending error can tell.
+    """
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            return True
+        if we_sent_fin:
+            return False
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except OSError:
+        return True
+
+
 class _Direction:
     """One direction of a relay: read src while dst keeps up, then half-close."""
 
@@ -242,6 +291,13 @@ class _Direction:
                 if n is None:
                     break
                 if n == 0:
+                    if _was_reset(self.src, self.relay.other(self).done):
+                        # The peer reset and another call already took the error (a splice
+                        # that wrote part of its bytes returns their count and swallows it):
+                        # this read only says 0. Forwarding that as a FIN would hand the other
+                        # side a truncated stream that looks complete.
+                        self.relay.reset(f"{self.name}: the peer reset the connection")
+                        return
                     self.eof = True
                     break
                 written = pump.flush()
@@ -351,6 +407,9 @@ class UserspaceRelay:
         self._finish(outcome, detail, reset=True)
 
     # --- callbacks from the directions ---
+    def other(self, direction: _Direction) -> _Direction:
+        return self.down if direction is self.up else self.up
+
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 

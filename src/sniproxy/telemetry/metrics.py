@@ -7,6 +7,7 @@ its own `ProxyMetrics` on a private registry: no global state.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import glob
 import os
 import shutil
@@ -31,6 +32,52 @@ def enable_multiprocess(directory: str | None = None) -> str:
 
 def remove_multiprocess_dir(directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+_DIR_LOCK = ".alive"
+
+
+def hold_multiprocess_dir() -> int | None:
+    """A shared lock on the metrics directory, held by the supervisor and each worker for
+    their lifetime (fd, or None).
+
+    When the supervisor is gone (SIGKILL) the workers remove the directory themselves: the
+    one that can then take the lock exclusively is the last process using it. flock() locks
+    belong to the open file, which a fork shares: each process opens its own, and a worker
+    closes the supervisor's copy it inherited.
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return None
+    try:
+        fd = os.open(os.path.join(directory, _DIR_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def release_multiprocess_dir(fd: int | None, *, remove_if_last: bool) -> None:
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if fd is not None:
+        os.close(fd)
+    if not remove_if_last or not directory:
+        return
+    try:
+        fd = os.open(os.path.join(directory, _DIR_LOCK), os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return                     # already removed by another worker
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return                     # another worker still runs: it removes the directory
+    finally:
+        os.close(fd)
+    remove_multiprocess_dir(directory)
 
 
 def mark_worker_dead(pid: int) -> None:
