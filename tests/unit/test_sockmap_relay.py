@@ -14,6 +14,7 @@ import socket
 import pytest
 
 from sniproxy.ebpf.sockmap import ConnState
+from sniproxy.relay.base import reset_on_close
 from sniproxy.relay.sockmap import SockmapRelay
 
 CLIENT, BACKEND = 0, 1
@@ -52,6 +53,9 @@ class FakePair:
             self.relay_ends.append(a)
             self.far_ends.append(b)
         self.socks = tuple(self.relay_ends)
+        # As WorkerKernel.try_relay leaves them: a worker that dies resets its clients; a clean
+        # end of the relay turns it back to FIN.
+        reset_on_close(*self.socks)
         self.cookies = (101, 202)
         self.base_acked = (0, 0)
         self.inserted = True
@@ -157,6 +161,8 @@ def test_both_directions_end_cleanly_once_every_byte_landed(pair):
         assert pair.removed and worker.forgotten == [relay]
     _run(main())
     assert _eof_at_far_end(pair.far_ends[BACKEND]) and _eof_at_far_end(pair.far_ends[CLIENT])
+    linger = pair.socks[CLIENT].getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+    assert linger[:4] == b"\0\0\0\0"                  # a clean end closes with FIN
 
 
 def test_eof_waits_until_the_redirected_bytes_reached_the_peer(pair):
@@ -235,6 +241,7 @@ def test_a_reset_backend_resets_the_client_too(pair):
     relay_end, backend = _tcp_pair()
     relay_end.setblocking(False)
     pair.socks = (pair.socks[CLIENT], relay_end)
+    reset_on_close(*pair.socks)
     backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
     backend.close()                                     # RST
     poller = select.poll()
