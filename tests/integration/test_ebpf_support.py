@@ -20,9 +20,9 @@ from sniproxy.ebpf.support import (
     EbpfLoader,
     SupportReport,
     check_system_support,
-    cli_check,
     requested_checks,
 )
+from sniproxy.check_cli import cli_check
 from tests.ebpf_required import require_ebpf, skip_or_fail
 
 pytestmark = pytest.mark.ebpf
