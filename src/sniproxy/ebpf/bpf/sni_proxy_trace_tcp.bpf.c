@@ -1,0 +1,288 @@
+// SPDX-License-Identifier: GPL-2.0
+/* TCP tracer: lifecycle rows (bcc tcplife), connect latency and failures (tcpconnlat) and
+ * retransmits (tcpretrans), from sock:inet_sock_set_state and tcp:tcp_retransmit_skb.
+ *
+ * Both hooks are tp_btf programs with raw_tp twins for kernels that refuse tp_btf; user
+ * space loads one set. Events go to user space through one ring buffer; a full ring is
+ * counted (TCP_STAT_RING_FULL), never silent. Per-socket state lives in a bounded hash
+ * keyed by the socket's address, removed at TCP_CLOSE.
+ */
+#include "sni_proxy_common.h"
+#include "sni_proxy_trace.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define MAX_PORTS 8
+
+const volatile __u32 filter_tgid = 0;		/* 0: every process */
+const volatile __u8 filter_family = 0;		/* 0, AF_INET or AF_INET6 */
+const volatile __u16 filter_lports[MAX_PORTS] = {};
+const volatile __u32 filter_nlports = 0;
+const volatile __u16 filter_dports[MAX_PORTS] = {};
+const volatile __u32 filter_ndports = 0;
+const volatile bool emit_close = true;
+const volatile bool emit_connect = true;
+/* tcp_retransmit_skb gained a third argument (int err) in 2025; user space reads the
+ * tracepoint's BTF prototype and tells us, so an older kernel never sees the read. */
+const volatile bool retrans_has_err = false;
+
+enum tcp_stat {
+	TCP_STAT_RING_FULL = 0,	/* event lost: ring buffer full (user space too slow) */
+	TCP_STAT_SOCKS_FULL,	/* socket not tracked: sni_proxy_tcsk full */
+	TCP_STAT_EVENTS,	/* events submitted */
+	TCP_STAT_MAX,
+};
+
+struct sock_info {
+	__u64 birth_ns;		/* first state change: lifetime starts here */
+	__u64 syn_ns;		/* SYN_SENT: connect latency starts here, 0 otherwise */
+	__u32 tgid;
+	__u32 tid;
+	char comm[TASK_COMM_LEN];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);		/* struct sock * */
+	__type(value, struct sock_info);
+	__uint(max_entries, 65536);	/* concurrent TCP sockets tracked; set before load */
+} sni_proxy_tcsk SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);	/* bytes; ~7000 events; set before load */
+} sni_proxy_tcrb SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, TCP_STAT_MAX);
+} sni_proxy_tcsta SEC(".maps");
+
+static __always_inline bool port_in(const volatile __u16 *ports, __u32 n, __u16 port)
+{
+	for (int i = 0; i < MAX_PORTS; i++) {
+		if (i >= n)
+			break;
+		if (ports[i] == port)
+			return true;
+	}
+	return false;
+}
+
+/* Family and ports; the process filter is applied by the callers (it needs sock_info). */
+static __always_inline bool flow_wanted(const struct sock *sk, __u16 family)
+{
+	__u16 lport, dport;
+
+	if (filter_family && family != filter_family)
+		return false;
+	if (filter_nlports) {
+		lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		if (!port_in(filter_lports, filter_nlports, lport))
+			return false;
+	}
+	if (filter_ndports) {
+		dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		if (!port_in(filter_dports, filter_ndports, dport))
+			return false;
+	}
+	return true;
+}
+
+static __always_inline void fill_flow(struct tcp_event *e, const struct sock *sk, __u16 family)
+{
+	e->family = family;
+	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET) {
+		BPF_CORE_READ_INTO(e->saddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO(e->daddr, sk, __sk_common.skc_daddr);
+	} else {
+		BPF_CORE_READ_INTO(e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(e->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+	e->cookie = (__u64)sk;
+	e->ts_ns = bpf_ktime_get_ns();
+}
+
+static __always_inline struct tcp_event *reserve(void)
+{
+	struct tcp_event *e = bpf_ringbuf_reserve(&sni_proxy_tcrb, sizeof(*e), 0);
+
+	if (!e) {
+		sni_proxy_count(&sni_proxy_tcsta, TCP_STAT_RING_FULL, 1);
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	return e;
+}
+
+static __always_inline void submit(struct tcp_event *e)
+{
+	bpf_ringbuf_submit(e, 0);
+	sni_proxy_count(&sni_proxy_tcsta, TCP_STAT_EVENTS, 1);
+}
+
+static __always_inline void set_ident(struct sock_info *info)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	info->tgid = id >> 32;
+	info->tid = (__u32)id;
+	bpf_get_current_comm(info->comm, sizeof(info->comm));
+}
+
+static __always_inline void copy_ident(struct tcp_event *e, struct sock_info *info)
+{
+	e->tgid = info->tgid;
+	e->tid = info->tid;
+	__builtin_memcpy(e->comm, info->comm, sizeof(e->comm));
+}
+
+static __always_inline int on_state(const struct sock *sk, int oldstate, int newstate)
+{
+	__u64 key = (__u64)sk;
+	struct sock_info *info, fresh = {};
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+	struct tcp_event *e;
+	__u16 family;
+
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	if (!flow_wanted(sk, family))
+		return 0;
+
+	info = bpf_map_lookup_elem(&sni_proxy_tcsk, &key);
+	if (!info) {
+		if (newstate == TCP_CLOSE)
+			return 0;	/* born before we attached: no row */
+		fresh.birth_ns = bpf_ktime_get_ns();
+		/* Process context only for an active open; a passive child is created in
+		 * softirq, its owner is learnt when the application closes it. */
+		if (newstate == TCP_SYN_SENT)
+			set_ident(&fresh);
+		if (bpf_map_update_elem(&sni_proxy_tcsk, &key, &fresh, BPF_NOEXIST)) {
+			sni_proxy_count(&sni_proxy_tcsta, TCP_STAT_SOCKS_FULL, 1);
+			return 0;
+		}
+		info = bpf_map_lookup_elem(&sni_proxy_tcsk, &key);
+		if (!info)
+			return 0;
+	}
+	if (newstate == TCP_SYN_SENT) {
+		info->syn_ns = bpf_ktime_get_ns();
+		set_ident(info);
+	} else if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK) {
+		/* close()/shutdown() by the application: its process context */
+		set_ident(info);
+	}
+
+	if (oldstate == TCP_SYN_SENT && (newstate == TCP_ESTABLISHED || newstate == TCP_CLOSE)) {
+		if (emit_connect && (!filter_tgid || info->tgid == filter_tgid) && (e = reserve())) {
+			fill_flow(e, sk, family);
+			copy_ident(e, info);
+			e->duration_ns = e->ts_ns - info->syn_ns;
+			if (newstate == TCP_CLOSE) {
+				e->kind = TCP_EV_CONNECT_FAIL;
+				e->err = BPF_CORE_READ(sk, sk_err);
+			} else {
+				e->kind = TCP_EV_CONNECT;
+				e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+			}
+			submit(e);
+		}
+	}
+	if (newstate != TCP_CLOSE)
+		return 0;
+	if (emit_close && oldstate != TCP_SYN_SENT &&
+	    (!filter_tgid || info->tgid == filter_tgid) && (e = reserve())) {
+		fill_flow(e, sk, family);
+		copy_ident(e, info);
+		e->kind = TCP_EV_CLOSE;
+		e->state = oldstate;
+		e->duration_ns = e->ts_ns - info->birth_ns;
+		e->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
+		e->bytes_received = BPF_CORE_READ(tp, bytes_received);
+		e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+		e->total_retrans = BPF_CORE_READ(tp, total_retrans);
+		e->err = BPF_CORE_READ(sk, sk_err);
+		submit(e);
+	}
+	bpf_map_delete_elem(&sni_proxy_tcsk, &key);
+	return 0;
+}
+
+static __always_inline int on_retrans(const struct sock *sk, const struct sk_buff *skb, int err)
+{
+	__u64 key = (__u64)sk;
+	struct sock_info *info;
+	struct tcp_event *e;
+	__u16 family;
+	void *cb;
+
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	if (!flow_wanted(sk, family))
+		return 0;
+	info = bpf_map_lookup_elem(&sni_proxy_tcsk, &key);
+	if (filter_tgid && (!info || info->tgid != filter_tgid))
+		return 0;
+	e = reserve();
+	if (!e)
+		return 0;
+	fill_flow(e, sk, family);
+	if (info)
+		copy_ident(e, info);
+	e->kind = TCP_EV_RETRANS;
+	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	e->err = err;
+	/* TCP_SKB_CB(skb)->tcp_gso_segs: a GSO skb retransmits several segments at once and
+	 * RetransSegs counts every one of them. */
+	cb = (void *)skb + bpf_core_field_offset(struct sk_buff, cb);
+	e->segs = BPF_CORE_READ((struct tcp_skb_cb *)cb, tcp_gso_segs);
+	e->srtt_us = BPF_CORE_READ((struct tcp_sock *)sk, srtt_us) >> 3;
+	e->total_retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
+	submit(e);
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(sni_proxy_tcstb, const struct sock *sk, const int oldstate, const int newstate)
+{
+	return on_state(sk, oldstate, newstate);
+}
+
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(sni_proxy_tcstr, const struct sock *sk, const int oldstate, const int newstate)
+{
+	return on_state(sk, oldstate, newstate);
+}
+
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(sni_proxy_tcrtb, const struct sock *sk, const struct sk_buff *skb)
+{
+	int err = 0;
+
+	if (retrans_has_err)
+		err = (int)ctx[2];
+	return on_retrans(sk, skb, err);
+}
+
+SEC("raw_tp/tcp_retransmit_skb")
+int BPF_PROG(sni_proxy_tcrtr, const struct sock *sk, const struct sk_buff *skb)
+{
+	int err = 0;
+
+	if (retrans_has_err)
+		err = (int)ctx[2];
+	return on_retrans(sk, skb, err);
+}
+
+char LICENSE[] SEC("license") = "GPL";
