@@ -40,6 +40,12 @@ struct sock_info {
 	__u32 tgid;
 	__u32 tid;
 	char comm[TASK_COMM_LEN];
+	/* The flow as seen when ESTABLISHED: by the time TCP_CLOSE is traced the kernel has
+	 * already released the local port (inet_put_port zeroes it). */
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
 };
 
 struct {
@@ -142,6 +148,34 @@ static __always_inline void copy_ident(struct tcp_event *e, struct sock_info *in
 	__builtin_memcpy(e->comm, info->comm, sizeof(e->comm));
 }
 
+/* bytes_acked counts sequence numbers: the SYN of an active open and our FIN once acked
+ * are one each; the row reports application bytes. */
+static __always_inline __u64 payload_sent(const struct sock *sk, const struct tcp_sock *tp,
+					  struct sock_info *info, int oldstate)
+{
+	__u64 acked = BPF_CORE_READ(tp, bytes_acked);
+	bool fin_sent = oldstate == TCP_FIN_WAIT1 || oldstate == TCP_FIN_WAIT2 ||
+			oldstate == TCP_CLOSING || oldstate == TCP_LAST_ACK;
+
+	if (info->syn_ns && acked)
+		acked--;
+	/* write_seq includes a queued FIN: everything up to it acknowledged means the FIN too */
+	if (fin_sent && acked && BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
+		acked--;
+	return acked;
+}
+
+/* bytes_received includes the peer's FIN; tcp_fin() marks its receipt with SOCK_DONE. */
+static __always_inline __u64 payload_received(const struct sock *sk, const struct tcp_sock *tp)
+{
+	__u64 received = BPF_CORE_READ(tp, bytes_received);
+	unsigned long flags = BPF_CORE_READ(sk, __sk_common.skc_flags);
+
+	if ((flags & (1UL << SOCK_DONE)) && received)
+		received--;
+	return received;
+}
+
 static __always_inline int on_state(const struct sock *sk, int oldstate, int newstate)
 {
 	__u64 key = (__u64)sk;
@@ -160,8 +194,12 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 
 	info = bpf_map_lookup_elem(&sni_proxy_tcsk, &key);
 	if (!info) {
-		if (newstate == TCP_CLOSE)
-			return 0;	/* born before we attached: no row */
+		/* Only births: a socket opened before we attached has no row (its lifetime and
+		 * byte counts would be wrong). Passive children appear at SYN_RECV or at their
+		 * SYN_RECV -> ESTABLISHED step. */
+		if (newstate != TCP_SYN_SENT && newstate != TCP_SYN_RECV &&
+		    !(oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED))
+			return 0;
 		fresh.birth_ns = bpf_ktime_get_ns();
 		/* Process context only for an active open; a passive child is created in
 		 * softirq, its owner is learnt when the application closes it. */
@@ -181,6 +219,16 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	} else if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK) {
 		/* close()/shutdown() by the application: its process context */
 		set_ident(info);
+	}
+
+	if (newstate == TCP_ESTABLISHED) {
+		struct tcp_event flow = {};
+
+		fill_flow(&flow, sk, family);
+		__builtin_memcpy(info->saddr, flow.saddr, sizeof(info->saddr));
+		__builtin_memcpy(info->daddr, flow.daddr, sizeof(info->daddr));
+		info->sport = flow.sport;
+		info->dport = flow.dport;
 	}
 
 	if (oldstate == TCP_SYN_SENT && (newstate == TCP_ESTABLISHED || newstate == TCP_CLOSE)) {
@@ -204,11 +252,17 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	    (!filter_tgid || info->tgid == filter_tgid) && (e = reserve())) {
 		fill_flow(e, sk, family);
 		copy_ident(e, info);
+		if (info->sport) {
+			__builtin_memcpy(e->saddr, info->saddr, sizeof(e->saddr));
+			__builtin_memcpy(e->daddr, info->daddr, sizeof(e->daddr));
+			e->sport = info->sport;
+			e->dport = info->dport;
+		}
 		e->kind = TCP_EV_CLOSE;
 		e->state = oldstate;
 		e->duration_ns = e->ts_ns - info->birth_ns;
-		e->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
-		e->bytes_received = BPF_CORE_READ(tp, bytes_received);
+		e->bytes_acked = payload_sent(sk, tp, info, oldstate);
+		e->bytes_received = payload_received(sk, tp);
 		e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
 		e->total_retrans = BPF_CORE_READ(tp, total_retrans);
 		e->err = BPF_CORE_READ(sk, sk_err);
