@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "check": "sniproxy.ebpf.support:cli_check",
     "demo": "sniproxy.ebpf.demo:cli_demo",
     "profile": "sniproxy.observe.profile_cli:cli_profile",
+    "trace": "sniproxy.observe.trace_cli:cli_trace",
 }
 
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
             "       sni-proxy check [--config FILE] [--json]   what eBPF this system supports\n"
             "       sni-proxy demo                             load every BPF program for real\n"
             "       sni-proxy profile [-p PID] [-F HZ] [--duration S] [-o OUT]   CPU profiler\n"
+            "       sni-proxy trace syscalls|tcp|connect|retrans|memory ...   bcc-style tracers\n"
             "Run `sni-proxy COMMAND --help` for the options of one command."
         )
         return 0

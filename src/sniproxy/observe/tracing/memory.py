@@ -49,7 +49,7 @@ _KERNEL_PROGRAMS = {"tp_btf": ("sni_proxy_mmkmb", "sni_proxy_mmkfb"),
 
 DEFAULT_MAX_ALLOCS = 1 << 17
 MAX_ALLOCS_LIMIT = 1 << 22
-DEFAULT_STACKS = 16384
+DEFAULT_STACKS = 8192   # stack traces kept (1 KiB each, preallocated)
 _LIBC_RE = re.compile(r"/libc(\.so\.\d+|-[\d.]+\.so)$")
 
 
