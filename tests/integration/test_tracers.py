@@ -50,8 +50,11 @@ def bins(tmp_path_factory) -> dict[str, str]:
 
 
 def _start_waiting(cmd: list[str], **kw) -> subprocess.Popen:
-    """A workload blocked on its first stdin byte, so a tracer can attach to its pid first."""
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, **kw)
+    """A workload that said "w" (loaded, libc mapped) and now waits for its first stdin byte,
+    so a tracer can attach to its pid first."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, **kw)
+    assert proc.stdout.readline() == b"w\n", cmd
+    return proc
 
 
 def _go(proc: subprocess.Popen) -> None:
@@ -423,12 +426,17 @@ def test_connect_latency_under_netem_delay(netns_pair):
         snap = tracer.wait_for(lambda s: len(s.of_kind("connect")) >= 10, timeout_s=10)
     mine = [e for e in snap.of_kind("connect") if e.saddr == CLIENT_IP]
     assert len(mine) == 10
+    latencies = sorted(e.duration_ns / 1e6 for e in mine)
+    # The SYN waits 20 ms on the link: the typical connect is within 2 ms of that (the link
+    # is a user-space process, so one connect can be late when the machine is busy) ...
+    assert 20.0 <= latencies[len(latencies) // 2] <= 22.0, latencies
     for e, user_s in zip(mine, seen["ok"]):
-        # the SYN waits 20 ms in netem; the kernel's figure is within 2 ms of that ...
-        assert 20.0 <= e.duration_ns / 1e6 <= 22.0, e
-        # ... and below what the client measured around connect() (syscall overheads added)
+        assert e.duration_ns / 1e6 >= 20.0, e
+        # ... each one agrees with the kernel's own RTT sample of that handshake (what
+        # `ss -ti` shows as rtt) within 2 ms, and is below what the client measured around
+        # connect() (its syscall and wake-up add to it)
+        assert abs(e.duration_ns / 1e3 - e.srtt_us) <= 2000, e
         assert e.duration_ns / 1e9 <= user_s + 0.001
-        assert 19_000 <= e.srtt_us <= 23_000, e     # first RTT sample: the handshake
 
 
 def test_connect_failures_carry_their_reason(netns_pair):
@@ -477,3 +485,156 @@ def test_retransmits_equal_retranssegs_under_netem_loss(netns_pair):
     assert sum(max(e.segs, 1) for e in mine) == delta, (len(mine), delta)
     flows = snap.retrans_by_flow()
     assert sum(n for (s, _, _, _), n in flows.items() if s == CLIENT_IP) == delta
+
+
+# -- memory -------------------------------------------------------------------------------------
+def test_memory_outstanding_bytes_and_stacks_are_exact(bins):
+    from sniproxy.observe.tracing import EbpfMemoryTracer
+
+    small_n, big_n = 50, 30
+    proc = _start_waiting([bins["leak"], str(small_n), str(big_n)])
+    try:
+        with EbpfMemoryTracer(pid=proc.pid) as tracer:
+            _go(proc)
+            assert proc.stdout.readline() == b"ready\n"
+            snap = tracer.snapshot(top=10)
+            overhead = tracer.get_overhead()
+        proc.stdin.write(b"x")
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+    leaks = {s.frames[0].name: s for s in snap.stacks if s.frames}
+    small, big = leaks["leak_small"], leaks["leak_big"]
+    assert (small.count, small.bytes) == (small_n, small_n * 96)
+    assert (big.count, big.bytes) == (2 * big_n // 3, 2 * big_n // 3 * 5000)
+    for stack in (small, big):
+        assert [f.name for f in stack.frames[1:2]] == ["main"]
+        assert stack.frames[0].module == "leak"
+    # realloc chains and posix_memalign were freed: nothing else is outstanding
+    assert snap.total_bytes == small.bytes + big.bytes, snap.stacks
+    assert snap.stats["allocs_full"] == 0 and snap.stats["stacks_lost"] == 0
+    assert overhead.bpf_run_count > 0
+
+
+_PY_LEAK = r"""
+import sys
+kept = []
+print("w", flush=True)
+sys.stdin.buffer.read(1)
+for _ in range(200):
+    kept.append(bytes(10000))        # PYTHONMALLOC=malloc: each is one malloc(10033)
+print("leaked", flush=True)
+sys.stdin.buffer.read(1)
+"""
+
+
+def test_python_leak_is_visible_with_pythonmalloc_malloc():
+    from sniproxy.observe.tracing import EbpfMemoryTracer
+
+    env = dict(os.environ, PYTHONMALLOC="malloc")
+    proc = _start_waiting([sys.executable, "-c", _PY_LEAK], env=env)
+    try:
+        with EbpfMemoryTracer(pid=proc.pid, min_size=10000) as tracer:
+            baseline = tracer.snapshot().total_bytes
+            _go(proc)
+            assert proc.stdout.readline() == b"leaked\n"
+            snap = tracer.snapshot(top=5)
+    finally:
+        proc.kill()
+        proc.wait()
+    size = sys.getsizeof(bytes(10000))
+    assert baseline == 0
+    assert snap.total_count == 200 and snap.total_bytes == 200 * size, snap.stacks
+    assert snap.stacks[0].bytes == 200 * size
+
+
+def test_kernel_mode_sees_kmalloc():
+    from sniproxy.observe.tracing import EbpfMemoryTracer
+
+    with EbpfMemoryTracer(kernel=True, pid=os.getpid()) as tracer:
+        socks = [socket.socket() for _ in range(50)]     # each socket kmallocs
+        snap = tracer.snapshot(top=3)
+        for s in socks:
+            s.close()
+    assert tracer.hook_mode in ("tp_btf", "raw_tp")
+    assert snap.stats["allocs"] > 0
+    assert snap.stacks and snap.stacks[0].frames and snap.stacks[0].frames[0].kernel
+
+
+# -- release and CLI ---------------------------------------------------------------------------
+def test_every_tracer_releases_programs_maps_and_fds(bins):
+    from sniproxy.observe.tracing import (EbpfMemoryTracer, EbpfNetworkTracer,
+                                          EbpfSyscallTracer)
+
+    proc = _start_waiting([bins["leak"], "1", "3"])
+    try:
+        fds0 = _bpf_fds()
+        for make in (lambda: EbpfSyscallTracer(pid=proc.pid, latency=True),
+                     lambda: EbpfNetworkTracer(),
+                     lambda: EbpfMemoryTracer(pid=proc.pid)):
+            tracer = make()
+            tracer.start()
+            progs, maps = set(tracer.program_ids), set(tracer.map_ids)
+            assert progs <= _bpftool_ids("prog") and maps <= _bpftool_ids("map")
+            assert _bpf_fds() > fds0
+            tracer.stop()
+            assert _bpf_fds() == fds0, tracer.NAME
+            # the kernel frees programs and maps after an RCU grace period (deferred work):
+            # no event to wait on, so poll bpftool with a deadline
+            deadline = time.monotonic() + 10
+            while (progs & _bpftool_ids("prog") or maps & _bpftool_ids("map")) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not progs & _bpftool_ids("prog"), tracer.NAME
+            assert not maps & _bpftool_ids("map"), tracer.NAME
+            tracer.stop()       # idempotent
+            assert tracer.snapshot() is not None   # the final snapshot stays readable
+    finally:
+        proc.kill()
+
+
+def test_btf_layout_of_shared_structs_matches_python():
+    from sniproxy.ebpf.objects import object_path
+    from sniproxy.observe.tracing import memory, network, syscalls
+
+    # (struct tcp_event lives only behind ring-buffer pointers, so the compiler keeps no BTF
+    # for it; its layout is proven by the TCP tests decoding every field right.)
+    assert network._EVENT.size == 128
+    expected = {("sni_proxy_trace_syscalls", "sc_value"): syscalls._VALUE.size,
+                ("sni_proxy_trace_syscalls", "sc_key"): syscalls._KEY.size,
+                ("sni_proxy_trace_syscalls", "sc_errkey"): syscalls._ERRKEY.size,
+                ("sni_proxy_trace_syscalls", "sc_hist"): syscalls._HIST.size,
+                ("sni_proxy_trace_memory", "mem_alloc"): memory._ALLOC.size}
+    for (obj, struct_name), size in expected.items():
+        dump = subprocess.run(["bpftool", "btf", "dump", "file", str(object_path(obj))],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+        found = re.search(rf"STRUCT '{struct_name}' size=(\d+)", dump)
+        assert found and int(found.group(1)) == size, (obj, struct_name, size)
+
+
+def test_cli_syscalls_json_and_missing_privileges(bins):
+    proc = _start_waiting([bins["syscalls_exact"], "3000", "0", "7"])
+    cli = subprocess.Popen([SNI_PROXY, "trace", "syscalls", "-p", str(proc.pid), "--json",
+                            "-d", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        assert "Tracing syscalls" in cli.stderr.readline()     # attached
+        _go(proc)
+        assert proc.wait(timeout=30) == 0
+        cli.send_signal(2)                                      # Ctrl-C: print and exit
+        out, err = cli.communicate(timeout=30)
+    finally:
+        proc.kill()
+        cli.kill()
+    assert cli.returncode == 0, err
+    rows = {r["syscall"]: r for r in map(json.loads, out.splitlines())}
+    assert rows["getppid"]["count"] == 3000
+    assert rows["openat"]["errnos"] == {"ENOENT": 7}
+
+    denied = subprocess.run(
+        ["setpriv", "--inh-caps=-bpf,-perfmon,-sys_admin",
+         "--bounding-set=-bpf,-perfmon,-sys_admin", SNI_PROXY, "trace", "tcp", "-d", "1"],
+        capture_output=True, text=True, timeout=30)
+    assert denied.returncode == 1
+    assert "CAP_BPF" in denied.stderr and "setcap" in denied.stderr

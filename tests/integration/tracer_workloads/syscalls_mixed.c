@@ -33,7 +33,8 @@ int main(int argc, char **argv)
 	char c;
 	pid_t child;
 
-	if (read(0, &c, 1) != 1)
+	/* "waiting": the test attaches its tracer, then sends the byte */
+	if (write(1, "w\n", 2) != 2 || read(0, &c, 1) != 1)
 		return 1;
 	child = fork();
 	if (child == 0) {
