@@ -53,7 +53,8 @@ from .libbpf import (  # re-exported: users import everything eBPF from here
 )
 
 __all__ = [
-    "BPF_DIR", "BpfError", "BpfObject", "RingBuffer", "Map", "TypedMap", "Program", "Link", "StatsHandle",
+    "BPF_DIR", "BpfError", "BpfObject", "Map", "TypedMap", "Program", "Link", "StatsHandle",
+    "RingBuffer",
     "enable_bpf_stats", "object_path", "available_objects", "online_cpus", "possible_cpus",
     "perf_event_open_cpu_clock", "raise_memlock_rlimit",
     "BPF_ANY", "BPF_NOEXIST", "BPF_EXIST", "BPF_F_NO_PREALLOC",

@@ -180,7 +180,8 @@ class BaseTracer:
                         log.info("%s: %s", self.NAME, "; ".join(errors))
                     raise translate(exc, f"{self.NAME}: loading and attaching {self.OBJECT} "
                                          f"({hook} hooks)") from exc
-                errors.append(f"{hook} hooks failed ({exc.errno}: {exc.what}), trying {hooks[i + 1]}")
+                errors.append(f"{hook} hooks failed ({exc.errno}: {exc.what}), "
+                              f"trying {hooks[i + 1]}")
                 continue
             self._obj, self._links, self.hook_mode = obj, links, hook
             self.program_ids = [obj.program(p).id for p in wanted]
@@ -265,7 +266,8 @@ class BaseTracer:
             user_ns, setup_ns = self._user_cpu_ns, self._setup_cpu_ns
         return TracerOverhead(
             name=self.NAME, cpu_percent=100.0 * (run_ns + user_ns) / (wall_ns * cpus),
-            bpf_run_time_ns=run_ns, bpf_run_count=runs, user_cpu_ns=user_ns, setup_cpu_ns=setup_ns, wall_ns=wall_ns,
+            bpf_run_time_ns=run_ns, bpf_run_count=runs, user_cpu_ns=user_ns,
+            setup_cpu_ns=setup_ns, wall_ns=wall_ns,
             cpus=cpus, map_memory_bytes=mem, stats_enabled=self._stats_handle is not None)
 
 
