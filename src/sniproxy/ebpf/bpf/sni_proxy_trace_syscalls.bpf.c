@@ -11,6 +11,7 @@
 #include "sni_proxy_trace.h"
 
 #define MAX_ERRNO 4095
+#define MAX_NR 1024		/* syscall numbers below this use the per-CPU arrays */
 
 const volatile __u32 filter_tgid = 0;		/* 0: every process */
 const volatile __u64 filter_cgroup_id = 0;	/* 0: every cgroup */
@@ -30,17 +31,33 @@ enum sc_stat {
 
 struct sc_start {
 	__u64 ts;
-	__s64 nr;
+	__s64 nr;	/* -1: no call in progress */
 };
 
-/* LRU: a thread that dies inside a syscall (exit_group) leaves its entry behind; the
- * oldest such leftovers are evicted instead of filling the map. */
+/* The call in progress, per thread: task-local storage is freed with the task (a thread that
+ * dies inside exit_group leaves nothing behind) and costs far less than a hash update. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, __u32);		/* tid */
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct sc_start);
-	__uint(max_entries, 16384);	/* threads inside a syscall at once */
 } sni_proxy_scst SEC(".maps");
+
+/* Counts by syscall number when not per process: a per-CPU array slot is found without
+ * hashing and updated without atomics (user space sums the CPUs). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct sc_value);
+	__uint(max_entries, MAX_NR);
+} sni_proxy_scarr SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct sc_hist);
+	__uint(max_entries, MAX_NR);	/* 1 when latency is off */
+} sni_proxy_schar SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -95,17 +112,20 @@ static __always_inline __u32 log2_slot(__u64 v)
 static __always_inline int on_enter(long nr)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct sc_start start;
-	__u32 tid = (__u32)id;
+	struct sc_start *start;
 
 	if (nr < 0)	/* -1: a tracer or seccomp cancelled the call; nothing will run */
 		return 0;
 	if (!wanted(id >> 32))
 		return 0;
-	start.ts = measure_latency ? bpf_ktime_get_ns() : 0;
-	start.nr = nr;
-	if (bpf_map_update_elem(&sni_proxy_scst, &tid, &start, BPF_ANY))
+	start = bpf_task_storage_get(&sni_proxy_scst, bpf_get_current_task_btf(), 0,
+				     BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!start) {
 		sni_proxy_count(&sni_proxy_scsta, SC_STAT_ENTER_LOST, 1);
+		return 0;
+	}
+	start->ts = measure_latency ? bpf_ktime_get_ns() : 0;
+	start->nr = nr;
 	return 0;
 }
 
@@ -145,27 +165,42 @@ static __always_inline void add_latency(struct sc_key *key, __u64 ns)
 	__sync_fetch_and_add(&hist->slots[slot], 1);
 }
 
+static __always_inline struct sc_value *value_for(struct sc_key *key)
+{
+	struct sc_value init = {}, *value;
+	__u32 nr = key->nr;
+
+	if (!by_process && nr < MAX_NR)
+		return bpf_map_lookup_elem(&sni_proxy_scarr, &nr);
+	value = bpf_map_lookup_elem(&sni_proxy_sccnt, key);
+	if (!value) {
+		bpf_map_update_elem(&sni_proxy_sccnt, key, &init, BPF_NOEXIST);
+		value = bpf_map_lookup_elem(&sni_proxy_sccnt, key);
+	}
+	return value;
+}
+
 static __always_inline int on_exit(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct sc_value init = {}, *value;
+	struct sc_value *value;
 	struct sc_start *start;
 	struct sc_key key = {};
-	__u32 tid = (__u32)id;
 	bool failed = ret < 0 && ret >= -MAX_ERRNO;
+	__u32 nr;
 	__u64 ns = 0;
 
 	if (!wanted(id >> 32))
 		return 0;
-	start = bpf_map_lookup_elem(&sni_proxy_scst, &tid);
-	if (!start) {
+	start = bpf_task_storage_get(&sni_proxy_scst, bpf_get_current_task_btf(), 0, 0);
+	if (!start || start->nr < 0) {
 		sni_proxy_count(&sni_proxy_scsta, SC_STAT_NO_ENTER, 1);
 		return 0;
 	}
 	key.nr = start->nr;
 	if (measure_latency)
 		ns = bpf_ktime_get_ns() - start->ts;
-	bpf_map_delete_elem(&sni_proxy_scst, &tid);
+	start->nr = -1;		/* consumed: an exit without a new enter is not counted twice */
 
 	if ((failures_only || filter_errno) && !failed)
 		return 0;
@@ -174,23 +209,37 @@ static __always_inline int on_exit(long ret)
 	if (by_process)
 		key.tgid = id >> 32;
 
-	value = bpf_map_lookup_elem(&sni_proxy_sccnt, &key);
+	value = value_for(&key);
 	if (!value) {
-		bpf_map_update_elem(&sni_proxy_sccnt, &key, &init, BPF_NOEXIST);
-		value = bpf_map_lookup_elem(&sni_proxy_sccnt, &key);
-		if (!value) {
-			sni_proxy_count(&sni_proxy_scsta, SC_STAT_COUNT_FULL, 1);
-			return 0;
-		}
+		sni_proxy_count(&sni_proxy_scsta, SC_STAT_COUNT_FULL, 1);
+		return 0;
 	}
-	__sync_fetch_and_add(&value->count, 1);
-	if (failed) {
-		__sync_fetch_and_add(&value->errors, 1);
+	/* per-CPU slot: plain adds; shared hash value (per process): atomic */
+	if (!by_process && key.nr < MAX_NR) {
+		value->count += 1;
+		if (failed)
+			value->errors += 1;
+		if (measure_latency)
+			value->total_ns += ns;
+	} else {
+		__sync_fetch_and_add(&value->count, 1);
+		if (failed)
+			__sync_fetch_and_add(&value->errors, 1);
+		if (measure_latency)
+			__sync_fetch_and_add(&value->total_ns, ns);
+	}
+	if (failed)
 		add_error(&key, (__u32)-ret);
-	}
 	if (measure_latency) {
-		__sync_fetch_and_add(&value->total_ns, ns);
-		add_latency(&key, ns);
+		nr = key.nr;
+		if (!by_process && nr < MAX_NR) {
+			struct sc_hist *hist = bpf_map_lookup_elem(&sni_proxy_schar, &nr);
+
+			if (hist)
+				hist->slots[log2_slot(ns / 1000)] += 1;
+		} else {
+			add_latency(&key, ns);
+		}
 	}
 	return 0;
 }

@@ -18,6 +18,9 @@ from .syscall_names import syscall_name
 OBJECT = "sni_proxy_trace_syscalls"
 MAP_COUNTS, MAP_ERRNOS, MAP_HIST, MAP_STATS = (
     "sni_proxy_sccnt", "sni_proxy_scerr", "sni_proxy_schst", "sni_proxy_scsta")
+#: Per-CPU arrays indexed by syscall number (counts and histograms when not per process).
+MAP_COUNT_ARRAY, MAP_HIST_ARRAY = "sni_proxy_scarr", "sni_proxy_schar"
+MAX_NR = 1024
 #: Slots of sni_proxy_scsta (enum sc_stat).
 STAT_NAMES = ("enter_lost", "counts_full", "errnos_full", "histograms_full", "exit_without_enter")
 
@@ -112,8 +115,12 @@ class EbpfSyscallTracer(BaseTracer):
                 "measure_latency": int(self.latency), "by_process": int(self.by_process)}
 
     def _map_sizes(self) -> dict:
-        return {MAP_COUNTS: self.max_keys, MAP_ERRNOS: DEFAULT_MAX_ERRNO_KEYS,
-                MAP_HIST: min(self.max_keys, 4096) if self.latency else 1}
+        # Per process: (tgid, nr) keys in hashes. Otherwise the per-CPU arrays hold every
+        # number below MAX_NR and the hashes only what is above (none on x86_64 today).
+        hashed = self.max_keys if self.by_process else 64
+        return {MAP_COUNTS: hashed, MAP_ERRNOS: DEFAULT_MAX_ERRNO_KEYS,
+                MAP_HIST: min(hashed, 4096) if self.latency else 1,
+                MAP_HIST_ARRAY: MAX_NR if self.latency and not self.by_process else 1}
 
     _final: SyscallSnapshot | None = None
 
@@ -143,10 +150,11 @@ class EbpfSyscallTracer(BaseTracer):
             if self.latency:
                 for k, v in read(MAP_HIST):
                     hists[_KEY.unpack(k)] = _HIST.unpack(v)
+            counts = [(_KEY.unpack(k), _VALUE.unpack(v)) for k, v in read(MAP_COUNTS)]
+            if not self.by_process:
+                counts += self._read_arrays(obj, clear, hists)
             rows = []
-            for k, v in read(MAP_COUNTS):
-                tgid, nr = _KEY.unpack(k)
-                count, errors, total_ns = _VALUE.unpack(v)
+            for (tgid, nr), (count, errors, total_ns) in counts:
                 rows.append(SyscallStat(nr=nr, name=syscall_name(nr), tgid=tgid, count=count,
                                         errors=errors, total_ns=total_ns,
                                         errnos=errnos.get((tgid, nr), {}),
@@ -155,3 +163,31 @@ class EbpfSyscallTracer(BaseTracer):
                                    latency=self.latency)
         finally:
             self._add_cpu(time.thread_time_ns() - t)
+
+    def _read_arrays(self, obj, clear: bool, hists: dict) -> list:
+        """Per-CPU array slots summed over CPUs; non-zero ones only. clear=True writes zeros
+        back (an increment landing between the read and the write is lost, as in bcc)."""
+        out = []
+        counts = obj.map(MAP_COUNT_ARRAY)
+        hist_map = obj.map(MAP_HIST_ARRAY) if self.latency else None
+        zero_value, zero_hist = bytes(_VALUE.size), bytes(_HIST.size)
+        for key, per_cpu in counts.lookup_batch():
+            totals = [0, 0, 0]
+            for raw in per_cpu:
+                for i, v in enumerate(_VALUE.unpack(raw)):
+                    totals[i] += v
+            if not totals[0]:
+                continue
+            nr = int.from_bytes(key, "little")
+            out.append(((0, nr), tuple(totals)))
+            if hist_map is not None:
+                slots = [0] * HIST_SLOTS
+                for raw in hist_map.lookup(nr) or []:
+                    for i, v in enumerate(_HIST.unpack(raw)):
+                        slots[i] += v
+                hists[(0, nr)] = tuple(slots)
+                if clear:
+                    hist_map.update(nr, zero_hist)
+            if clear:
+                counts.update(nr, zero_value)
+        return out
