@@ -127,9 +127,17 @@ static __always_inline struct tcp_event *reserve(void)
 	return e;
 }
 
+/* No wake-up per event: user space drains the ring every POLL_TIMEOUT_MS anyway, and a
+ * wake-up per event (two per connection and more) costs a context switch each on a busy
+ * machine. Only a ring filling up (a quarter of it) wakes the reader early. */
 static __always_inline void submit(struct tcp_event *e)
 {
-	bpf_ringbuf_submit(e, 0);
+	__u64 flags = BPF_RB_NO_WAKEUP;
+
+	if (bpf_ringbuf_query(&sni_proxy_tcrb, BPF_RB_AVAIL_DATA) >
+	    bpf_ringbuf_query(&sni_proxy_tcrb, BPF_RB_RING_SIZE) / 4)
+		flags = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(e, flags);
 	sni_proxy_count(&sni_proxy_tcsta, TCP_STAT_EVENTS, 1);
 }
 

@@ -274,6 +274,9 @@ class BaseTracer:
 class RingReader:
     """A thread draining one ring buffer into a bounded deque (and an optional callback).
 
+    The reader polls every POLL_TIMEOUT_MS: events are at most that late in a snapshot
+    taken without flush() (snapshot() flushes).
+
     At the bound the oldest events are dropped and counted (`dropped`), so a snapshot never
     grows without limit; events the kernel could not even queue are the BPF side's
     ring-full counter.
@@ -301,22 +304,26 @@ class RingReader:
         self._thread.start()
 
     def _handle(self, data: bytes) -> None:
-        event = self._decode(data)
+        # Raw bytes are kept; decoding (~10 us in Python) happens in take(), for the events
+        # someone reads, not on the reader thread for every event.
         with self._lock:
             self.received += 1
             if len(self.events) == self.events.maxlen:
                 self.dropped += 1
-            self.events.append(event)
+            self.events.append(data)
             self._arrived.notify_all()
         if self._on_event is not None:
-            self._on_event(event)
+            self._on_event(self._decode(data))
 
     def _run(self) -> None:
         t = time.thread_time_ns()
         try:
             while not self._stop.is_set():
                 with self._rb_lock:
-                    self._rb.poll(POLL_TIMEOUT_MS)
+                    # The BPF side wakes us only when the ring fills up: after a quiet
+                    # poll, take what was queued without a wake-up.
+                    if self._rb.poll(POLL_TIMEOUT_MS) == 0:
+                        self._rb.consume()
                 now = time.thread_time_ns()
                 self._tracer._add_cpu(now - t)
                 t = now
@@ -337,10 +344,11 @@ class RingReader:
 
     def take(self, clear: bool) -> tuple[list, int]:
         with self._lock:
-            events = list(self.events)
+            raw = list(self.events)
             if clear:
                 self.events.clear()
-            return events, self.dropped
+            dropped = self.dropped
+        return [self._decode(data) for data in raw], dropped
 
     def close(self) -> None:
         self._stop.set()
