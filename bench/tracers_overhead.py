@@ -2,12 +2,13 @@
 
 Two views of the same cost, both measured:
   1. throughput of bench/tracer_workloads/bench_load.c with no tracer, then with each tracer
-     attached (modes interleaved over rounds, median kept, so drift on a shared machine hits
-     every mode alike): the extra time per operation;
+     attached (modes interleaved over rounds so drift on a shared machine hits every mode
+     alike; the best round of each mode is kept: other jobs only ever add time): the extra
+     time per operation;
   2. get_overhead() of the tracer during that run: BPF run time / runs (bpf_stats), i.e. the
      in-kernel part of the same extra time.
 
-    sudo .venv/bin/python bench/tracers_overhead.py [--rounds 3]
+    sudo .venv/bin/python bench/tracers_overhead.py [--rounds 5] [--workloads syscalls,connect,malloc]
 
 Prints a Markdown table for docs/tracing.md.
 """
@@ -52,7 +53,7 @@ def run(exe: str, workload: str, tracer_factory) -> tuple[float, object]:
         if tracer is not None:
             tracer.stop()
     ops, seconds = out.split()
-    return float(seconds) / int(ops), overhead
+    return float(seconds) / int(ops), (overhead, int(ops))
 
 
 MODES = {
@@ -72,31 +73,37 @@ APPLIES = {"syscalls": list(MODES)[:5] + ["tcp (close+connect+retrans), all"],
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workloads", help="comma list of " + ",".join(WORKLOADS))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(tmp)
-        print("| workload | tracer | ns/op | extra ns/op | throughput | BPF ns/run "
-              "(get_overhead) |")
-        print("|---|---|---:|---:|---:|---:|")
+        print("| workload | tracer | ns/op | extra ns/op | throughput | BPF ns/run | "
+              "BPF ns/op | tracer CPU % |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         only = args.workloads.split(",") if args.workloads else list(APPLIES)
         for workload, modes in ((w, APPLIES[w]) for w in only):
             samples: dict[str, list[float]] = {m: [] for m in modes}
             bpf: dict[str, list[float]] = {m: [] for m in modes}
+            bpf_op: dict[str, list[float]] = {m: [] for m in modes}
+            cpu: dict[str, list[float]] = {m: [] for m in modes}
             for _ in range(args.rounds):
                 for mode in modes:
-                    per_op, ov = run(exe, workload, MODES[mode])
+                    per_op, (ov, ops) = run(exe, workload, MODES[mode])
                     samples[mode].append(per_op)
                     if ov is not None and ov.bpf_run_count:
                         bpf[mode].append(ov.bpf_ns_per_run)
-            base = statistics.median(samples["none"])
+                        bpf_op[mode].append(ov.bpf_run_time_ns / ops)
+                        cpu[mode].append(ov.cpu_percent)
+            base = min(samples["none"])
             for mode in modes:
-                med = statistics.median(samples[mode])
+                med = min(samples[mode])
                 rel = base / med
-                bpf_text = f"{statistics.median(bpf[mode]):.0f}" if bpf[mode] else "-"
+                def m(values: list[float], spec: str) -> str:
+                    return format(statistics.median(values), spec) if values else "-"
                 print(f"| {workload} | {mode} | {med * 1e9:.0f} | {(med - base) * 1e9:+.0f} | "
-                      f"{rel * 100:.0f} % | {bpf_text} |")
+                      f"{rel * 100:.0f} % | {m(bpf[mode], '.0f')} | {m(bpf_op[mode], '.0f')} | "
+                      f"{m(cpu[mode], '.1f')} |")
 
 
 if __name__ == "__main__":
