@@ -638,3 +638,57 @@ def test_cli_syscalls_json_and_missing_privileges(bins):
         capture_output=True, text=True, timeout=30)
     assert denied.returncode == 1
     assert "CAP_BPF" in denied.stderr and "setcap" in denied.stderr
+
+
+def test_raw_tp_fallback_programs_count_the_same(bins):
+    """The raw_tp twins (loaded where tp_btf is refused) give the same exact figures."""
+    from sniproxy.observe.tracing import EbpfNetworkTracer, EbpfSyscallTracer
+
+    proc = _start_waiting([bins["syscalls_exact"], "5000", "100", "10"])
+    try:
+        tracer = EbpfSyscallTracer(pid=proc.pid)
+        tracer.hook_order = ("raw_tp",)
+        with tracer:
+            assert tracer.hook_mode == "raw_tp"
+            _go(proc)
+            assert proc.wait(timeout=30) == 0
+            snap = tracer.snapshot()
+    finally:
+        proc.kill()
+    assert (snap.count("getppid"), snap.count("write"), snap.errors("openat", errno.ENOENT)) \
+        == (5000, 100, 10)
+    net = EbpfNetworkTracer(events=("close",), pid=os.getpid())
+    net.hook_order = ("raw_tp",)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    with net:
+        c = socket.create_connection(("127.0.0.1", port))
+        a, _ = srv.accept()
+        c.sendall(b"x" * 1234)
+        assert len(a.recv(4096)) == 1234
+        a.close()
+        c.close()
+        snap = net.wait_for(lambda s: len([e for e in s.of_kind("close")
+                                           if port in (e.sport, e.dport)]) == 2, timeout_s=10)
+    srv.close()
+    rows = {e.sport: e for e in snap.of_kind("close") if port in (e.sport, e.dport)}
+    assert net.hook_mode == "raw_tp"
+    assert rows[port].rx_bytes == 1234 and rows[port].tx_bytes == 0
+
+
+def test_overhead_report_sums_profiler_and_tracers():
+    from sniproxy.observe.config import EbpfConfig
+    from sniproxy.observe.profiler import EbpfCpuProfiler
+    from sniproxy.observe.tracing import EbpfSyscallTracer, overhead_report
+
+    with EbpfCpuProfiler(EbpfConfig().with_current_process().with_sample_rate(49)) as prof, \
+            EbpfSyscallTracer(pid=os.getpid()) as tracer:
+        for _ in range(2000):
+            os.getppid()
+        report = overhead_report(prof, (tracer,))
+    names = [p["name"] for p in report["parts"]]
+    assert names == ["cpu profiler", "syscall tracer"]
+    assert report["cpu_percent"] == pytest.approx(sum(p["cpu_percent"] for p in report["parts"]))
+    assert report["parts"][1]["bpf_run_time_ns"] > 0

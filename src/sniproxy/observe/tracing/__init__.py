@@ -10,7 +10,7 @@ Library API (the seed's, in Python)::
 `tracers_from_config(EbpfConfig)` builds the tracers its switches ask for.
 """
 from .base import (TracerError, TracerOverhead, TracerPermissionDenied,  # noqa: F401
-                   TracerUnsupported)
+                   TracerUnsupported, overhead_report)
 from .memory import EbpfMemoryTracer, MemorySnapshot  # noqa: F401
 from .network import EbpfNetworkTracer, NetworkSnapshot, TcpEvent  # noqa: F401
 from .syscalls import EbpfSyscallTracer, SyscallSnapshot, SyscallStat  # noqa: F401

@@ -102,6 +102,9 @@ class BaseTracer:
         self._t_end: float | None = None
         self._final_overhead: TracerOverhead | None = None
         self.hook_mode: str | None = None
+        #: Hook kinds to try, in order (default: PROGRAMS' order, tp_btf first). Tests set
+        #: ("raw_tp",) to prove the fallback programs on a kernel where tp_btf works.
+        self.hook_order: tuple[str, ...] | None = None
         self.program_ids: list[int] = []
         self.map_ids: list[int] = []
 
@@ -162,7 +165,7 @@ class BaseTracer:
 
     def _load_and_attach(self, objects: Any) -> None:
         errors: list[str] = []
-        hooks = list(self.PROGRAMS)
+        hooks = list(self.hook_order or self.PROGRAMS)
         for i, hook in enumerate(hooks):
             wanted = self._programs_for(hook)
             every = set(getattr(self, "ALL_PROGRAMS", ())) | {
@@ -269,6 +272,25 @@ class BaseTracer:
             bpf_run_time_ns=run_ns, bpf_run_count=runs, user_cpu_ns=user_ns,
             setup_cpu_ns=setup_ns, wall_ns=wall_ns,
             cpus=cpus, map_memory_bytes=mem, stats_enabled=self._stats_handle is not None)
+
+
+def overhead_report(profiler: Any = None, tracers: tuple[BaseTracer, ...] = ()) -> dict:
+    """One overhead figure for the profiler and every running tracer: each part's BPF run time
+    and user-space CPU, and the total CPU % (the seed's 1 % alarm applies to it)."""
+    parts: list[dict] = []
+    if profiler is not None and profiler.running:
+        ov = profiler.get_overhead()
+        parts.append({"name": "cpu profiler", "cpu_percent": ov.sampling_cpu_percent,
+                      "bpf_run_time_ns": ov.bpf_run_time_ns, "user_cpu_ns": ov.user_cpu_ns,
+                      "memory_bytes": ov.memory_bytes})
+    for tracer in tracers:
+        if tracer.running:
+            ov = tracer.get_overhead()
+            parts.append({"name": ov.name, "cpu_percent": ov.cpu_percent,
+                          "bpf_run_time_ns": ov.bpf_run_time_ns, "user_cpu_ns": ov.user_cpu_ns,
+                          "memory_bytes": ov.map_memory_bytes})
+    return {"parts": parts, "cpu_percent": sum(p["cpu_percent"] for p in parts),
+            "memory_bytes": sum(p["memory_bytes"] for p in parts)}
 
 
 class RingReader:
