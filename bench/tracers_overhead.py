@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sniproxy.observe.tracing import (EbpfMemoryTracer, EbpfNetworkTracer,  # noqa: E402
                                       EbpfSyscallTracer)
+from sniproxy.observe.tracing.route_metrics import RouteNetworkTracer  # noqa: E402
 
 WORKLOADS = {"syscalls": 1_000_000, "connect": 10_000, "malloc": 200_000}
 
@@ -64,10 +65,12 @@ MODES = {
     "syscalls, all": lambda pid: EbpfSyscallTracer(),
     "tcp (close+connect+retrans), all": lambda pid: EbpfNetworkTracer(),
     "memory, this pid": lambda pid: EbpfMemoryTracer(pid=pid),
+    "proxy per-route mode (sockets not tagged)": lambda pid: RouteNetworkTracer(),
 }
 APPLIES = {"syscalls": list(MODES)[:5] + ["tcp (close+connect+retrans), all"],
            "connect": ["none", "syscalls, other pid", "syscalls, all",
-                       "tcp (close+connect+retrans), all"],
+                       "tcp (close+connect+retrans), all",
+                       "proxy per-route mode (sockets not tagged)"],
            "malloc": ["none", "memory, this pid"]}
 
 

@@ -43,7 +43,7 @@ def new_event_loop(preference: str = "asyncio") -> asyncio.AbstractEventLoop:
 
 
 def worker_main(index: int, config, listeners: list[socket.socket], control: socket.socket,
-                kernel_relay_factory=None) -> int:
+                kernel_relay_factory=None, socket_tagger=None) -> int:
     """Runs in the child after fork(); returns the exit status."""
     # The fork happened inside the supervisor's running loop: forget it here.
     asyncio.events._set_running_loop(None)
@@ -56,17 +56,18 @@ def worker_main(index: int, config, listeners: list[socket.socket], control: soc
     loop = new_event_loop(os.environ.get("SNI_PROXY_EVENT_LOOP", "asyncio"))
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_run(index, config, listeners, control, kernel_relay_factory))
+        return loop.run_until_complete(_run(index, config, listeners, control, kernel_relay_factory,
+                                            socket_tagger))
     finally:
         loop.close()
 
 
-async def _run(index, config, listeners, control, kernel_relay_factory) -> int:
+async def _run(index, config, listeners, control, kernel_relay_factory, socket_tagger=None) -> int:
     loop = asyncio.get_running_loop()
     metrics = ProxyMetrics()
     kernel_relay = kernel_relay_factory(metrics) if kernel_relay_factory else None
     app = ProxyApp(config, metrics, kernel_relay=kernel_relay,
-                   dns_cache=getattr(kernel_relay, "dns_cache", None))
+                   dns_cache=getattr(kernel_relay, "dns_cache", None), socket_tagger=socket_tagger)
     worker = Worker(app, listeners)
     worker.start()
     stop = asyncio.Event()

@@ -26,6 +26,10 @@ const volatile bool emit_connect = true;
 /* tcp_retransmit_skb gained a third argument (int err) in 2025; user space reads the
  * tracepoint's BTF prototype and tells us, so an older kernel never sees the read. */
 const volatile bool retrans_has_err = false;
+/* The proxy's mode (ebpf.tracing.network): only sockets whose cookie the proxy put in
+ * sni_proxy_tcrt are looked at, and their figures go to per-route counters instead of the
+ * ring. Every other TCP socket of the machine costs one hash lookup per state change. */
+const volatile bool scope_cookies = false;
 
 enum tcp_stat {
 	TCP_STAT_RING_FULL = 0,	/* event lost: ring buffer full (user space too slow) */
@@ -54,6 +58,45 @@ struct {
 	__type(value, struct sock_info);
 	__uint(max_entries, 65536);	/* concurrent TCP sockets tracked; set before load */
 } sni_proxy_tcsk SEC(".maps");
+
+struct route_tag {
+	__u32 route;		/* crc32 of the route name (user space keeps the names) */
+	__u32 side;		/* 0: backend socket, 1: client socket */
+};
+
+enum fail_reason { FAIL_REFUSED, FAIL_RESET, FAIL_TIMED_OUT, FAIL_UNREACHABLE, FAIL_ABORTED,
+		   FAIL_OTHER, FAIL_MAX };
+
+struct route_stats {		/* Python: "=32QQQ6QQQQ" (route_metrics.py) */
+	__u64 connect_hist[HIST_SLOTS];	/* log2 us of SYN_SENT -> ESTABLISHED */
+	__u64 connects;
+	__u64 connect_sum_us;
+	__u64 connect_fail[FAIL_MAX];
+	__u64 retrans_segs;
+	__u64 closes;
+	__u64 srtt_sum_us;		/* smoothed RTT at close, summed over closes */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __u64);		/* socket cookie (SO_COOKIE) */
+	__type(value, struct route_tag);
+	__uint(max_entries, 65536);	/* sockets of the proxy at once; LRU: a leak cannot fill it */
+} sni_proxy_tcrt SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __u64);		/* struct sock * in SYN_SENT */
+	__type(value, __u64);		/* bpf_ktime_get_ns() of the SYN */
+	__uint(max_entries, 16384);	/* connects in flight */
+} sni_proxy_tcsy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, struct route_tag);
+	__type(value, struct route_stats);
+	__uint(max_entries, 1024);	/* (route, side) pairs */
+} sni_proxy_tcagg SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -185,6 +228,94 @@ static __always_inline __u64 payload_received(const struct sock *sk, const struc
 	return received;
 }
 
+static __always_inline __u32 log2_slot(__u64 v)
+{
+	__u32 slot = 0;
+
+	if (v >= 1ULL << 16) { v >>= 16; slot += 16; }
+	if (v >= 1ULL << 8) { v >>= 8; slot += 8; }
+	if (v >= 1ULL << 4) { v >>= 4; slot += 4; }
+	if (v >= 1ULL << 2) { v >>= 2; slot += 2; }
+	if (v >= 1ULL << 1) { slot += 1; }
+	return slot < HIST_SLOTS ? slot : HIST_SLOTS - 1;
+}
+
+static __always_inline struct route_tag *route_of(const struct sock *sk)
+{
+	__u64 cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+
+	if (!cookie)	/* never asked for: not one of the proxy's sockets */
+		return NULL;
+	return bpf_map_lookup_elem(&sni_proxy_tcrt, &cookie);
+}
+
+static __always_inline struct route_stats *route_stats(struct route_tag *tag)
+{
+	struct route_stats zero = {}, *st;
+
+	st = bpf_map_lookup_elem(&sni_proxy_tcagg, tag);
+	if (st)
+		return st;
+	bpf_map_update_elem(&sni_proxy_tcagg, tag, &zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&sni_proxy_tcagg, tag);
+}
+
+static __always_inline __u32 fail_reason(int err)
+{
+	switch (err) {
+	case 111: return FAIL_REFUSED;		/* ECONNREFUSED */
+	case 104: return FAIL_RESET;		/* ECONNRESET */
+	case 110: return FAIL_TIMED_OUT;	/* ETIMEDOUT */
+	case 113: case 101: case 112: case 100: return FAIL_UNREACHABLE;
+	case 0: return FAIL_ABORTED;
+	default: return FAIL_OTHER;
+	}
+}
+
+/* Per-route counters of the proxy's own sockets (scope_cookies). */
+static __always_inline int route_state(const struct sock *sk, int oldstate, int newstate)
+{
+	struct route_tag *tag = route_of(sk);
+	struct route_stats *st;
+	__u64 key = (__u64)sk, *syn, now;
+	__u32 reason;
+
+	if (!tag)
+		return 0;
+	if (newstate == TCP_SYN_SENT) {
+		now = bpf_ktime_get_ns();
+		bpf_map_update_elem(&sni_proxy_tcsy, &key, &now, BPF_ANY);
+		return 0;
+	}
+	st = route_stats(tag);
+	if (!st)
+		return 0;
+	if (oldstate == TCP_SYN_SENT) {
+		syn = bpf_map_lookup_elem(&sni_proxy_tcsy, &key);
+		if (newstate == TCP_ESTABLISHED && syn) {
+			now = (bpf_ktime_get_ns() - *syn) / 1000;
+			st->connects += 1;	/* per-CPU value: plain adds */
+			st->connect_sum_us += now;
+			st->connect_hist[log2_slot(now)] += 1;
+		} else if (newstate == TCP_CLOSE) {
+			reason = fail_reason(BPF_CORE_READ(sk, sk_err));
+			if (reason < FAIL_MAX)
+				st->connect_fail[reason] += 1;
+		}
+		if (syn)
+			bpf_map_delete_elem(&sni_proxy_tcsy, &key);
+	}
+	if (newstate == TCP_CLOSE && oldstate != TCP_SYN_SENT) {
+		st->closes += 1;
+		st->srtt_sum_us += BPF_CORE_READ((struct tcp_sock *)sk, srtt_us) >> 3;
+	}
+	if (newstate == TCP_CLOSE) {
+		key = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+		bpf_map_delete_elem(&sni_proxy_tcrt, &key);	/* the cookie is never reused */
+	}
+	return 0;
+}
+
 static __always_inline int on_state(const struct sock *sk, int oldstate, int newstate)
 {
 	__u64 key = (__u64)sk;
@@ -195,6 +326,8 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 
 	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
+	if (scope_cookies)
+		return route_state(sk, oldstate, newstate);
 	family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
@@ -289,6 +422,16 @@ static __always_inline int on_retrans(const struct sock *sk, const struct sk_buf
 	__u16 family;
 	void *cb;
 
+	if (scope_cookies) {
+		struct route_tag *tag = route_of(sk);
+		struct route_stats *st = tag ? route_stats(tag) : NULL;
+
+		if (st) {
+			cb = (void *)skb + bpf_core_field_offset(struct sk_buff, cb);
+			st->retrans_segs += BPF_CORE_READ((struct tcp_skb_cb *)cb, tcp_gso_segs);
+		}
+		return 0;
+	}
 	family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
