@@ -171,3 +171,19 @@ def test_missing_privileges_reads_capeff(monkeypatch):
     monkeypatch.setattr(trace_cli, "_effective_caps",
                         lambda: (1 << trace_cli.CAP_BPF) | (1 << trace_cli.CAP_PERFMON))
     assert trace_cli.missing_privileges() == []
+
+
+def test_memleak_frames_and_tracer_frames_dropped():
+    from sniproxy.observe.symbolize import Frame
+    from sniproxy.observe.tracing.memory import _without_tracer_frames
+
+    kernel = [Frame("bpf_prog_x_sni_proxy_mmkmb", "[bpf]", 1, 1, True),
+              Frame("bpf_trace_run6", "[kernel.kallsyms]", 2, 2, True),
+              Frame("alloc_fdtable", "[kernel.kallsyms]", 3, 3, True)]
+    assert [f.name for f in _without_tracer_frames(kernel)] == ["alloc_fdtable"]
+    assert trace_cli._frame_text(kernel[2]) == "alloc_fdtable [kernel.kallsyms]"
+    assert trace_cli._frame_text(Frame("leak_big", "leak", 4, 4, False)) == "leak_big [leak]"
+    lines = fmt.memleak_lines([{"bytes": 100, "count": 2, "stack": ["a [x]", "b [x]"]}], 10,
+                              stamp="12:00:00")
+    assert lines == ["[12:00:00] Top 10 stacks with outstanding allocations:",
+                     "\t100 bytes in 2 allocations from stack", "\t\ta [x]", "\t\tb [x]"]

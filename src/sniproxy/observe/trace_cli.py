@@ -478,8 +478,7 @@ def _cmd_memory(args) -> int:
 
     def show(snap) -> None:
         stacks = [{"bytes": s.bytes, "count": s.count, "pid": s.pid,
-                   "stack": [f"{f.label} [{f.module}]" if f.module else f.label
-                             for f in s.frames]} for s in snap.stacks]
+                   "stack": [_frame_text(f) for f in s.frames]} for s in snap.stacks]
         if args.json:
             for s in stacks:
                 _out(fmt.json_line({"type": "memory_stack", "time": time.time(), **s,
@@ -497,6 +496,14 @@ def _cmd_memory(args) -> int:
         _report_stats(tr.stats())
 
     return _run(tracer, loop, args)
+
+
+def _frame_text(frame) -> str:
+    """`function [module]` as memleak prints it; kernel modules come bracketed already."""
+    if not frame.module:
+        return frame.label
+    module = frame.module if frame.module.startswith("[") else f"[{frame.module}]"
+    return f"{frame.label} {module}"
 
 
 COMMANDS = {"syscalls": _cmd_syscalls, "tcp": _cmd_tcp, "connect": _cmd_connect,

@@ -53,6 +53,16 @@ DEFAULT_STACKS = 8192   # stack traces kept (1 KiB each, preallocated)
 _LIBC_RE = re.compile(r"/libc(\.so\.\d+|-[\d.]+\.so)$")
 
 
+def _without_tracer_frames(frames: list[Frame]) -> list[Frame]:
+    """A kernel stack taken in a tracepoint program starts with the program and the
+    tracepoint glue (bpf_trace_run*): the allocation site is what comes after them."""
+    i = 0
+    while i < len(frames) and (frames[i].module == "[bpf]" or
+                               (frames[i].name or "").startswith(("bpf_trace_run", "__bpf_trace"))):
+        i += 1
+    return frames[i:]
+
+
 def find_libc(pid: int) -> str:
     """Path of the C library mapped by `pid`, as that process sees it."""
     try:
@@ -192,7 +202,7 @@ class EbpfMemoryTracer(BaseTracer):
                         values = _STACK.unpack(raw)
                         ips = list(values[:values.index(0)] if 0 in values else values)
                 if self.kernel:
-                    frames = tuple(self.symbolizer.kernel_frames(ips))
+                    frames = tuple(_without_tracer_frames(self.symbolizer.kernel_frames(ips)))
                 else:
                     frames = tuple(self.symbolizer.user_frames(tgid, ips))
                 stacks.append(AllocStack(stack_id=stack_id, pid=tgid, bytes=nbytes, count=n,
