@@ -94,3 +94,17 @@ def test_without_cap_bpf_the_proxy_runs_and_says_why(tmp_path):
     finally:
         p.stop()
         backend.close()
+
+
+def test_strict_fallback_refuses_to_start_without_the_tracer(tmp_path):
+    drop = "-bpf,-perfmon,-sys_admin"
+    cfg = base_config(*free_ports(2), fallback_mode="strict",
+                      routes=[{"match": "a.example", "backend": f"127.0.0.1:{free_port()}"}],
+                      ebpf={"tracing": {"network": True}})
+    p = ProxyProcess(cfg, tmp_path, argv_prefix=["setpriv", f"--inh-caps={drop}",
+                                                 f"--bounding-set={drop}"]).start(wait=False)
+    try:
+        assert p.proc.wait(timeout=30) == 3
+        assert "ebpf.tracing.network cannot run" in p.log() and "CAP_BPF" in p.log()
+    finally:
+        p.stop()
