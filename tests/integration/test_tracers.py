@@ -215,6 +215,14 @@ def test_pid_filter_ignores_a_busy_neighbour(bins):
     try:
         with EbpfSyscallTracer(pid=proc.pid) as mine, \
                 EbpfSyscallTracer(by_process=True) as everyone:
+            # the neighbour is busy under both tracers before the workload starts (bounded
+            # wait: it is a separate process the scheduler runs when it likes)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                seen = everyone.snapshot().by_name("getppid", tgid=busy.pid)
+                if seen is not None and seen.count >= 1000:
+                    break
+                time.sleep(0.01)
             _go(proc)
             assert proc.wait(timeout=30) == 0
             snap = mine.snapshot()
@@ -225,7 +233,7 @@ def test_pid_filter_ignores_a_busy_neighbour(bins):
         proc.kill()
     assert snap.count("getppid") == 20_000
     neighbour = all_snap.by_name("getppid", tgid=busy.pid)
-    assert neighbour is not None and neighbour.count > 20_000   # it was busy meanwhile
+    assert neighbour is not None and neighbour.count >= 1000    # it was busy meanwhile
     assert all_snap.by_name("getppid", tgid=proc.pid).count == 20_000
 
 
