@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "check": "sniproxy.check_cli:cli_check",
     "demo": "sniproxy.ebpf.demo:cli_demo",
     "profile": "sniproxy.observe.profile_cli:cli_profile",
+    "trace": "sniproxy.observe.trace_cli:cli_trace",
 }
 # one line each for `sni-proxy --help`
 DESCRIPTIONS = {

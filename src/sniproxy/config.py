@@ -441,11 +441,18 @@ class StatsConfig(_Model):
     enabled: Bool = True
 
 
+class TracingConfig(_Model):
+    # Kernel-measured TCP figures per route on /metrics (connect latency, failures by reason,
+    # retransmits, RTT at close) for the proxy's own sockets; docs/tracing.md states the cost.
+    network: Bool = False
+
+
 class EbpfConfig(_Model):
     enabled: Bool = False
     sockmap: SockmapConfig = SockmapConfig()
     dns_cache: DnsCacheMapConfig = DnsCacheMapConfig()
     stats: StatsConfig = StatsConfig()
+    tracing: TracingConfig = TracingConfig()
 
 
 class DnsConfig(_Model):

@@ -17,7 +17,7 @@ ALLOWED = {
     "sniproxy.ebpf": set(),
     "sniproxy.relay": {"sniproxy.ebpf"},
     "sniproxy.observe": {"sniproxy.ebpf"},
-    "sniproxy.telemetry": {"sniproxy.ebpf", "sniproxy.observe"},
+    "sniproxy.telemetry": {"sniproxy.ebpf", "sniproxy.observe", "sniproxy.config"},
     "sniproxy.proxy": {"sniproxy", "sniproxy.config", "sniproxy.logs", "sniproxy.relay",
                        "sniproxy.telemetry", "sniproxy.observe"},
     # what a config needs from the host (capabilities, unit lines): deployment knowledge

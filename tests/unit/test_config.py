@@ -168,6 +168,8 @@ BAD_VALUES: list[tuple[str, Any, list[str]]] = [
     ("ebpf.dns_cache.pin_path", "bpf/sni", ["absolute path"]),
     ("ebpf.stats.enabled", [], ["true or false"]),
     ("ebpf.stats", True, ["an object with keys: enabled"]),
+    ("ebpf.tracing.network", "yes", ["true or false"]),
+    ("ebpf.tracing", True, ["an object with keys: network"]),
     ("ebpf.sockmap", None, ["an object with keys: enabled, max_entries, max_inflight_bytes"]),
     ("ebpf.dns_cache", "on", ["an object with keys: enabled, max_entries, pin_path"]),
     ("ebpf", False, ["an object with keys: enabled, sockmap, dns_cache, stats"]),
@@ -270,7 +272,7 @@ def test_unknown_key_anywhere_lists_the_allowed_keys(path: str, model: Any) -> N
 def test_unknown_key_message_format_and_suggestion() -> None:
     lines = problems_of(with_value("ebpf.sockmp", {"enabled": True}))
     assert lines == [
-        "config.json: ebpf.sockmp: unknown key; allowed keys here: enabled, sockmap, dns_cache, stats"
+        "config.json: ebpf.sockmp: unknown key; allowed keys here: enabled, sockmap, dns_cache, stats, tracing"
         ' (did you mean "sockmap"?)'
     ]
 

@@ -1170,3 +1170,116 @@ def enable_bpf_stats() -> int:
                        hint="needs CAP_SYS_ADMIN and kernel >= 5.8; alternatively "
                             "`sysctl kernel.bpf_stats_enabled=1`")
     return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracers (issue 12): ring buffers, uprobes by function name, tracepoint prototypes from BTF
+# ---------------------------------------------------------------------------------------------
+#: ring_buffer_sample_fn: int (*)(void *ctx, void *data, size_t size)
+RINGBUF_SAMPLE_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
+
+_TRACER_SIGNATURES: dict[str, tuple[list, object]] = {
+    "ring_buffer__new": ([c_int, RINGBUF_SAMPLE_FN, c_void_p, c_void_p], c_void_p),
+    "ring_buffer__poll": ([c_void_p, c_int], c_int),
+    "ring_buffer__consume": ([c_void_p], c_int),
+    "ring_buffer__free": ([c_void_p], None),
+    "bpf_program__attach_uprobe_opts": ([c_void_p, c_int, c_char_p, c_size_t, c_void_p], c_void_p),
+}
+if _lib is not None:
+    for _name, (_args, _res) in _TRACER_SIGNATURES.items():
+        _fn = getattr(_lib, _name)
+        _fn.argtypes = _args
+        _fn.restype = _res
+
+
+class RingBuffer:
+    """libbpf's ``struct ring_buffer`` over one BPF_MAP_TYPE_RINGBUF map.
+
+    ``callback(data: bytes)`` runs inside poll()/consume() for each record (in the calling
+    thread; the GIL is released while libbpf waits). An exception in the callback is kept
+    and re-raised by poll() after libbpf returns, never across the C boundary.
+    """
+
+    def __init__(self, map_fd: int, callback, what: str = "ring buffer") -> None:
+        self._callback = callback
+        self._error: BaseException | None = None
+        # Referenced by self for as long as libbpf may call it.
+        self._c_callback = RINGBUF_SAMPLE_FN(self._on_sample)
+        with capture_libbpf_output() as lines:
+            ptr = _require_lib().ring_buffer__new(map_fd, self._c_callback, None, None)
+        self._ptr = _check_ptr(ptr, f"creating a ring buffer reader for {what}", lines)
+        self.what = what
+
+    def _on_sample(self, _ctx: int, data: int, size: int) -> int:
+        try:
+            self._callback(ctypes.string_at(data, size))
+        except BaseException as exc:  # noqa: BLE001 - kept, re-raised after the C call
+            self._error = exc
+            return -1  # stops this poll round
+        return 0
+
+    def _raise_kept(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise exc
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for records and handle them; returns how many."""
+        if not self._ptr:
+            return 0
+        ret = _require_lib().ring_buffer__poll(self._ptr, timeout_ms)
+        self._raise_kept()
+        if ret < 0 and -ret != errno_mod.EINTR:
+            _check_int(ret, f"polling {self.what}")
+        return max(ret, 0)
+
+    def consume(self) -> int:
+        """Handle every record already there, without waiting."""
+        if not self._ptr:
+            return 0
+        ret = _require_lib().ring_buffer__consume(self._ptr)
+        self._raise_kept()
+        if ret < 0 and -ret != errno_mod.EINTR:
+            _check_int(ret, f"consuming {self.what}")
+        return max(ret, 0)
+
+    def close(self) -> None:
+        ptr, self._ptr = self._ptr, 0
+        if ptr:
+            _require_lib().ring_buffer__free(ptr)
+
+
+class _UprobeOpts(ctypes.Structure):
+    _fields_ = [("sz", c_size_t), ("ref_ctr_offset", c_size_t), ("bpf_cookie", c_uint64),
+                ("retprobe", c_bool), ("func_name", c_char_p)]
+
+
+def program_attach_uprobe_func(prog: int, retprobe: bool, pid: int, binary: str,
+                               func_name: str, name: str) -> int:
+    """``bpf_program__attach_uprobe_opts`` by function name (libbpf resolves the ELF symbol)."""
+    kind = "uretprobe" if retprobe else "uprobe"
+    opts = _UprobeOpts(sz=ctypes.sizeof(_UprobeOpts), retprobe=retprobe, func_name=_b(func_name))
+    return _attach("bpf_program__attach_uprobe_opts",
+                   f"attaching program {name} as {kind} to {binary}:{func_name} (pid {pid})",
+                   prog, pid, _b(binary), 0, ctypes.byref(opts),
+                   hint="uprobes need CAP_SYS_ADMIN or CAP_PERFMON+CAP_BPF and a kernel with "
+                        "CONFIG_UPROBES; the function must be in the binary's symbol table")
+
+
+_BTF_KIND_PTR = 2
+_BTF_KIND_FUNC_PROTO = 13
+
+
+def vmlinux_tracepoint_arg_count(tracepoint: str) -> int:
+    """Arguments of a tracepoint from its ``btf_trace_<name>`` typedef in the kernel's BTF,
+    without the leading ``void *__data`` (e.g. 3 for tcp_retransmit_skb since 2025)."""
+    lib = _require_lib()
+    type_id = vmlinux_btf_type_id(f"btf_trace_{tracepoint}", BTF_KIND_TYPEDEF)
+    with _vmlinux_btf_lock:
+        for _ in range(4):  # typedef -> pointer -> func_proto
+            t = _BtfType.from_address(lib.btf__type_by_id(_vmlinux_btf, type_id))
+            kind = (t.info >> 24) & 0x1F
+            if kind == _BTF_KIND_FUNC_PROTO:
+                return max((t.info & 0xFFFF) - 1, 0)
+            type_id = t.size_or_type
+    raise BpfError(f"reading the prototype of tracepoint {tracepoint} from BTF", errno_mod.EINVAL)

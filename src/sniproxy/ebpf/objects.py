@@ -45,6 +45,7 @@ from .libbpf import (  # re-exported: users import everything eBPF from here
     XDP_FLAGS_SKB_MODE,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
     BpfError,
+    RingBuffer,
     online_cpus,
     perf_event_open_cpu_clock,
     possible_cpus,
@@ -53,6 +54,7 @@ from .libbpf import (  # re-exported: users import everything eBPF from here
 
 __all__ = [
     "BPF_DIR", "BpfError", "BpfObject", "Map", "TypedMap", "Program", "Link", "StatsHandle",
+    "RingBuffer",
     "enable_bpf_stats", "object_path", "available_objects", "online_cpus", "possible_cpus",
     "perf_event_open_cpu_clock", "raise_memlock_rlimit",
     "BPF_ANY", "BPF_NOEXIST", "BPF_EXIST", "BPF_F_NO_PREALLOC",
@@ -525,6 +527,16 @@ class Program:
         ptr = _lb.program_attach_uprobe(self._ptr, retprobe, pid, binary_path, offset, self.name)
         kind = "uretprobe" if retprobe else "uprobe"
         return self._libbpf_link(ptr, f"{self.name} -> {kind} {binary_path}+{offset:#x}")
+
+    def attach_uprobe_func(self, pid: int, binary_path: str, func_name: str,
+                           retprobe: bool = False) -> Link:
+        """uprobe at a function of binary_path found by name (libbpf reads its ELF symbols);
+        pid -1 for every process mapping the binary."""
+        self._loaded()
+        ptr = _lb.program_attach_uprobe_func(self._ptr, retprobe, pid, binary_path, func_name,
+                                             self.name)
+        kind = "uretprobe" if retprobe else "uprobe"
+        return self._libbpf_link(ptr, f"{self.name} -> {kind} {binary_path}:{func_name}")
 
     def attach_xdp(self, ifindex: int, flags: int = 0) -> Link:
         """XDP through a kernel link (detached when closed or when the process dies).

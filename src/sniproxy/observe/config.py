@@ -134,11 +134,14 @@ class ProfilerConfig:
         return replace(self, target=CurrentProcess())
 
     # -- validation -----------------------------------------------------------------------
-    def validate(self, kernel_max_sample_rate: int | None = None, check_paths: bool = True) -> None:
+    def validate(self, kernel_max_sample_rate: int | None = None, check_paths: bool = True,
+                 tracers: bool = False) -> None:
         """Raise ConfigValidationError listing every problem; return None when usable.
 
         `kernel_max_sample_rate` defaults to the running kernel's value; `check_paths=False`
-        skips the filesystem check of a cgroup target (pure unit tests).
+        skips the filesystem check of a cgroup target (pure unit tests). `tracers=True` also
+        checks that the target suits the enabled tracers (observe.tracing.tracers_from_config
+        asks for it; the CPU profiler alone accepts any target).
         """
         problems: list[str] = []
         rate = self.sample_rate_hz
@@ -169,6 +172,8 @@ class ProfilerConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 problems.append(f"{name}: got {value!r}: expected True or False")
+        if tracers:
+            problems.extend(_tracing_problems(self))
         n = self.max_samples
         if not _is_int(n):
             problems.append(f"max_samples: got {n!r}: expected an integer, e.g. 10000")
@@ -185,6 +190,25 @@ class ProfilerConfig:
         problems.extend(_target_problems(self.target, check_paths))
         if problems:
             raise ConfigValidationError(problems)
+
+
+def _tracing_problems(config: EbpfConfig) -> list[str]:
+    """The tracers (observe/tracing) filter on one process in BPF; say so before they start."""
+    target = config.target
+    tracing = [name for name, on in (("network", config.enable_network_tracing),
+                                     ("syscall", config.enable_syscall_tracing),
+                                     ("memory", config.enable_memory_tracing)) if on is True]
+    problems = []
+    if isinstance(target, Pids) and len(set(target.pids)) > 1 and tracing:
+        problems.append(
+            f"target: {len(set(target.pids))} pids with {', '.join(tracing)} tracing on: the "
+            "tracers follow one process (or a cgroup for syscalls); give one pid, or turn "
+            "tracing off with with_network_tracing(False) etc. for a multi-process profile")
+    if isinstance(target, Cgroup) and config.enable_memory_tracing is True:
+        problems.append(
+            "enable_memory_tracing: a cgroup target cannot be memory-traced (the tracer hooks "
+            "one process's libc): use with_pids(PID) or with_memory_tracing(False)")
+    return problems
 
 
 def _is_int(value: object) -> bool:

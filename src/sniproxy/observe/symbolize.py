@@ -234,6 +234,15 @@ class Symbolizer:
             self._maps.popitem(last=False)
         return True
 
+    def refresh_process(self, pid: int) -> bool:
+        """Re-read a live process's maps (libraries loaded since); keeps the old if gone."""
+        maps = read_maps(pid)
+        if not maps:
+            return pid in self._maps
+        self._maps[pid] = maps
+        self._maps.move_to_end(pid)
+        return True
+
     def has_process(self, pid: int) -> bool:
         return pid in self._maps
 

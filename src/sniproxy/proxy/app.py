@@ -22,8 +22,12 @@ access_log = logging.getLogger("sniproxy.access")
 
 
 class ProxyApp:
-    def __init__(self, config, metrics: ProxyMetrics, *, kernel_relay=None, dns_cache=None):
+    def __init__(self, config, metrics: ProxyMetrics, *, kernel_relay=None, dns_cache=None,
+                 socket_tagger=None):
         self.metrics = metrics
+        # (socket, route name, "client" | "backend") -> None: counts the socket's TCP figures
+        # under the route in the kernel (ebpf.tracing.network); None when that is off.
+        self.socket_tagger = socket_tagger
         self.hot = HotPath(metrics)
         self.pipes = PipePool()
         self.kernel_relay = kernel_relay          # sniproxy.ebpf.sockmap relay when active, else None

@@ -58,8 +58,18 @@ def cli_run(argv: list[str]) -> int:
         except KernelStartError as exc:
             log.error("%s", exc)
             return 3
+    route_tcp = None
+    if config.ebpf.tracing.network:
+        from sniproxy.telemetry.route_tcp import RouteTcpTelemetry
+        route_tcp = RouteTcpTelemetry.start()      # degraded (with the reason) on failure
+        if route_tcp.state != "active" and config.fallback_mode == "strict":
+            log.error("ebpf.tracing.network cannot run and fallback_mode is \"strict\": %s",
+                      route_tcp.reason)
+            if ebpf is not None:
+                ebpf.close()
+            return 3
     try:
-        return Supervisor(args.config, config, ebpf=ebpf).run()
+        return Supervisor(args.config, config, ebpf=ebpf, route_tcp=route_tcp).run()
     except StartupError as exc:
         log.error("%s", exc)
         return 3

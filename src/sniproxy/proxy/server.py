@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from sniproxy.proxy import clienthello
+from sniproxy.proxy.upstream import BACKEND_SOCKET_HOOK
 from sniproxy.relay.base import Relay, RelayResult
 
 log = logging.getLogger("sniproxy")
@@ -242,6 +243,10 @@ class Worker:
                 info.relay = "none"
                 return
             info.route = decision.route_name
+            tagger = app.socket_tagger       # ebpf.tracing.network: kernel figures per route
+            if tagger is not None:
+                tagger(client, decision.route_name, "client")
+                BACKEND_SOCKET_HOOK.set(lambda sock: tagger(sock, decision.route_name, "backend"))
             info.upstream = decision.upstream
             info.backend = f"{decision.host}:{decision.port}"
             try:

@@ -49,10 +49,11 @@ class WorkerSlot:
 
 
 class Supervisor:
-    def __init__(self, config_path: str, config, *, ebpf=None):
+    def __init__(self, config_path: str, config, *, ebpf=None, route_tcp=None):
         self.config_path = config_path
         self.config = config
         self.ebpf = ebpf                      # sniproxy.relay.datapath.KernelDataPath or None
+        self.route_tcp = route_tcp            # telemetry.route_tcp.RouteTcpTelemetry or None
         self.started_wall = time.time()
         self.started = time.monotonic()
         self.slots = [WorkerSlot(i) for i in range(config.workers)]
@@ -112,6 +113,8 @@ class Supervisor:
             await self.status_server.close()
         if self.ebpf is not None:
             self.ebpf.close()
+        if self.route_tcp is not None:
+            self.route_tcp.close()
         log.info("sni-proxy stopped")
         return 0
 
@@ -122,6 +125,7 @@ class Supervisor:
         parent_end, child_end = socket.socketpair()
         kernel_factory = self.ebpf.worker_factory() if self.ebpf is not None else None
         supervisor_pid = os.getpid()
+        tagger = self.route_tcp.tagger if self.route_tcp is not None else None
         pid = os.fork()
         if pid == 0:   # child
             status = 1
@@ -131,7 +135,7 @@ class Supervisor:
                     os.close(self.metrics_lock)    # the supervisor's lock (see hold_multiprocess_dir)
                 self._drop_inherited_fds({child_end.fileno(), *(ls.fileno() for ls in listeners)})
                 status = worker_main(slot.index, self.config, listeners, child_end, kernel_factory,
-                                     supervisor_pid=supervisor_pid)
+                                     socket_tagger=tagger, supervisor_pid=supervisor_pid)
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
             finally:
@@ -288,6 +292,8 @@ class Supervisor:
         registry = metrics_mod.aggregated_registry()
         if self.ebpf is not None:
             registry.register(KernelCollector(self.ebpf))
+        if self.route_tcp is not None:
+            registry.register(self.route_tcp.collector(lambda: self.config))
         return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_mod.render(registry)
 
     def _active_connections(self) -> int:
@@ -308,6 +314,8 @@ class Supervisor:
                         for s in self.slots],
             "active_connections": self._active_connections(),
             "ebpf": self.ebpf.status() if self.ebpf is not None else ebpf_off_status(self.config),
+            "tracing": {"network": self.route_tcp.status() if self.route_tcp is not None else {
+                "state": "disabled", "reason": "ebpf.tracing.network is false in the config"}},
         })
 
     def _healthz(self):

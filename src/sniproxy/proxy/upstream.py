@@ -12,12 +12,13 @@ PROXY protocol header so that the returned socket is ready for the client's byte
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import ipaddress
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
@@ -91,10 +92,19 @@ def _describe_oserror(exc: BaseException) -> str:
 
 _TCP_ESTABLISHED = 1
 
+#: Called with every backend socket before its connect(): the server sets it per connection
+#: (a task's context) when ebpf.tracing.network is on, so the kernel counts that socket's
+#: connect latency, failures and retransmits under the route.
+BACKEND_SOCKET_HOOK: contextvars.ContextVar[Callable[[socket.socket], None] | None] = (
+    contextvars.ContextVar("backend_socket_hook", default=None))
+
 
 async def _connect_one(ip: str, port: int, local_addr: tuple[str, int] | None) -> socket.socket:
     sock = socket.socket(_family(ip), socket.SOCK_STREAM)
     try:
+        hook = BACKEND_SOCKET_HOOK.get()
+        if hook is not None:
+            hook(sock)
         sock.setblocking(False)
         if local_addr is not None:
             sock.bind(local_addr)

@@ -51,7 +51,8 @@ def new_event_loop(preference: str = "asyncio") -> asyncio.AbstractEventLoop:
 
 
 def worker_main(index: int, config, listeners: list[socket.socket], control: socket.socket,
-                kernel_relay_factory=None, *, supervisor_pid: int = 0) -> int:
+                kernel_relay_factory=None, socket_tagger=None, *,
+                supervisor_pid: int = 0) -> int:
     """Runs in the child after fork(); returns the exit status."""
     # The fork happened inside the supervisor's running loop: forget it here.
     asyncio.events._set_running_loop(None)
@@ -72,7 +73,7 @@ def worker_main(index: int, config, listeners: list[socket.socket], control: soc
     seen = {"supervisor_gone": False}
     try:
         return loop.run_until_complete(_run(index, config, listeners, control, kernel_relay_factory,
-                                            seen))
+                                            seen, socket_tagger))
     finally:
         # Done serving: a late SIGTERM (the supervisor's death signal arriving after its closed
         # control channel stopped us) must not kill this process before its clean-up below.
@@ -111,14 +112,16 @@ def set_parent_death_signal(sig: int) -> bool:
         return False
 
 
-async def _run(index, config, listeners, control, kernel_relay_factory, seen: dict) -> int:
+async def _run(index, config, listeners, control, kernel_relay_factory, seen: dict,
+               socket_tagger=None) -> int:
     loop = asyncio.get_running_loop()
     metrics = ProxyMetrics()
     kernel_relay = kernel_relay_factory(metrics) if kernel_relay_factory else None
     shared_dns = getattr(kernel_relay, "dns_shared", None)
     dns_cache = (TwoLevelDnsCache(shared_dns, counters=kernel_relay.counters)
                  if shared_dns is not None else None)
-    app = ProxyApp(config, metrics, kernel_relay=kernel_relay, dns_cache=dns_cache)
+    app = ProxyApp(config, metrics, kernel_relay=kernel_relay, dns_cache=dns_cache,
+                   socket_tagger=socket_tagger)
     worker = Worker(app, listeners)
     worker.start()
     stop = asyncio.Event()

@@ -1,0 +1,110 @@
+"""ebpf.tracing.network in the proxy: kernel-measured TCP figures per route on /metrics.
+
+A real proxy (subprocess, two workers) routes ClientHellos to a plain TCP backend and to a
+closed port; the kernel's per-route counters must match what the clients did: one connect
+latency sample per relayed connection, one `refused` per connection to the closed port, one
+RTT-at-close sample per socket on each side. Without CAP_BPF the proxy runs on and /status
+says why the figures are missing.
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.ebpf_required import require_ebpf
+from tests.integration.harness import (ProxyProcess, RawBackend, base_config, client_hello_bytes,
+                                       free_port, free_ports, wait_until)
+
+pytestmark = pytest.mark.ebpf
+
+N_OK, N_REFUSED = 20, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ebpf():
+    require_ebpf()
+
+
+def _proxy(tmp_path, backend_port: int, closed_port: int, argv_prefix=None) -> ProxyProcess:
+    cfg = base_config(*free_ports(2), workers=2, routes=[
+        {"match": "good.example", "backend": f"127.0.0.1:{backend_port}", "name": "good"},
+        {"match": "refused.example", "backend": f"127.0.0.1:{closed_port}", "name": "refused"},
+    ], ebpf={"tracing": {"network": True}})
+    return ProxyProcess(cfg, tmp_path, argv_prefix=argv_prefix).start()
+
+
+def _through(p: ProxyProcess, name: str) -> bytes:
+    port = int(p.config["listen_addr"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(client_hello_bytes(name))
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_route_metrics_count_the_proxys_own_connections(tmp_path):
+    backend = RawBackend(reply_bytes=1000)
+    p = _proxy(tmp_path, backend.port, free_port())
+    try:
+        status = p.status()["tracing"]["network"]
+        assert status["state"] == "active", status
+        for _ in range(N_OK):
+            assert len(_through(p, "good.example")) == 1000
+        for _ in range(N_REFUSED):
+            _through(p, "refused.example")
+        backend.wait_sessions(N_OK)
+
+        def settled() -> bool:    # both sides of every connection closed in the kernel
+            return (p.metric("sniproxy_route_tcp_srtt_at_close_seconds_count", route="good",
+                             side="client") == N_OK and
+                    p.metric("sniproxy_route_tcp_srtt_at_close_seconds_count", route="good",
+                             side="backend") == N_OK)
+        wait_until(settled, 20, "per-route close counts")
+        assert p.metric("sniproxy_route_backend_connect_seconds_count", route="good") == N_OK
+        assert p.metric("sniproxy_route_backend_connect_seconds_bucket", route="good",
+                        le="+Inf") == N_OK
+        assert 0 < p.metric("sniproxy_route_backend_connect_seconds_sum", route="good") < 1
+        assert p.metric("sniproxy_route_backend_connect_failures_total", route="refused",
+                        reason="refused") == N_REFUSED
+        assert p.metric("sniproxy_route_backend_connect_failures_total", route="good") == 0
+        assert p.metric("sniproxy_route_backend_connect_seconds_count", route="refused") == 0
+        assert p.metric("sniproxy_route_tcp_retransmits_total", route="good") == 0
+        assert p.metric("sniproxy_route_tcp_srtt_at_close_seconds_sum", route="good",
+                        side="backend") > 0
+        assert p.status()["tracing"]["network"]["bpf_run_count"] > 0
+    finally:
+        p.stop()
+        backend.close()
+
+
+def test_without_cap_bpf_the_proxy_runs_and_says_why(tmp_path):
+    backend = RawBackend(reply_bytes=10)
+    drop = "-bpf,-perfmon,-sys_admin"
+    p = _proxy(tmp_path, backend.port, free_port(),
+               argv_prefix=["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"])
+    try:
+        status = p.status()["tracing"]["network"]
+        assert status["state"] == "degraded"
+        assert "CAP_BPF" in status["reason"] and "setcap" in status["reason"]
+        assert len(_through(p, "good.example")) == 10       # the proxy itself works
+        assert "sniproxy_route_backend_connect_seconds" not in p.metrics()
+    finally:
+        p.stop()
+        backend.close()
+
+
+def test_strict_fallback_refuses_to_start_without_the_tracer(tmp_path):
+    drop = "-bpf,-perfmon,-sys_admin"
+    cfg = base_config(*free_ports(2), fallback_mode="strict",
+                      routes=[{"match": "a.example", "backend": f"127.0.0.1:{free_port()}"}],
+                      ebpf={"tracing": {"network": True}})
+    p = ProxyProcess(cfg, tmp_path, argv_prefix=["setpriv", f"--inh-caps={drop}",
+                                                 f"--bounding-set={drop}"]).start(wait=False)
+    try:
+        assert p.proc.wait(timeout=30) == 3
+        assert "ebpf.tracing.network cannot run" in p.log() and "CAP_BPF" in p.log()
+    finally:
+        p.stop()
