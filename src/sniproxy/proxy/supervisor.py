@@ -53,6 +53,9 @@ class Supervisor:
         self.metrics_dir = metrics_mod.enable_multiprocess()
         self.own_metrics = metrics_mod.ProxyMetrics()
         self.status_server: StatusServer | None = None
+        self.otlp = None                      # telemetry.otlp_metrics.OtlpMetricsExporter
+        self.otlp_error: str | None = None
+        self.extra_collectors: list = []      # more /metrics (and OTLP) families: exporter state...
         self.loop: asyncio.AbstractEventLoop | None = None
         self.all_stopped: asyncio.Event | None = None
 
@@ -91,16 +94,34 @@ class Supervisor:
             self.loop.add_signal_handler(sig, handler)
         for slot in self.slots:
             self._spawn(slot)
+        self._start_otlp()     # after the first fork: the workers never inherit its thread
         listen = ", ".join(str(a) for a in self.config.listen)
         log.info("sni-proxy %s listening on %s with %d worker(s); metrics on %s",
                  __version__, listen, len(self.slots), self.config.metrics_addr or "off")
         await self.all_stopped.wait()
+        if self.otlp is not None:
+            await asyncio.to_thread(self.otlp.stop)
         if self.status_server is not None:
             await self.status_server.close()
         if self.ebpf is not None:
             self.ebpf.close()
         log.info("sni-proxy stopped")
         return 0
+
+    def _start_otlp(self) -> None:
+        """OTLP metrics (issue 13): one exporter here, reading what /metrics reads."""
+        from sniproxy.telemetry.otlp_common import OtlpSetupError
+        from sniproxy.telemetry.otlp_metrics import OtlpMetricsExporter
+        try:
+            self.otlp = OtlpMetricsExporter.from_config(self.config, self._registry,
+                                                        start_time_ns=int(self.started_wall * 1e9))
+        except (OtlpSetupError, ValueError) as exc:   # a bad OTEL_* variable: proxy anyway
+            self.otlp_error = f"OTLP metrics disabled: {exc}"
+            log.error("%s", self.otlp_error)
+            return
+        if self.otlp is not None:
+            self.extra_collectors.append(self.otlp.collector())
+            self.otlp.start()
 
     def _spawn(self, slot: WorkerSlot) -> None:
         listeners = [create_listener(a.host, a.port, backlog=self.config.listen_backlog, reuse_port=True,
@@ -228,11 +249,17 @@ class Supervisor:
             log.error("cannot send the new config to worker %d: %s", slot.index, exc)
 
     # ---------------- HTTP views ----------------
-    def _metrics(self):
+    def _registry(self):
+        """What /metrics renders and the OTLP exporter sends: the same numbers."""
         registry = metrics_mod.aggregated_registry()
         if self.ebpf is not None:
             registry.register(self.ebpf.collector())
-        return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_mod.render(registry)
+        for collector in self.extra_collectors:
+            registry.register(collector)
+        return registry
+
+    def _metrics(self):
+        return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_mod.render(self._registry())
 
     def _active_connections(self) -> int:
         for family in metrics_mod.aggregated_registry().collect():
@@ -252,7 +279,14 @@ class Supervisor:
                         for s in self.slots],
             "active_connections": self._active_connections(),
             "ebpf": self.ebpf.status() if self.ebpf is not None else ebpf_off_status(self.config),
+            "otlp": self._otlp_status(),
         })
+
+    def _otlp_status(self) -> dict:
+        if self.otlp is not None:
+            return self.otlp.status()
+        from sniproxy.telemetry.otlp_metrics import off_status
+        return off_status(self.config, error=self.otlp_error)
 
     def _healthz(self):
         alive = sum(s.alive for s in self.slots)
