@@ -4,6 +4,8 @@
     sni-proxy profile -p 1234 -F 49 --duration 30 -o cpu.svg
     sni-proxy profile --env production -o cpu.pb.gz   # 19 Hz; pprof for go tool pprof
     sni-proxy profile -p 1234 -o - --duration 5 > out.folded
+    sni-proxy profile -p 1234 --duration 30 --otlp    # to the collector of OTEL_EXPORTER_OTLP_*
+    sni-proxy profile --duration 30 --otlp-endpoint http://collector:4318 --otlp-protocol http/protobuf
 
 Progress is shown on stderr while sampling; at the end a summary (samples, drops, lost stacks,
 collisions, overhead) and the top functions. Exit status: 0 ok, 1 the profiler failed, 2 bad usage.
@@ -69,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distinct stacks kept in the kernel (bounds memory; default from config)")
     p.add_argument("-I", "--include-idle", action="store_true", help="count the idle task too")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    otlp = p.add_argument_group("OTLP", "send the profile to an OpenTelemetry collector (endpoint, "
+                                "protocol, headers and TLS from the OTEL_EXPORTER_OTLP_* variables)")
+    otlp.add_argument("--otlp", action="store_true", help="export the profile over OTLP")
+    otlp.add_argument("--otlp-endpoint", metavar="URL",
+                      help="collector URL (implies --otlp; default: OTEL_EXPORTER_OTLP_[PROFILES_]ENDPOINT, "
+                           "else localhost:4317 for grpc)")
+    otlp.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"),
+                      help="default: OTEL_EXPORTER_OTLP_[PROFILES_]PROTOCOL, else grpc")
+    otlp.add_argument("--otlp-pprof", action="store_true",
+                      help="attach the pprof of each process as the profile's original_payload")
     return p
 
 
@@ -243,9 +255,38 @@ def cli_profile(argv: list[str]) -> int:
             return 1
         if args.output != "-":
             print(f"wrote {output_kind(args.output)} to {args.output}", file=err)
+    if args.otlp or args.otlp_endpoint:
+        status = export_otlp(profile, args, err)
+        if status:
+            return status
     top = format_top(profile, args.top)
     if top:
         print(top, file=err if args.output == "-" else sys.stdout)
+    return 0
+
+
+def export_otlp(profile: Profile, args: argparse.Namespace, err: TextIO) -> int:
+    """Send the profile as an ExportProfilesServiceRequest; 0 on success, 1 with the reason."""
+    from opentelemetry.sdk.resources import OTELResourceDetector
+
+    from ..telemetry.otlp_common import OtlpSetupError
+    from ..telemetry.otlp_profiles import OtlpProfileExporter, ProfileExportError
+
+    try:
+        exporter = OtlpProfileExporter.from_env(endpoint=args.otlp_endpoint, protocol=args.otlp_protocol)
+    except OtlpSetupError as exc:
+        print(f"sni-proxy profile: OTLP: {exc}", file=err)
+        return 2
+    try:
+        sent = exporter.export(profile, include_pprof=args.otlp_pprof,
+                               resource_attributes=dict(OTELResourceDetector().detect().attributes))
+    except ProfileExportError as exc:
+        print(f"sni-proxy profile: OTLP export failed: {exc}", file=err)
+        return 1
+    finally:
+        exporter.close()
+    print(f"exported {profile.total_samples} samples of {len(profile.tgids)} process(es) "
+          f"({sent} bytes) over {exporter.settings.protocol} to {exporter.endpoint}", file=err)
     return 0
 
 
