@@ -55,7 +55,10 @@ class Supervisor:
         self.status_server: StatusServer | None = None
         self.otlp = None                      # telemetry.otlp_metrics.OtlpMetricsExporter
         self.otlp_error: str | None = None
-        self.extra_collectors: list = []      # more /metrics (and OTLP) families: exporter state...
+        self.profiling = None                 # observe.continuous.ContinuousProfiler
+        self.profiling_error: str | None = None
+        self.export_states: list = []         # OTLP export results, one per signal
+        self.extra_collectors: list = []      # more /metrics (and OTLP) families
         self.loop: asyncio.AbstractEventLoop | None = None
         self.all_stopped: asyncio.Event | None = None
 
@@ -95,10 +98,13 @@ class Supervisor:
         for slot in self.slots:
             self._spawn(slot)
         self._start_otlp()     # after the first fork: the workers never inherit its thread
+        self._start_profiling()
         listen = ", ".join(str(a) for a in self.config.listen)
         log.info("sni-proxy %s listening on %s with %d worker(s); metrics on %s",
                  __version__, listen, len(self.slots), self.config.metrics_addr or "off")
         await self.all_stopped.wait()
+        if self.profiling is not None:
+            await asyncio.to_thread(self.profiling.stop)     # drains the last interval
         if self.otlp is not None:
             await asyncio.to_thread(self.otlp.stop)
         if self.status_server is not None:
@@ -110,8 +116,9 @@ class Supervisor:
 
     def _start_otlp(self) -> None:
         """OTLP metrics (issue 13): one exporter here, reading what /metrics reads."""
-        from sniproxy.telemetry.otlp_common import OtlpSetupError
+        from sniproxy.telemetry.otlp_common import ExportStateCollector, OtlpSetupError
         from sniproxy.telemetry.otlp_metrics import OtlpMetricsExporter
+        self.extra_collectors.append(ExportStateCollector(self.export_states))
         try:
             self.otlp = OtlpMetricsExporter.from_config(self.config, self._registry,
                                                         start_time_ns=int(self.started_wall * 1e9))
@@ -120,8 +127,26 @@ class Supervisor:
             log.error("%s", self.otlp_error)
             return
         if self.otlp is not None:
-            self.extra_collectors.append(self.otlp.collector())
+            self.export_states.append(self.otlp.state)
             self.otlp.start()
+
+    def _start_profiling(self) -> None:
+        """Continuous profiling of the proxy's own processes (issue 13); failure never stops us."""
+        if not self.config.profiling.enabled:
+            return
+        from sniproxy.telemetry.continuous_profiling import start_continuous_profiling
+        try:
+            self.profiling, collectors = start_continuous_profiling(self.config, self._own_pids)
+        except Exception as exc:  # noqa: BLE001 - ProfilerError (capabilities), OTLP settings...
+            self.profiling_error = f"continuous profiling disabled: {exc}"
+            log.error("%s", self.profiling_error)
+            return
+        self.extra_collectors.extend(collectors)
+        if self.profiling.otlp_state is not None:
+            self.export_states.append(self.profiling.otlp_state)
+
+    def _own_pids(self) -> list[int]:
+        return [os.getpid()] + [s.pid for s in self.slots if s.alive]
 
     def _spawn(self, slot: WorkerSlot) -> None:
         listeners = [create_listener(a.host, a.port, backlog=self.config.listen_backlog, reuse_port=True,
@@ -280,7 +305,12 @@ class Supervisor:
             "active_connections": self._active_connections(),
             "ebpf": self.ebpf.status() if self.ebpf is not None else ebpf_off_status(self.config),
             "otlp": self._otlp_status(),
+            "profiling": self._profiling_status(),
         })
+
+    def _profiling_status(self) -> dict:
+        from sniproxy.telemetry.continuous_profiling import profiling_status
+        return profiling_status(self.profiling, self.config, self.profiling_error)
 
     def _otlp_status(self) -> dict:
         if self.otlp is not None:

@@ -182,8 +182,9 @@ class ExportState:
     Thread-safe: the exporter thread writes, /status and /metrics read.
     """
 
-    def __init__(self, signal: str, endpoint: str, interval_s: float):
+    def __init__(self, signal: str, endpoint: str, interval_s: float, log_failures: bool = True):
         self.signal = signal
+        self.log_failures = log_failures
         self.endpoint = endpoint
         self.interval_s = interval_s
         self.successes = 0
@@ -202,7 +203,7 @@ class ExportState:
             self.items_exported += items
             self.streak = 0
             self.last_success = time.time()
-        if recovered:
+        if recovered and self.log_failures:
             log.info("OTLP %s export to %s works again (after %d failed attempts)",
                      self.signal, self.endpoint, streak)
 
@@ -213,7 +214,7 @@ class ExportState:
             self.streak += 1
             self.last_error = error
             self.last_error_at = time.time()
-        if first:   # one line per streak; /status and /metrics count the rest
+        if first and self.log_failures:   # one line per streak; /status and /metrics count the rest
             log.warning("OTLP %s export to %s failed: %s; retrying with backoff (up to %.0f s), "
                         "proxying is not affected; logged once until it works again, see /status "
                         "\"otlp\" and sniproxy_otlp_exports_total", self.signal, self.endpoint,

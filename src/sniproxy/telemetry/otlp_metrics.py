@@ -29,7 +29,6 @@ from sniproxy import __version__
 
 from .otlp_common import (
     ExportState,
-    ExportStateCollector,
     OtlpSetupError,
     SdkLogCapture,
     SignalSettings,
@@ -432,8 +431,6 @@ class OtlpMetricsExporter:
                 "temporality": self.temporality, "headers": list(s.header_names),
                 "sources": dict(s.sources), **self.state.status()}
 
-    def collector(self) -> ExportStateCollector:
-        return ExportStateCollector([self.state])
 
 
 def _number(value: float) -> int | float:

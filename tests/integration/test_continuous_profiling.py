@@ -1,0 +1,123 @@
+"""Continuous profiling inside the proxy (issue 13): drained every interval, exported over OTLP
+and written as pprof files that `go tool pprof` (Debian's golang-go) reads."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sniproxy.telemetry.otlp_profiles import check_dictionary
+from tests.ebpf_required import skip_or_fail
+from tests.integration.harness import ProxyProcess, base_config, free_ports, make_pki, tls_backend, wait_until
+from tests.integration.otlp_receiver import GrpcReceiver
+from tests.integration.test_otlp_metrics import otlp_env, request
+from tests.integration.test_profiler import burn_bin, burns, ebpf  # noqa: F401 - fixtures
+
+NAME = "a.test"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"), [NAME])
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    started: list[ProxyProcess] = []
+
+    def start(profiling: dict, backend_port: int, otlp: dict | None = None, workers: int = 2) -> ProxyProcess:
+        cfg = base_config(*free_ports(2), workers=workers, profiling=profiling, otlp=otlp or {},
+                          routes=[{"match": NAME, "backend": f"127.0.0.1:{backend_port}"}])
+        p = ProxyProcess(cfg, tmp_path, env=otlp_env())
+        started.append(p)
+        return p.start()
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def test_self_profiling_exports_every_interval_with_bounded_memory(ebpf, proxy, pki, tmp_path):
+    pprof_dir = tmp_path / "profiles"
+    with GrpcReceiver() as receiver, tls_backend(pki, [NAME], "A") as backend:
+        p = proxy({"enabled": True, "environment": "production", "export_interval_s": 2,
+                   "pprof_dir": str(pprof_dir), "retention": 2},
+                  backend, otlp={"endpoint": f"http://127.0.0.1:{receiver.port}"})
+        t0 = time.monotonic()
+        memory = []
+        stop = threading.Event()
+
+        def load():      # keep the workers on a CPU so every interval has samples
+            while not stop.is_set() and time.monotonic() - t0 < 30:
+                request(p, pki)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        try:
+            for n in (1, 2, 3):
+                wait_until(lambda: p.status()["profiling"]["drains"] >= n, 15, f"drain {n}")
+                memory.append(p.metric("ebpf_profiler_overhead_memory_bytes"))
+            elapsed = time.monotonic() - t0
+        finally:
+            stop.set()
+            loader.join(30)
+        status = p.status()["profiling"]
+        own = {p.status()["pid"]} | {w["pid"] for w in p.status()["workers"]}
+        metrics_cpu = p.metric("ebpf_profiler_overhead_cpu_percent")
+        p.stop()
+        received = receiver.of("profiles")
+    # 6 s at a 2 s interval: 3 drains (one more at most for scheduling), plus the final one at stop.
+    assert status["drains"] == 3 and 5.5 <= elapsed < 12, (status, elapsed)
+    assert status["sample_rate_hz"] == 19 and status["sinks"]["otlp"]["failed"] == 0, status
+    assert status["sinks"]["otlp"]["ok"] <= len(received) <= status["sinks"]["otlp"]["ok"] + 1, status
+    assert len(received) >= 3, status
+    assert max(memory) < 50e6 and max(memory) <= min(memory) * 1.5, memory   # bounded, not growing
+    assert 0 < metrics_cpu < 100
+    for r in received:
+        check_dictionary(r.request)
+        for rp in r.request.resource_profiles:
+            res = {kv.key: kv.value for kv in rp.resource.attributes}
+            assert res["process.pid"].int_value in own
+            assert res["service.name"].string_value == "sni-proxy"
+            assert rp.scope_profiles[0].profiles[0].period == round(1e9 / 19)
+    files = sorted(pprof_dir.glob("cpu-*.pb.gz"))
+    assert len(files) == 2, (files, status)           # retention: the oldest were deleted
+
+
+def go_pprof_top(files: list[Path]) -> dict[str, float]:
+    go = shutil.which("go")
+    if go is None:
+        skip_or_fail("go is needed to read pprof files with `go tool pprof` (apt-get install golang-go)")
+    r = subprocess.run([go, "tool", "pprof", "-top", "-symbolize=none", "-sample_index=samples",
+                        *map(str, files)], capture_output=True, text=True, timeout=120,
+                       env={"HOME": "/tmp", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    flat = {}
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*\S+\s+([\d.]+)%\s+[\d.]+%\s+\S+\s+[\d.]+%\s+(.+)$", line)
+        if m:
+            flat[m.group(2).strip()] = float(m.group(1)) / 100
+    return flat
+
+
+def test_pprof_files_read_by_go_tool_pprof_show_the_split(ebpf, proxy, burns, pki, tmp_path):
+    pprof_dir = tmp_path / "profiles"
+    with tls_backend(pki, [NAME], "A") as backend:
+        b = burns("ratio", 3, threads=2)
+        p = proxy({"enabled": True, "environment": "debug", "export_interval_s": 1, "targets": [b.pid],
+                   "otlp": False, "pprof_dir": str(pprof_dir), "retention": 100}, backend, workers=1)
+        b.wait()
+        wait_until(lambda: p.status()["profiling"]["drains"] >= 1, 10, "a drain")
+        assert p.status()["profiling"]["sample_rate_hz"] == 199
+        p.stop()                                    # the final drain writes the last file
+    files = sorted(pprof_dir.glob("cpu-*.pb.gz"))
+    assert files
+    flat = go_pprof_top(files)
+    a, bb = flat.get("burn_a", 0), flat.get("burn_b", 0)
+    assert a + bb > 0.9, flat
+    assert abs(a / (a + bb) - 0.70) <= 0.05, flat
