@@ -121,3 +121,31 @@ def test_pprof_files_read_by_go_tool_pprof_show_the_split(ebpf, proxy, burns, pk
     a, bb = flat.get("burn_a", 0), flat.get("burn_b", 0)
     assert a + bb > 0.9, flat
     assert abs(a / (a + bb) - 0.70) <= 0.05, flat
+
+
+def test_drain_empties_the_maps_and_counts_each_sample_once(ebpf, burns):
+    from sniproxy.observe.config import EbpfConfig
+    from sniproxy.observe.profiler import MAP_COUNTS, MAP_STACKS, EbpfCpuProfiler
+
+    b = burns("ratio", 10)
+    with EbpfCpuProfiler(EbpfConfig().with_pids(b.pid).with_sample_rate(199)) as profiler:
+        time.sleep(0.7)     # sampling time, not synchronisation
+        first = profiler.drain()
+        time.sleep(0.7)
+        second = profiler.drain()
+        left = profiler._obj.map(MAP_COUNTS).count()
+        b.kill()
+    final = profiler.stop()
+    assert first.total_samples > 50 and second.total_samples > 50
+    assert left < second.total_samples / 4             # the counts were removed (a few new ones)
+    assert first.stats.samples == first.total_samples + first.stats.dropped
+    assert second.start_time_ns == first.start_time_ns + first.duration_ns
+    assert second.stats.samples < first.stats.samples + second.total_samples   # per interval
+    # Nothing counted twice: every interval's samples match its own kernel count...
+    for p in (first, second, final):
+        assert p.stats.samples - 2 <= p.total_samples + p.stats.dropped <= p.stats.samples + 2, p.stats
+    assert final.start_time_ns == second.start_time_ns + second.duration_ns
+    # ...and no sample lost its stack to the clean-up of the stack map.
+    stackless = sum(s.count for p in (first, second, final) for s in p.samples if not s.user_frames)
+    assert stackless <= 2, stackless
+    assert MAP_STACKS

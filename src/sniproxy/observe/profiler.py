@@ -414,7 +414,8 @@ class EbpfCpuProfiler:
         self._links.clear()
         self._t_end = time.monotonic()
         try:
-            self._final = self.snapshot()
+            # After drain()s, the last profile is one more interval (its own stats and times).
+            self._final = self._read(drain=self._drained_at_ns != 0)
             # The final snapshot's one-off symbolization is in here: no alarm for it.
             self._final_overhead = self._overhead(warn=False)
         finally:
@@ -568,7 +569,13 @@ class EbpfCpuProfiler:
             samples.sort(key=lambda s: -s.count)
             start_ns, duration_ns = self._wall0_ns, int(self.elapsed_s() * 1e9)
             if drain:
-                for stack_id in stacks:     # their samples are read: free the stack map too
+                # Free the stacks just read, except those that samples taken since the counts
+                # were drained point to (deleting those would leave them stackless).
+                in_use = set()
+                for raw_key in counts_map.keys():
+                    _tgid, _tid, kid, uid, _comm = _KEY.unpack(raw_key)
+                    in_use.update((kid, uid))
+                for stack_id in stacks.keys() - in_use:
                     stack_map.delete(stack_id)
                 now_ns = time.time_ns()
                 start_ns = self._drained_at_ns or self._wall0_ns
