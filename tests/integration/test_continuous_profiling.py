@@ -149,3 +149,23 @@ def test_drain_empties_the_maps_and_counts_each_sample_once(ebpf, burns):
     stackless = sum(s.count for p in (first, second, final) for s in p.samples if not s.user_frames)
     assert stackless <= 2, stackless
     assert MAP_STACKS
+
+
+def test_without_bpf_capabilities_the_proxy_runs_and_says_why(ebpf, pki, tmp_path):
+    from tests.integration.test_degradation import drop
+    if shutil.which("setpriv") is None:
+        skip_or_fail("setpriv (util-linux) is needed to drop capabilities")
+    with tls_backend(pki, [NAME], "A") as backend:
+        cfg = base_config(*free_ports(2), profiling={"enabled": True, "otlp": False, "pprof_dir": str(tmp_path)},
+                          routes=[{"match": NAME, "backend": f"127.0.0.1:{backend}"}])
+        p = ProxyProcess(cfg, tmp_path, env=otlp_env(),
+                         argv_prefix=drop("CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN")).start()
+        try:
+            request(p, pki)
+            status = p.status()["profiling"]
+            assert status["enabled"] is False
+            assert "CAP_BPF" in status["reason"] and "setcap" in status["reason"], status
+            assert "continuous profiling disabled" in p.log()
+            assert p.metric("ebpf_profiler_overhead_cpu_percent") == 0     # absent, not invented
+        finally:
+            p.stop()

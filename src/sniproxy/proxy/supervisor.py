@@ -254,7 +254,7 @@ class Supervisor:
             log.error("reload rejected, keeping the running config: %s", exc)
             return
         fixed = [key for key in ("listen", "workers", "metrics_addr", "listen_backlog",
-                                 "listen_defer_accept", "ebpf")
+                                 "listen_defer_accept", "ebpf", "otlp", "profiling")
                  if getattr(new, key) != getattr(self.config, key)]
         if fixed:
             log.warning("reload: %s changed but only take effect after a restart", ", ".join(fixed))
