@@ -108,7 +108,7 @@ def go_pprof_top(files: list[Path]) -> dict[str, float]:
 def test_pprof_files_read_by_go_tool_pprof_show_the_split(ebpf, proxy, burns, pki, tmp_path):
     pprof_dir = tmp_path / "profiles"
     with tls_backend(pki, [NAME], "A") as backend:
-        b = burns("ratio", 3, threads=2)
+        b = burns("ratio", 5, threads=2)
         p = proxy({"enabled": True, "environment": "debug", "export_interval_s": 1, "targets": [b.pid],
                    "otlp": False, "pprof_dir": str(pprof_dir), "retention": 100}, backend, workers=1)
         b.wait()
@@ -116,8 +116,10 @@ def test_pprof_files_read_by_go_tool_pprof_show_the_split(ebpf, proxy, burns, pk
         assert p.status()["profiling"]["sample_rate_hz"] == 199
         p.stop()                                    # the final drain writes the last file
     files = sorted(pprof_dir.glob("cpu-*.pb.gz"))
-    assert files
-    flat = go_pprof_top(files)
+    assert len(files) >= 3, files
+    # The first interval overlaps the proxy's own start-up on these 2 CPUs (the burner's threads
+    # are preempted then): `go tool pprof` merges the others.
+    flat = go_pprof_top(files[1:])
     a, bb = flat.get("burn_a", 0), flat.get("burn_b", 0)
     assert a + bb > 0.9, flat
     assert abs(a / (a + bb) - 0.70) <= 0.05, flat

@@ -62,6 +62,7 @@ class ContinuousProfiler:
         self._last_warn = 0.0
         self._previous_busy: tuple[int, int] | None = None
         self._interval_cpu: float | None = None
+        self._cpu_over = 0
         self.error: str | None = None
 
     def start(self) -> None:
@@ -168,7 +169,14 @@ class ContinuousProfiler:
                 self._interval_cpu = 100.0 * (busy - previous[0]) / ((wall - previous[1]) * cpus)
             cpu = self._interval_cpu
         now = time.monotonic()
-        over_cpu = cpu is not None and cpu > CPU_WARN_PERCENT     # not on the warm-up interval
+        # Loading a binary's symbol table the first time it is sampled costs a one-off burst (the
+        # first interval loads kallsyms and most of them): judge CPU only when it stays above
+        # the threshold for two intervals in a row.
+        if cpu is not None and cpu > CPU_WARN_PERCENT:
+            self._cpu_over += 1
+        else:
+            self._cpu_over = 0
+        over_cpu = self._cpu_over >= 2
         if (over_cpu or memory > MEMORY_WARN_BYTES) and now - self._last_warn >= WARN_EVERY_S:
             self._last_warn = now
             log.warning("continuous profiling costs %.2f %% CPU and %.1f MiB (thresholds: %.0f %%, "
