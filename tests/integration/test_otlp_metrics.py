@@ -107,7 +107,7 @@ def assert_export_equals_metrics(export, series) -> int:
             assert list(point.explicit_bounds) == s.bounds, name
             assert sum(point.bucket_counts) == point.count, name
         else:
-            assert value_of(point) == pytest.approx(s.value), (name, dict(key))
+            assert value_of(point) == s.value, (name, dict(key))          # exactly
         compared += 1
     return compared
 
@@ -172,6 +172,25 @@ def test_grpc_export_equals_metrics_with_two_workers(proxies, pki, backend):
     assert status["last_success"] and status["exports_ok"] >= 1 and status["failure_streak"] == 0
     assert status["headers"] == ["x-api-key", "x-tenant"] and "s3cret" not in str(p.status())
     assert p.metric("sniproxy_otlp_exports_total", signal="metrics", result="success") >= 1
+
+
+def test_worker_restart_with_the_grpc_exporter_running(proxies, pki, backend):
+    """Workers are forked by a supervisor that runs gRPC threads: a restarted worker must serve."""
+    import os
+    import signal
+    with GrpcReceiver() as receiver:
+        p = proxies({"enabled": True, "endpoint": f"http://127.0.0.1:{receiver.port}", "interval_s": 0.1},
+                    env=otlp_env(), workers=2, backend_port=backend)
+        receiver.wait_for(lambda items: items, 10, "a first export")
+        victim = p.status()["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: all(w["alive"] and w["pid"] != victim for w in p.status()["workers"]
+                               if w["index"] == 0), 15, "the worker to be restarted")
+        for _ in range(10):        # both workers (SO_REUSEPORT spreads the connections)
+            request(p, pki)
+        wait_until(lambda: p.metric("sniproxy_connections_total") == 10, 10, "/metrics to count them")
+        receiver.wait_for(lambda items: connections_in(items[-1]) == 10, 10, "an export with them")
+        assert p.metric("sniproxy_worker_restarts_total") == 1
 
 
 def test_http_delta_temporality_from_env(proxies, pki, backend):

@@ -103,7 +103,6 @@ class ContinuousProfiler:
                 log.debug("continuous profiling: pids not updated: %s", exc)
         profile = self.profiler.drain()
         with self._lock:
-            self.drains += 1
             self.samples += profile.stats.samples
             self.dropped += profile.stats.dropped
             self.last_profile_samples = profile.total_samples
@@ -129,6 +128,7 @@ class ContinuousProfiler:
                     state.streak = 0
         with self._lock:
             self._export_cpu_ns += time.thread_time_ns() - t_sinks
+            self.drains += 1            # counted once every sink had the profile
         if profile.stats.dropped:
             log.warning("continuous profiling: %d samples dropped in %.0f s: max_samples distinct "
                         "stacks reached; raise profiling.max_samples", profile.stats.dropped,

@@ -100,6 +100,8 @@ KNOWN: dict[str, MetricSpec] = {
     "sniproxy_otlp_exports": MetricSpec(
         "sniproxy.otlp.exports", "{export}", COUNTER,
         {"signal": "sniproxy.otlp.signal", "result": "sniproxy.result"}),
+    "sniproxy_otlp_last_success_timestamp_seconds": MetricSpec(
+        "sniproxy.otlp.last_success_time", "s", GAUGE, {"signal": "sniproxy.otlp.signal"}),
     "ebpf_active_connections": MetricSpec(
         "sniproxy.ebpf.connection.active", "{connection}", UPDOWN),
     "ebpf_map_utilization": MetricSpec("sniproxy.ebpf.map.utilization", "1", GAUGE,
