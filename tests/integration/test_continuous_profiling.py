@@ -62,19 +62,21 @@ def test_self_profiling_exports_every_interval_with_bounded_memory(ebpf, proxy, 
             for n in (1, 2, 3):
                 wait_until(lambda: p.status()["profiling"]["drains"] >= n, 15, f"drain {n}")
                 memory.append(p.metric("ebpf_profiler_overhead_memory_bytes"))
+            status = p.status()["profiling"]
             elapsed = time.monotonic() - t0
         finally:
             stop.set()
             loader.join(30)
-        status = p.status()["profiling"]
         own = {p.status()["pid"]} | {w["pid"] for w in p.status()["workers"]}
         metrics_cpu = p.metric("ebpf_profiler_overhead_cpu_percent")
         p.stop()
         received = receiver.of("profiles")
-    # 6 s at a 2 s interval: 3 drains (one more at most for scheduling), plus the final one at stop.
-    assert status["drains"] == 3 and 5.5 <= elapsed < 12, (status, elapsed)
+    # One drain per 2 s interval since the start (give or take one for scheduling on busy CPUs),
+    # plus the final one at stop.
+    assert status["drains"] >= 3 and abs(status["drains"] - elapsed / 2) <= 1.5, (status, elapsed)
     assert status["sample_rate_hz"] == 19 and status["sinks"]["otlp"]["failed"] == 0, status
-    assert status["sinks"]["otlp"]["ok"] <= len(received) <= status["sinks"]["otlp"]["ok"] + 1, status
+    # what /status counted, then at most one more interval before the stop and the final drain
+    assert status["sinks"]["otlp"]["ok"] <= len(received) <= status["sinks"]["otlp"]["ok"] + 2, status
     assert len(received) >= 3, status
     assert max(memory) < 50e6 and max(memory) <= min(memory) * 1.5, memory   # bounded, not growing
     assert 0 < metrics_cpu < 100

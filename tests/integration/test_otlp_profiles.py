@@ -60,7 +60,7 @@ def test_cli_otlp_grpc_known_split(ebpf, burns):
     p = req.resource_profiles[0].scope_profiles[0].profiles[0]
     assert p.period == round(1e9 / 199)
     shares, total = function_shares(req, b.pid, ("burn_a", "burn_b", "run"))
-    assert total > 500, total
+    assert total > 150, total          # ~1200 on idle CPUs; fewer when other load shares them
     split_a = shares["burn_a"] / (shares["burn_a"] + shares["burn_b"])
     assert abs(split_a - 0.70) <= 0.05, shares
     assert shares["run"] >= 0.95

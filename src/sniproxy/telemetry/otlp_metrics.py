@@ -42,7 +42,7 @@ log = logging.getLogger("sniproxy")
 
 SCOPE_NAME = "sniproxy"
 #: A final export at stop waits at most this long (the supervisor is shutting down).
-STOP_EXPORT_TIMEOUT_S = 5.0
+STOP_EXPORT_TIMEOUT_S = 2.0
 
 COUNTER, UPDOWN, GAUGE, HISTOGRAM = "counter", "updowncounter", "gauge", "histogram"
 
@@ -331,15 +331,27 @@ class OtlpMetricsExporter:
             if thread.is_alive():      # stuck in an export: cut the SDK's retries short
                 self._sdk.shutdown(timeout_millis=1000)
                 thread.join(STOP_EXPORT_TIMEOUT_S)
-        # One last export so a short run is not lost; not when the collector is known to be down
-        # (that would only delay the shutdown by a timeout).
+        # One last export so a short run is not lost; not when the collector is known to be down.
+        # Bounded: a collector that vanished must not hold the shutdown for a whole timeout
+        # (shutting the SDK exporter down cuts its retries short).
+        last = None
         if final_export and thread is not None and not thread.is_alive() and self.state.streak == 0:
-            self.export_once()
+            last = threading.Thread(target=self._final_export, name="sni-proxy-otlp-final", daemon=True)
+            last.start()
+            last.join(STOP_EXPORT_TIMEOUT_S)
         try:
             self._sdk.shutdown(timeout_millis=1000)
         except Exception as exc:  # noqa: BLE001 - already shut down, or a channel error
             log.debug("OTLP metrics exporter shutdown: %s", exc)
+        if last is not None:
+            last.join(1.0)
         self._capture.remove()
+
+    def _final_export(self) -> None:
+        try:
+            self.export_once()
+        except Exception as exc:  # noqa: BLE001 - at shutdown: note it, never raise
+            log.debug("final OTLP metrics export: %s", exc)
 
     def _run(self) -> None:
         while not self._stop.wait(self.state.next_wait()):
