@@ -11,7 +11,7 @@ from sniproxy.observe.profiler import EbpfCpuProfiler
 from sniproxy.telemetry.folded import fold
 from sniproxy.telemetry.otlp_profiles import OtlpProfileExporter, check_dictionary
 from tests.integration.otlp_receiver import GrpcReceiver, HttpReceiver
-from tests.integration.test_profiler import Burn, burn_bin, burns, ebpf  # noqa: F401 - fixtures
+from tests.integration.test_profiler import Burn, assert_sample_count, burn_bin, burns, ebpf  # noqa: F401
 from tests.unit.test_otlp_profiles import _attrs, folded_from_otlp
 
 
@@ -43,12 +43,13 @@ def function_shares(request, pid: int, names: tuple[str, ...]) -> tuple[dict[str
 
 def test_cli_otlp_grpc_known_split(ebpf, burns):
     with GrpcReceiver() as receiver:
-        b = burns("ratio", 3, threads=2)
+        b = burns("ratio", 4, threads=2)
         r = subprocess.run([sys.executable, "-m", "sniproxy.cli", "profile", "-p", str(b.pid), "-F", "199",
                             "-q", "--top", "0", "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}"],
                            capture_output=True, text=True, timeout=60,
                            env=clean_env(OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer%20t0ken"))
         assert r.returncode == 0, r.stderr
+        cpu_s = b.wait()           # the CLI stopped when the burner exited: reap it, get its CPU time
         assert f"over grpc to http://127.0.0.1:{receiver.port}" in r.stderr
         got = receiver.wait_for(lambda items: receiver.of("profiles"), 10, "the profile")[0]
     req = got.request
@@ -60,7 +61,7 @@ def test_cli_otlp_grpc_known_split(ebpf, burns):
     p = req.resource_profiles[0].scope_profiles[0].profiles[0]
     assert p.period == round(1e9 / 199)
     shares, total = function_shares(req, b.pid, ("burn_a", "burn_b", "run"))
-    assert total > 150, total          # ~1200 on idle CPUs; fewer when other load shares them
+    assert_sample_count(total, 199, cpu_s, rel=0.25)   # the samples match the CPU time it got
     split_a = shares["burn_a"] / (shares["burn_a"] + shares["burn_b"])
     assert abs(split_a - 0.70) <= 0.05, shares
     assert shares["run"] >= 0.95
