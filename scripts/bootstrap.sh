@@ -10,8 +10,8 @@ cd "$ROOT"
 # (nginx/haproxy/wrk for benchmarks, dante-server as a real SOCKS5 server, openssl, curl,
 # iproute2 for network namespaces, libcap2-bin/util-linux for capability-dropping tests,
 # linux-perf for the profiler comparison, prometheus (+ promtool) and systemd (systemd-analyze)
-# for the deploy/ tests).
-DEB_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make gcc python3-venv python3-dev curl openssl
+# for the deploy/ tests, golang-go for `go tool pprof` reading our pprof files).
+DEB_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make gcc python3-venv python3-dev curl openssl golang-go
           dante-server iproute2 libcap2-bin util-linux linux-perf procps prometheus systemd)
 missing=()
 for p in "${DEB_PKGS[@]}"; do

@@ -17,6 +17,7 @@ import json
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Union
@@ -46,6 +47,8 @@ __all__ = [
     "EbpfConfig",
     "HostPort",
     "LogConfig",
+    "OtlpConfig",
+    "ProfilingConfig",
     "RelayConfig",
     "RouteConfig",
     "Socks5Upstream",
@@ -480,6 +483,97 @@ class RelayConfig(_Model):
     buffer_bytes: Annotated[int, Strict(), Field(ge=4 * KiB, le=16 * MiB)] = 64 * KiB
 
 
+
+# --------------------------------------------------------------------------------------------
+# OpenTelemetry: the `otlp` and `profiling` sections (issue 13; docs/opentelemetry.md)
+
+# RFC 9110 token characters: what an HTTP header (and a gRPC metadata key) name may hold.
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+#: Header values are credentials as often as not: they are never echoed in errors or /status.
+HIDDEN = "<hidden>"
+
+
+def _check_otlp_endpoint(value: str) -> str:
+    expected = 'expected an http:// or https:// URL of the collector (e.g. "http://127.0.0.1:4317")'
+    try:
+        url = urllib.parse.urlsplit(value)
+        port = url.port          # ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"{expected}; {exc}") from None
+    if url.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{expected}; the scheme says plain (http) or TLS (https)")
+    if not url.hostname:
+        raise ValueError(f"{expected}; the host is missing")
+    if port == 0:
+        raise ValueError(f"{expected}; the port must be a number from 1 to 65535")
+    return value.rstrip("/")
+
+
+def _check_header_name(value: str) -> str:
+    if not _HEADER_NAME_RE.match(value):
+        raise ValueError("expected an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)")
+    return value.lower()    # gRPC metadata keys must be lower case; HTTP does not care
+
+
+def _check_header_value(value: str) -> str:
+    if any(c in value for c in "\r\n\0") or len(value) > 8192:
+        raise ValueError("expected a header value without CR, LF or NUL, at most 8192 characters")
+    return value
+
+
+def _check_profiling_targets(value: Any) -> Any:
+    expected = ('expected "self" (the proxy\'s own processes), a list of process ids '
+                '(e.g. [1234, 5678]) or "cgroup:/sys/fs/cgroup/<path>"')
+    if value == "self":
+        return value
+    if isinstance(value, str) and value.startswith("cgroup:"):
+        path = value[len("cgroup:"):]
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError(f"{expected}; the cgroup path must be absolute")
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        if len(value) > 64:
+            raise ValueError(f"{expected}; at most 64 pids (the profiler's pid filter size)")
+        if all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in value):
+            return tuple(value)
+    raise ValueError(expected)
+
+
+HeaderName = Annotated[Str, AfterValidator(_check_header_name)]
+HeaderValue = Annotated[Str, AfterValidator(_check_header_value)]
+
+
+class OtlpConfig(_Model):
+    """OTLP export of the proxy's metrics; every key is overridden by its OTEL_* variable."""
+
+    enabled: Bool = False
+    endpoint: Annotated[Str, AfterValidator(_check_otlp_endpoint)] | None = _hint(
+        'an http:// or https:// URL of the collector (e.g. "http://127.0.0.1:4317"), or null for '
+        "the SDK default (localhost:4317 for grpc, localhost:4318 for http/protobuf)", None)
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    headers: Annotated[dict[HeaderName, HeaderValue], Field(max_length=64)] = {}
+    interval_s: Annotated[float, Strict(), Field(ge=0.1, le=86400)] = 60.0
+    timeout_s: Annotated[float, Strict(), Field(gt=0, le=300)] = 10.0
+    temporality: Literal["cumulative", "delta", "lowmemory"] = "cumulative"
+    resource: Annotated[dict[Str, Str], Field(max_length=128)] = {}
+
+
+class ProfilingConfig(_Model):
+    """Continuous CPU profiling of the proxy itself (sniproxy.observe.continuous)."""
+
+    enabled: Bool = False
+    environment: Literal["production", "development", "debug"] = "production"
+    export_interval_s: Annotated[float, Strict(), Field(ge=1, le=86400)] = 60.0
+    max_samples: Annotated[int, Strict(), Field(ge=1, le=1_000_000)] | None = _hint(
+        "an integer from 1 to 1000000, or null for the environment's default", None)
+    targets: Annotated[Any, AfterValidator(_check_profiling_targets)] = _hint(
+        '"self", a list of process ids (e.g. [1234]) or "cgroup:/sys/fs/cgroup/<path>"', "self")
+    otlp: Bool = True
+    pprof_dir: Annotated[Str, AfterValidator(_check_abs_path)] | None = _hint(
+        'an absolute directory path (e.g. "/var/lib/sni-proxy/profiles"), or null', None)
+    retention: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 24
+
+
 class Socks5Upstream(_Model):
     type: Literal["socks5"]
     addr: Annotated[Str, AfterValidator(_check_plain_addr)] = _hint('"host:port" of the SOCKS5 proxy (e.g. "127.0.0.1:1080")')
@@ -542,6 +636,8 @@ class Config(_Model):
     relay: RelayConfig = RelayConfig()
     log: LogConfig = LogConfig()
     ebpf: EbpfConfig = EbpfConfig()
+    otlp: OtlpConfig = OtlpConfig()
+    profiling: ProfilingConfig = ProfilingConfig()
     fallback_mode: Literal["auto", "strict"] = "auto"
 
     @field_validator("listen_addr", mode="before")
@@ -583,6 +679,7 @@ class Config(_Model):
             name: {"type": u.type, "addr": u.addr, "auth": u.username is not None}
             for name, u in self.upstreams.items()
         }
+        data["otlp"]["headers"] = {name: HIDDEN for name in self.otlp.headers}
         return data
 
 
@@ -698,6 +795,14 @@ def _cross_field_problems(cfg: Config) -> list[ConfigProblem]:
                         _got(cfg.metrics_addr, f"expected a port not used by {where} ({listen}); pick another port"),
                     )
                 )
+    if cfg.profiling.enabled and not cfg.profiling.otlp and cfg.profiling.pprof_dir is None:
+        problems.append(
+            ConfigProblem(
+                "profiling",
+                "enabled, but profiles would go nowhere: set profiling.otlp to true (export to the "
+                'collector of the "otlp" section) and/or profiling.pprof_dir to a directory',
+            )
+        )
     if cfg.dns.min_ttl_s > cfg.dns.max_ttl_s:
         problems.append(
             ConfigProblem(
@@ -842,7 +947,7 @@ def _describe(slot: _Slot) -> str:
 
 
 def _problem_from_pydantic(error: dict[str, Any], raw: Any) -> ConfigProblem:
-    loc = tuple(error["loc"])
+    loc = tuple(part for part in error["loc"] if part != "[key]")   # a bad dict key: its own path
     # A single listen_addr string is validated as a one-item list; report it at its own path.
     if loc[:2] == ("listen_addr", 0) and isinstance(raw, dict) and isinstance(raw.get("listen_addr"), str):
         loc = ("listen_addr",) + loc[2:]
@@ -851,6 +956,8 @@ def _problem_from_pydantic(error: dict[str, Any], raw: Any) -> ConfigProblem:
     value = error.get("input")
     if loc and loc[-1] == "password" and isinstance(value, str):
         value = "<hidden>"  # never echo a secret into logs
+    if len(loc) >= 2 and loc[-2] == "headers" and loc[0] == "otlp" and isinstance(value, str):
+        value = HIDDEN      # an OTLP header value is usually a token
     if kind == "extra_forbidden":
         parent = _slot_at(loc[:-1])
         tp = _strip_annotated(parent.tp)[0] if parent else None

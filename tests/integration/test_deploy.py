@@ -43,10 +43,10 @@ EXPECTED_ABSENT = {
     "ebpf_tcp_splice_engaged_total": "tc splice relay: only when it is on",
     "ebpf_tcp_splice_fallbacks_total": "tc splice relay: only when it is on",
     "ebpf_tcp_splice_bytes_total": "tc splice relay: only when it is on",
-    "ebpf_profiler_cpu_percent":
-        "written by `sni-proxy profile --metrics-file` for node_exporter, not by the proxy",
-    "ebpf_profiler_memory_bytes":
-        "written by `sni-proxy profile --metrics-file` for node_exporter, not by the proxy",
+    "ebpf_profiler_overhead_cpu_percent":
+        "only with profiling.enabled, or from `sni-proxy profile --metrics-file` (node_exporter)",
+    "ebpf_profiler_overhead_memory_bytes":
+        "only with profiling.enabled, or from `sni-proxy profile --metrics-file` (node_exporter)",
 }
 
 
@@ -96,7 +96,7 @@ def test_every_alert_has_a_runbook_and_the_seed_thresholds():
     assert "> 0.9" in rules["SniProxyEbpfMapUtilizationHigh"]["expr"]
     assert "> 0.1" in rules["SniProxySockmapFallbackRateHigh"]["expr"]
     expr = rules["SniProxyProfilerOverheadHigh"]["expr"]
-    assert "ebpf_profiler_cpu_percent > 1" in expr and "> 50 * 1024 * 1024" in expr
+    assert "ebpf_profiler_overhead_cpu_percent > 1" in expr and "> 50 * 1024 * 1024" in expr
 
 
 # ------------------------------------------------------------------------ a live proxy
@@ -245,7 +245,7 @@ def test_dashboard_is_importable_json_with_the_panels_operators_expect():
                    "ebpf_feature_state", "ebpf_sockmap_redirects_total", "ebpf_tcp_splice_active_flows",
                    "ebpf_tcp_splice_engaged_total", "ebpf_tcp_splice_fallbacks_total",
                    "ebpf_tcp_splice_bytes_total", "ebpf_dns_cache_hit_rate", "ebpf_map_utilization",
-                   "ebpf_profiler_cpu_percent", "ebpf_profiler_memory_bytes"):
+                   "ebpf_profiler_overhead_cpu_percent", "ebpf_profiler_overhead_memory_bytes"):
         assert metric in text, metric
 
 
@@ -550,8 +550,8 @@ def test_profiler_metrics_file_feeds_the_overhead_alert(tmp_path):
         assert (r.returncode, r.stdout + r.stderr) == (0, "")
         from prometheus_client.parser import text_string_to_metric_families
         values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-        assert 0 <= values["ebpf_profiler_cpu_percent"] < 100
-        assert values["ebpf_profiler_memory_bytes"] > 0
+        assert 0 <= values["ebpf_profiler_overhead_cpu_percent"] < 100
+        assert values["ebpf_profiler_overhead_memory_bytes"] > 0
         assert profiler.wait(20) == 0, profiler.stderr.read()
         assert not out.exists()
     finally:

@@ -177,6 +177,25 @@ BAD_VALUES: list[tuple[str, Any, list[str]]] = [
     ("relay", "splice", ["an object with keys: mode, buffer_bytes"]),
     ("log", "debug", ["an object with keys: level, format, file, access_log"]),
     ("fallback_mode", "off", ['one of "auto", "strict"']),
+    ("otlp", True, ["an object with keys: enabled, endpoint, protocol"]),
+    ("otlp.enabled", "yes", ["true or false"]),
+    ("otlp.endpoint", "collector:4317", ["http:// or https:// URL", "scheme"]),
+    ("otlp.endpoint", "http://:4317", ["host is missing"]),
+    ("otlp.protocol", "http/json", ['one of "grpc", "http/protobuf"']),
+    ("otlp.headers", ["a"], ["an object mapping names"]),
+    ("otlp.interval_s", 0, ["from 0.1 to 86400"]),
+    ("otlp.timeout_s", 0, ["> 0 and <= 300"]),
+    ("otlp.temporality", "DELTA", ['one of "cumulative", "delta", "lowmemory"']),
+    ("otlp.resource", {"a": 1}, ["a string"]),
+    ("profiling", [], ["an object with keys: enabled, environment"]),
+    ("profiling.enabled", 1, ["true or false"]),
+    ("profiling.environment", "staging", ['one of "production", "development", "debug"']),
+    ("profiling.export_interval_s", 0.5, ["from 1 to 86400"]),
+    ("profiling.max_samples", 0, ["from 1 to 1000000, or null"]),
+    ("profiling.targets", [-1], ['"self"', "list of process ids"]),
+    ("profiling.otlp", "no", ["true or false"]),
+    ("profiling.pprof_dir", "profiles", ["absolute"]),
+    ("profiling.retention", 0, ["from 1 to 10000"]),
 ]
 
 
@@ -221,7 +240,7 @@ def _leaf_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
             paths += _leaf_paths(tp, path + ".")
         elif typing.get_origin(tp) is tuple and isinstance(args[0], type) and issubclass(args[0], BaseModel):
             paths += _leaf_paths(args[0], path + ".0.")
-        elif typing.get_origin(tp) is dict:
+        elif typing.get_origin(tp) is dict and isinstance(args[1], type) and issubclass(args[1], BaseModel):
             paths += _leaf_paths(args[1], path + ".corp.")
     return paths
 
@@ -230,6 +249,20 @@ def test_every_key_has_a_bad_value_case() -> None:
     covered = {path for path, _, _ in BAD_VALUES}
     missing = [p for p in _leaf_paths(Config) if p not in covered]
     assert not missing, f"keys without a bad-value test: {missing}"
+
+
+def test_otlp_header_values_are_never_echoed() -> None:
+    secret = "Bearer s3cret\n"
+    text = str(pytest.raises(ConfigError, parse_config, with_value("otlp.headers", {"authorization": secret})).value)
+    assert "s3cret" not in text and "<hidden>" in text and "otlp.headers.authorization" in text
+    cfg = parse_config(with_value("otlp.headers", {"Authorization": "Bearer s3cret"}))
+    assert cfg.otlp.headers == {"authorization": "Bearer s3cret"}     # gRPC wants lower-case keys
+    assert "s3cret" not in json.dumps(cfg.summary())
+
+
+def test_profiling_needs_somewhere_to_send_profiles() -> None:
+    lines = problems_of(with_value("profiling", {"enabled": True, "otlp": False}))
+    assert any("profiles would go nowhere" in line for line in lines), lines
 
 
 def test_password_is_never_echoed() -> None:
@@ -252,6 +285,8 @@ def test_password_is_never_echoed() -> None:
         ("ebpf.sockmap", None),
         ("ebpf.dns_cache", None),
         ("ebpf.stats", None),
+        ("otlp", None),
+        ("profiling", None),
     ],
 )
 def test_unknown_key_anywhere_lists_the_allowed_keys(path: str, model: Any) -> None:

@@ -4,6 +4,8 @@
     sni-proxy profile -p 1234 -F 49 --duration 30 -o cpu.svg
     sni-proxy profile --env production -o cpu.pb.gz   # 19 Hz; pprof for go tool pprof
     sni-proxy profile -p 1234 -o - --duration 5 > out.folded
+    sni-proxy profile -p 1234 --duration 30 --otlp    # to the collector of OTEL_EXPORTER_OTLP_*
+    sni-proxy profile --duration 30 --otlp-endpoint http://collector:4318 --otlp-protocol http/protobuf
 
 Progress is shown on stderr while sampling; at the end a summary (samples, drops, lost stacks,
 collisions, overhead) and the top functions. Exit status: 0 ok, 1 the profiler failed, 2 bad usage.
@@ -84,9 +86,19 @@ built in (bcc needs flamegraph.pl).""")
     p.add_argument("-I", "--include-idle", action="store_true", help="count the idle task too")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.add_argument("--metrics-file", metavar="FILE",
-                   help="write the overhead (ebpf_profiler_cpu_percent, ebpf_profiler_memory_bytes) "
+                   help="write the overhead (ebpf_profiler_overhead_cpu_percent, ebpf_profiler_overhead_memory_bytes) "
                         "every second in Prometheus text format, for node_exporter's textfile "
                         "collector; removed at exit")
+    otlp = p.add_argument_group("OTLP", "send the profile to an OpenTelemetry collector (endpoint, "
+                                "protocol, headers and TLS from the OTEL_EXPORTER_OTLP_* variables)")
+    otlp.add_argument("--otlp", action="store_true", help="export the profile over OTLP")
+    otlp.add_argument("--otlp-endpoint", metavar="URL",
+                      help="collector URL (implies --otlp; default: OTEL_EXPORTER_OTLP_[PROFILES_]ENDPOINT, "
+                           "else localhost:4317 for grpc)")
+    otlp.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"),
+                      help="default: OTEL_EXPORTER_OTLP_[PROFILES_]PROTOCOL, else grpc")
+    otlp.add_argument("--otlp-pprof", action="store_true",
+                      help="attach the pprof of each process as the profile's original_payload")
     return p
 
 
@@ -190,9 +202,9 @@ def write_metrics_file(path: str, overhead: Overhead, samples: int) -> None:
     from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
     registry = CollectorRegistry()
-    Gauge("ebpf_profiler_cpu_percent", "Steady-state CPU cost of the eBPF profiler, percent of "
+    Gauge("ebpf_profiler_overhead_cpu_percent", "Steady-state CPU cost of the eBPF profiler, percent of "
           "all CPUs", registry=registry).set(overhead.sampling_cpu_percent)
-    Gauge("ebpf_profiler_memory_bytes", "Memory of the eBPF profiler: BPF maps and program "
+    Gauge("ebpf_profiler_overhead_memory_bytes", "Memory of the eBPF profiler: BPF maps and program "
           "plus symbol caches", registry=registry).set(overhead.memory_bytes)
     Gauge("ebpf_profiler_samples", "Samples taken since the profiler started",
           registry=registry).set(samples)
@@ -292,9 +304,38 @@ def cli_profile(argv: list[str]) -> int:
             return 1
         if args.output != "-":
             print(f"wrote {output_kind(args.output)} to {args.output}", file=err)
+    if args.otlp or args.otlp_endpoint:
+        status = export_otlp(profile, args, err)
+        if status:
+            return status
     top = format_top(profile, args.top)
     if top:
         print(top, file=err if args.output == "-" else sys.stdout)
+    return 0
+
+
+def export_otlp(profile: Profile, args: argparse.Namespace, err: TextIO) -> int:
+    """Send the profile as an ExportProfilesServiceRequest; 0 on success, 1 with the reason."""
+    from opentelemetry.sdk.resources import OTELResourceDetector
+
+    from ..telemetry.otlp_common import OtlpSetupError
+    from ..telemetry.otlp_profiles import OtlpProfileExporter, ProfileExportError
+
+    try:
+        exporter = OtlpProfileExporter.from_env(endpoint=args.otlp_endpoint, protocol=args.otlp_protocol)
+    except OtlpSetupError as exc:
+        print(f"sni-proxy profile: OTLP: {exc}", file=err)
+        return 2
+    try:
+        sent = exporter.export(profile, include_pprof=args.otlp_pprof,
+                               resource_attributes=dict(OTELResourceDetector().detect().attributes))
+    except ProfileExportError as exc:
+        print(f"sni-proxy profile: OTLP export failed: {exc}", file=err)
+        return 1
+    finally:
+        exporter.close()
+    print(f"exported {profile.total_samples} samples of {len(profile.tgids)} process(es) "
+          f"({sent} bytes) over {exporter.settings.protocol} to {exporter.endpoint}", file=err)
     return 0
 
 

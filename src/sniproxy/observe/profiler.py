@@ -308,6 +308,8 @@ class EbpfCpuProfiler:
         self._setup_cpu_ns = 0
         self._cpu_lock = threading.Lock()
         self._final: Profile | None = None
+        self._drained_at_ns = 0
+        self._drained_stats = ProfileStats()
         self._final_overhead: Overhead | None = None
         self._last_warn = 0.0
         self._target_desc = self.config.target.describe()
@@ -390,6 +392,7 @@ class EbpfCpuProfiler:
         self._t_end = None
         self._wall0_ns = time.time_ns()
         self._final = self._final_overhead = None
+        self._drained_at_ns, self._drained_stats = 0, ProfileStats()
         with self._cpu_lock:
             self._user_cpu_ns = self._symbolize_cpu_ns = 0
         self._stop_polling.clear()
@@ -413,7 +416,8 @@ class EbpfCpuProfiler:
         self._links.clear()
         self._t_end = time.monotonic()
         try:
-            self._final = self.snapshot()
+            # After drain()s, the last profile is one more interval (its own stats and times).
+            self._final = self._read(drain=self._drained_at_ns != 0)
             # The final snapshot's one-off symbolization is in here: no alarm for it.
             self._final_overhead = self._overhead(warn=False)
         finally:
@@ -471,6 +475,24 @@ class EbpfCpuProfiler:
         finally:
             self._add_cpu(time.thread_time_ns() - t)
 
+    def update_pids(self, pids) -> None:
+        """Make the pid filter exactly `pids` (a "pids" target whose processes change, such as
+        restarted workers); at most MAX_TARGET_PIDS."""
+        from .config import MAX_TARGET_PIDS
+        if self._obj is None or not isinstance(self.config.target, Pids):
+            raise ProfilerError("update_pids(): needs a running profiler with a pids target")
+        wanted = set(sorted(set(pids))[:MAX_TARGET_PIDS])
+        m = self._obj.map(MAP_TGIDS)
+        current = {int.from_bytes(raw, "little") for raw in m.keys()}
+        for tgid in current - wanted:
+            m.delete(tgid)
+        for tgid in wanted - current:
+            m.update(tgid, 1)
+            with self._sym_lock:
+                self.symbolizer.snapshot_process(tgid)
+        if wanted != current:
+            self._target_desc = "pid " + ",".join(str(p) for p in sorted(wanted))
+
     def stats(self) -> ProfileStats:
         """Kernel counters only (cheap: one lookup per counter), for progress display."""
         if self._obj is None:
@@ -488,16 +510,33 @@ class EbpfCpuProfiler:
         return (self._t_end or time.monotonic()) - self._t0
 
     def snapshot(self) -> Profile:
-        """The profile so far (symbolized). After stop(): the final profile."""
+        """The profile so far (symbolized; since the last drain() if any). After stop(): the
+        final profile."""
         if self._obj is None:
             if self._final is None:
                 raise ProfilerError("snapshot(): the profiler was never started: call start()")
             return self._final
+        return self._read(drain=False)
+
+    def drain(self) -> Profile:
+        """The samples since the previous drain (or start), removed from the kernel maps: the
+        periodic clean-up a long-running profiler needs so max_samples and the stack map bound
+        one interval, not the whole run. Its stats and times cover that interval only.
+
+        A sample counted between reading an entry and deleting it is lost (a few per drain at
+        most); a stack that recurs right after the drain is captured again.
+        """
+        if self._obj is None:
+            raise ProfilerError("drain(): the profiler is not running: call start()")
+        return self._read(drain=True)
+
+    def _read(self, drain: bool) -> Profile:
         t = time.thread_time_ns()
         try:
             self._snapshot_seen_processes()
             stats = self.stats()
-            counts = self._obj.map(MAP_COUNTS).lookup_batch()
+            counts_map = self._obj.map(MAP_COUNTS)
+            counts = counts_map.lookup_and_delete_batch() if drain else counts_map.lookup_batch()
             stack_map = self._obj.map(MAP_STACKS)
             stacks: dict[int, list[int]] = {}
 
@@ -530,9 +569,25 @@ class EbpfCpuProfiler:
                         user_stack_error=-uid if uid < 0 else 0,
                     ))
             samples.sort(key=lambda s: -s.count)
+            start_ns, duration_ns = self._wall0_ns, int(self.elapsed_s() * 1e9)
+            if drain:
+                # Free the stacks just read, except those that samples taken since the counts
+                # were drained point to (deleting those would leave them stackless).
+                in_use = set()
+                for raw_key in counts_map.keys():
+                    _tgid, _tid, kid, uid, _comm = _KEY.unpack(raw_key)
+                    in_use.update((kid, uid))
+                for stack_id in stacks.keys() - in_use:
+                    stack_map.delete(stack_id)
+                now_ns = time.time_ns()
+                start_ns = self._drained_at_ns or self._wall0_ns
+                duration_ns = now_ns - start_ns
+                previous, self._drained_stats = self._drained_stats, stats
+                stats = ProfileStats(**{n: getattr(stats, n) - getattr(previous, n) for n in STAT_NAMES})
+                self._drained_at_ns = now_ns
             return Profile(
                 samples=samples, stats=stats, sample_rate_hz=self.config.sample_rate_hz,
-                start_time_ns=self._wall0_ns, duration_ns=int(self.elapsed_s() * 1e9),
+                start_time_ns=start_ns, duration_ns=duration_ns,
                 cpus=len(self._cpus), target=self._target_desc,
                 tgids=frozenset(s.tgid for s in samples),
             )

@@ -30,7 +30,8 @@ log = logging.getLogger("sniproxy")
 RESTART_BACKOFF_S = (0.1, 0.5, 1, 2, 5)   # a crash-looping worker does not spin the CPU
 # Config keys a reload cannot change (sockets, processes, BPF objects made at start).
 RESTART_ONLY_KEYS = ("listen_addr", "listen_backlog", "listen_defer_accept",
-                     "listen_reuse_port_shared", "workers", "metrics_addr", "ebpf")
+                     "listen_reuse_port_shared", "workers", "metrics_addr", "ebpf", "otlp",
+                     "profiling")
 
 
 class StartupError(Exception):
@@ -64,6 +65,12 @@ class Supervisor:
         self.metrics_lock = metrics_mod.hold_multiprocess_dir()
         self.own_metrics = metrics_mod.ProxyMetrics()
         self.status_server: StatusServer | None = None
+        self.otlp = None                      # telemetry.otlp_metrics.OtlpMetricsExporter
+        self.otlp_error: str | None = None
+        self.profiling = None                 # observe.continuous.ContinuousProfiler
+        self.profiling_error: str | None = None
+        self.export_states: list = []         # OTLP export results, one per signal
+        self.extra_collectors: list = []      # more /metrics (and OTLP) families
         self.loop: asyncio.AbstractEventLoop | None = None
         self.all_stopped: asyncio.Event | None = None
 
@@ -105,10 +112,16 @@ class Supervisor:
             self.loop.add_signal_handler(sig, handler)
         for slot in self.slots:
             self._spawn(slot)
+        self._start_otlp()     # after the first fork: the workers never inherit its thread
+        self._start_profiling()
         listen = ", ".join(str(a) for a in self.config.listen)
         log.info("sni-proxy %s listening on %s with %d worker(s); metrics on %s",
                  __version__, listen, len(self.slots), self.config.metrics_addr or "off")
         await self.all_stopped.wait()
+        if self.profiling is not None:
+            await asyncio.to_thread(self.profiling.stop)     # drains the last interval
+        if self.otlp is not None:
+            await asyncio.to_thread(self.otlp.stop)
         if self.status_server is not None:
             await self.status_server.close()
         if self.ebpf is not None:
@@ -117,6 +130,40 @@ class Supervisor:
             self.route_tcp.close()
         log.info("sni-proxy stopped")
         return 0
+
+    def _start_otlp(self) -> None:
+        """OTLP metrics (issue 13): one exporter here, reading what /metrics reads."""
+        from sniproxy.telemetry.otlp_common import ExportStateCollector, OtlpSetupError
+        from sniproxy.telemetry.otlp_metrics import OtlpMetricsExporter
+        self.extra_collectors.append(ExportStateCollector(self.export_states))
+        try:
+            self.otlp = OtlpMetricsExporter.from_config(self.config, self._registry,
+                                                        start_time_ns=int(self.started_wall * 1e9))
+        except (OtlpSetupError, ValueError) as exc:   # a bad OTEL_* variable: proxy anyway
+            self.otlp_error = f"OTLP metrics disabled: {exc}"
+            log.error("%s", self.otlp_error)
+            return
+        if self.otlp is not None:
+            self.export_states.append(self.otlp.state)
+            self.otlp.start()
+
+    def _start_profiling(self) -> None:
+        """Continuous profiling of the proxy's own processes (issue 13); failure never stops us."""
+        if not self.config.profiling.enabled:
+            return
+        from sniproxy.telemetry.continuous_profiling import start_continuous_profiling
+        try:
+            self.profiling, collectors = start_continuous_profiling(self.config, self._own_pids)
+        except Exception as exc:  # noqa: BLE001 - ProfilerError (capabilities), OTLP settings...
+            self.profiling_error = f"continuous profiling disabled: {exc}"
+            log.error("%s", self.profiling_error)
+            return
+        self.extra_collectors.extend(collectors)
+        if self.profiling.otlp_state is not None:
+            self.export_states.append(self.profiling.otlp_state)
+
+    def _own_pids(self) -> list[int]:
+        return [os.getpid()] + [s.pid for s in self.slots if s.alive]
 
     def _spawn(self, slot: WorkerSlot) -> None:
         listeners = [create_listener(a.host, a.port, backlog=self.config.listen_backlog, reuse_port=True,
@@ -288,13 +335,19 @@ class Supervisor:
             log.error("cannot send the new config to worker %d: %s", slot.index, exc)
 
     # ---------------- HTTP views ----------------
-    def _metrics(self):
+    def _registry(self):
+        """What /metrics renders and the OTLP exporter sends: the same numbers."""
         registry = metrics_mod.aggregated_registry()
         if self.ebpf is not None:
             registry.register(KernelCollector(self.ebpf))
         if self.route_tcp is not None:
             registry.register(self.route_tcp.collector(lambda: self.config))
-        return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_mod.render(registry)
+        for collector in self.extra_collectors:
+            registry.register(collector)
+        return registry
+
+    def _metrics(self):
+        return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_mod.render(self._registry())
 
     def _active_connections(self) -> int:
         for family in metrics_mod.aggregated_registry().collect():
@@ -316,7 +369,19 @@ class Supervisor:
             "ebpf": self.ebpf.status() if self.ebpf is not None else ebpf_off_status(self.config),
             "tracing": {"network": self.route_tcp.status() if self.route_tcp is not None else {
                 "state": "disabled", "reason": "ebpf.tracing.network is false in the config"}},
+            "otlp": self._otlp_status(),
+            "profiling": self._profiling_status(),
         })
+
+    def _profiling_status(self) -> dict:
+        from sniproxy.telemetry.continuous_profiling import profiling_status
+        return profiling_status(self.profiling, self.config, self.profiling_error)
+
+    def _otlp_status(self) -> dict:
+        if self.otlp is not None:
+            return self.otlp.status()
+        from sniproxy.telemetry.otlp_metrics import off_status
+        return off_status(self.config, error=self.otlp_error)
 
     def _healthz(self):
         alive = sum(s.alive for s in self.slots)
