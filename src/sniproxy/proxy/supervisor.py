@@ -196,12 +196,14 @@ class Supervisor:
         slot.kernel_row = getattr(kernel_factory, "row", None)
 
     def _drop_inherited_fds(self, keep: set[int]) -> None:
-        """In a new worker: let go of the supervisor's sockets and epoll it inherited.
+        """In a new worker: let go of the supervisor's sockets it inherited.
 
         Another worker's control-socket end kept that worker from seeing the supervisor's
         death (EOF) until this one exited; the metrics listener kept the port bound by orphans.
         Every inherited socket goes but stdio and `keep` (this worker's listeners and control
-        end); BPF objects are not sockets and stay. Each fd is replaced by /dev/null rather
+        end); BPF objects are not sockets and stay, and so do epoll fds: gRPC's fork handler
+        (the OTLP exporter) restarts its pollers in the child on the inherited epoll fd, and
+        replacing it aborted the worker (epoll_wait EINVAL). Each fd is replaced by /dev/null rather
         than closed: the objects that own them (the supervisor's loop, forgotten here) still
         hold the numbers, and a later close of a reused number would hit an unrelated fd.
         """
@@ -214,7 +216,7 @@ class Supervisor:
                 target = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 continue
-            if target.startswith("socket:") or target == "anon_inode:[eventpoll]":
+            if target.startswith("socket:"):
                 fds.append(fd)
         if not fds:
             return
