@@ -12,9 +12,6 @@ from sniproxy.logs import resolve_level, setup_logging
 
 log = logging.getLogger("sniproxy")
 
-# Sockets per connection: client + backend; the splice relay adds two pipes (4 fds).
-FDS_PER_CONNECTION_SPLICE = 6
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sni-proxy", description="TLS SNI proxy (reads the SNI, never terminates TLS)")
@@ -35,6 +32,18 @@ def cli_run(argv: list[str]) -> int:
     except OSError as exc:
         print(f"sni-proxy: cannot read config {args.config}: {exc.strerror}", file=sys.stderr)
         return 2
+    from sniproxy.proxy import capacity
+    host = capacity.HostLimits.read()
+    support = None
+    # --check-config never touches BPF: it assumes the sockmap runs when the config asks for it.
+    kernel_relay = None if args.check_config else False
+    if config.ebpf_requested()["sockmap"] and not args.check_config:
+        # Probed once here (and handed to the data path): the fds a connection needs depend on
+        # whether the kernel relays it (2) or a splice relay does (6).
+        from sniproxy.ebpf.support import check_system_support
+        support = check_system_support()
+        kernel_relay = support.ok("sockmap")
+    config, plan = capacity.plan_and_resolve(config, host, kernel_relay=kernel_relay)
     if args.check_config:
         print(f"{args.config}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
               f"{config.workers} worker(s), listening on {', '.join(str(a) for a in config.listen)})")
@@ -45,14 +54,21 @@ def cli_run(argv: list[str]) -> int:
         print(f"sni-proxy: {exc}", file=sys.stderr)
         return 2
     setup_logging(level, config.log.format, config.log.file)
-    _raise_fd_limit(config)
+    _raise_fd_limit()
+    if plan.problems and plan.workers_auto:
+        # "auto" promised to fit max_connections and cannot: refuse rather than half-work.
+        log.error("cannot reach max_connections with workers \"auto\": %s", "; ".join(plan.problems))
+        return 2
+    for problem in plan.problems:
+        log.warning("%s", problem)
+    log.info("capacity: %s", plan.summary())
 
     from sniproxy.proxy.supervisor import StartupError, Supervisor
     ebpf = None
     if config.ebpf.enabled:
         from sniproxy.relay.datapath import KernelDataPath, KernelStartError
         try:
-            ebpf = KernelDataPath.start(config)
+            ebpf = KernelDataPath.start(config, support)
         except KernelStartError as exc:
             log.error("%s", exc)
             return 3
@@ -65,19 +81,11 @@ def cli_run(argv: list[str]) -> int:
         return 130
 
 
-def _raise_fd_limit(config) -> None:
-    """Raise the soft fd limit to the hard one and say when max_connections cannot fit."""
+def _raise_fd_limit() -> None:
+    """Raise the soft fd limit to the hard one (the capacity plan counted on it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
         except (ValueError, OSError):
             pass
-    per_worker = -(-config.max_connections // config.workers)
-    needed = per_worker * FDS_PER_CONNECTION_SPLICE + 64
-    if needed > soft:
-        log.warning(
-            "max_connections=%d needs up to %d fds per worker with the user-space relay, but the fd "
-            "limit is %d: accept will pause with EMFILE before the limit (raise LimitNOFILE= / "
-            "ulimit -n, add workers, or lower max_connections)", config.max_connections, needed, soft)

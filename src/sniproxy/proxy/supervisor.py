@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from sniproxy import __version__
 from sniproxy.config import ConfigError, load_config
+from sniproxy.proxy import capacity
 from sniproxy.proxy.server import create_listener
 from sniproxy.proxy.worker_process import encode_control, worker_main
 from sniproxy.telemetry import metrics as metrics_mod
@@ -199,6 +200,9 @@ class Supervisor:
     def _on_reload(self) -> None:
         try:
             new = load_config(self.config_path)
+            # "auto" workers and map sizes resolve as at start (same host, same relay).
+            kernel_relay = self.ebpf is not None and self.ebpf.modes.running("sockmap")
+            new, _ = capacity.plan_and_resolve(new, kernel_relay=kernel_relay)
         except ConfigError as exc:
             self.own_metrics.reloads.labels("rejected").inc()
             log.error("reload rejected, keeping the running config:\n%s", exc)
