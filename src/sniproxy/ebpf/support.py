@@ -618,15 +618,24 @@ def cli_check(argv: list[str]) -> int:
     for key in keys:
         if report.check(key) is None:  # e.g. libbpf missing: no probe ran
             missing.append(Check(key, key, "map", False, "not probed (libbpf missing)"))
-    ok = not missing
+    ok = ebpf_ok = not missing
+    # Capacity of the whole config (fds, map sizes, sysctls): an entry-point concern, imported
+    # lazily so that ebpf/ keeps importing nothing of the proxy at module level.
+    capacity = None
+    if args.config:
+        from sniproxy.proxy.capacity import config_capacity
+        capacity = config_capacity(args.config, sockmap_ok=report.ok("sockmap"))
+        ok = ok and capacity.get("ok", True)
 
     if args.json:
         data = report.to_dict()
         data["requested"] = {
             "source": args.config or "default (sockmap data path)",
-            "features": features, "checks": keys, "ok": ok,
+            "features": features, "checks": keys, "ok": ebpf_ok,
             "missing": [c.key for c in missing],
         }
+        if capacity is not None:
+            data["capacity"] = capacity
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print(format_report(report, keys))
@@ -634,7 +643,7 @@ def cli_check(argv: list[str]) -> int:
         source = f"config {args.config}" if args.config else "the proxy's eBPF data path"
         if not keys:
             print(f"Result: {source} does not enable eBPF: nothing required.")
-        elif ok:
+        elif ebpf_ok:
             print(f"Result: ✓ everything {source} needs is available.")
         else:
             print(f"Result: ✗ {source} needs {len(missing)} missing item(s): "
@@ -643,4 +652,7 @@ def cli_check(argv: list[str]) -> int:
                 print("  With fallback_mode \"auto\" the proxy still runs, degraded: "
                       + "; ".join(f"{f}: {'active' if report.ok(f) else 'disabled'}"
                                   for f in features))
+        if capacity is not None:
+            print()
+            print(capacity["text"])
     return 0 if ok else 1

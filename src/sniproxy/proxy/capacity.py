@@ -371,3 +371,22 @@ def format_report(report: CapacityReport, source: str) -> str:
     lines.append(f"  Capacity: {'✓ reachable' if report.ok else '✗ not reachable as configured'}"
                  f" ({p.summary()})")
     return "\n".join(lines)
+
+
+def config_capacity(path: str, *, sockmap_ok: bool) -> dict:
+    """`sni-proxy check --config`: the capacity report of a config file as a dict with `text`.
+
+    A config that does not validate is not evaluated (`ok` stays true: the eBPF part of the
+    check reads only the `ebpf` section, and `sni-proxy --check-config` reports the problems).
+    """
+    from sniproxy.config import ConfigError, load_config
+    try:
+        config = load_config(path)
+    except (ConfigError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {"ok": True, "evaluated": False, "reason": first,
+                "text": f"Capacity: not evaluated, the config does not validate ({first}); "
+                        f"run `sni-proxy --config {path} --check-config`"}
+    kernel_relay = config.ebpf_requested()["sockmap"] and sockmap_ok
+    report = capacity_report(config, HostLimits.read(), kernel_relay=kernel_relay)
+    return {**report.to_dict(), "evaluated": True, "text": format_report(report, path)}
