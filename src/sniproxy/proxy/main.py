@@ -40,8 +40,7 @@ def cli_run(argv: list[str]) -> int:
     if config.ebpf_requested()["sockmap"] and not args.check_config:
         # Probed once here (and handed to the data path): the fds a connection needs depend on
         # whether the kernel relays it (2) or a splice relay does (6).
-        from sniproxy.ebpf.support import check_system_support
-        support = check_system_support()
+        support = probe_support_in_child()
         kernel_relay = support.ok("sockmap")
     config, plan = capacity.plan_and_resolve(config, host, kernel_relay=kernel_relay)
     if args.check_config:
@@ -79,6 +78,48 @@ def cli_run(argv: list[str]) -> int:
         return 3
     except KeyboardInterrupt:
         return 130
+
+
+def probe_support_in_child():
+    """`check_system_support()` run in a short-lived child process; its report comes back pickled.
+
+    Probing loads the kernel's BTF (kept cached by libbpf.py: ~6 MiB of malloc), pyelftools and
+    a dozen probe programs: memory the supervisor would keep for its whole life and share
+    into every worker. Measured: 8 MiB less PSS for the proxy with 2 workers. Any failure of
+    the child falls back to probing here.
+    """
+    import os
+    import pickle
+
+    from sniproxy.ebpf.support import check_system_support
+
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return check_system_support()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(r)
+            data = pickle.dumps(check_system_support(), protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(w, "wb") as out:
+                out.write(data)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as inp:
+        data = inp.read()
+    _, status = os.waitpid(pid, 0)
+    if status == 0 and data:
+        try:
+            return pickle.loads(data)
+        except Exception:  # noqa: BLE001 - any bad answer: probe here instead
+            pass
+    return check_system_support()
 
 
 def _raise_fd_limit() -> None:

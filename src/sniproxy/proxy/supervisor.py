@@ -8,6 +8,7 @@ BPF maps created here before the fork are shared by all workers.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -109,9 +110,14 @@ class Supervisor:
                      for a in self.config.listen]
         parent_end, child_end = socket.socketpair()
         kernel_factory = self.ebpf.worker_factory() if self.ebpf is not None else None
+        # Everything alive now goes to the permanent generation: the workers' collections then
+        # never write the GC headers of the objects they share with us, so those pages stay
+        # shared (copy-on-write) instead of being copied into every worker.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:   # child
             status = 1
+            gc.enable()
             try:
                 parent_end.close()
                 status = worker_main(slot.index, self.config, listeners, child_end, kernel_factory)
