@@ -247,6 +247,20 @@ def process_memory(pids: list[int]) -> dict:
             "cpu_s": cpu_ticks / os.sysconf("SC_CLK_TCK")}
 
 
+def settled_memory(sids: list[int], timeout: float = 15) -> dict:
+    """process_memory once it stops changing: a proxy listens before its workers finished
+    starting (they fork and build their state after the port is open)."""
+    deadline = time.monotonic() + timeout
+    last = process_memory(session_pids(sids))
+    while time.monotonic() < deadline:
+        time.sleep(0.5)          # sampling interval of a measurement, not a synchronisation
+        now = process_memory(session_pids(sids))
+        if now["processes"] == last["processes"] and abs(now["pss"] - last["pss"]) <= 0.01 * max(last["pss"], 1):
+            return now
+        last = now
+    return last
+
+
 def kernel_memory() -> dict:
     meminfo = {}
     with open("/proc/meminfo") as f:
@@ -559,8 +573,7 @@ def run_one(peer_name: str, peer_index: int, n: int, exe: Path, workdir: Path, a
         routes = dict(zip(names, backends.ports))
         peer = start_peer(peer_name, routes, n, workdir, args)
         result["note"] = peer.note
-        pids = session_pids(peer.sids)
-        idle = process_memory(pids)
+        idle = settled_memory(peer.sids)
         k0 = kernel_memory()
         procs = []
         t0 = time.monotonic()
