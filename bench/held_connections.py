@@ -108,8 +108,11 @@ def client_main(argv: list[str]) -> int:
 
 
 def _report(data: dict) -> None:
-    sys.stdout.write(json.dumps(data) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass            # the driver stopped listening: nothing left to tell it
 
 
 def _fail(errors: dict, why: str) -> None:
