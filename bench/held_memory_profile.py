@@ -59,7 +59,7 @@ async def profile(n: int, relay: str, top: int, max_seconds: int) -> dict:
             port = lsock.getsockname()[1]
             config = parse_config({
                 "listen_addr": f"127.0.0.1:{port}", "metrics_addr": None, "workers": 1,
-                "max_connections": n + 100,
+                "max_connections": 2 * n + 200,
                 "routes": [{"match": "p.held.test", "backend": f"127.0.0.1:{backends.ports[0]}"}],
                 "log": {"level": "warning", "access_log": False},
                 "timeouts": {"idle_s": 3600.0},
@@ -78,17 +78,24 @@ async def profile(n: int, relay: str, top: int, max_seconds: int) -> dict:
             loop = asyncio.get_running_loop()
             # Warm up: the first connections pay one-time costs (lazy imports, first epoll).
             warm = await _open(loop, held, port, 50, hello)
+            # Phase 1, untraced: what N connections add to the process's anonymous memory.
             gc.collect()
+            anon_before = anon_kib()
+            untraced = await _open(loop, held, port, n, hello)
+            gc.collect()
+            anon_after = anon_kib()
+            # Phase 2, traced: N more connections, by source line (tracemalloc's own tables
+            # would inflate phase 1, hence two phases).
             tracemalloc.start(1)
-            before, anon_before = tracemalloc.take_snapshot(), anon_kib()
+            before = tracemalloc.take_snapshot()
             client = await _open(loop, held, port, n, hello)
             gc.collect()
-            after, anon_after = tracemalloc.take_snapshot(), anon_kib()
+            after = tracemalloc.take_snapshot()
             traced = sum(s.size_diff for s in after.compare_to(before, "filename"))
             lines = [{"where": str(s.traceback[0]), "bytes_per_conn": round(s.size_diff / n, 1),
                       "objects_per_conn": round(s.count_diff / n, 2)}
                      for s in after.compare_to(before, "lineno")[:top]]
-            for c in (client, warm):
+            for c in (client, untraced, warm):
                 c.stdin.close()
                 c.wait(60)
             return {"relay": relay, "n": n, "traced_bytes_per_conn": round(traced / n), "anon_bytes_per_conn":
