@@ -2,6 +2,7 @@
 """Where a held connection's Python memory goes: tracemalloc of one in-process sni-proxy worker.
 
     .venv/bin/python bench/held_memory_profile.py -n 2000 --relay sockmap   (or userspace)
+    .venv/bin/python bench/held_memory_profile.py -n 2000 --relay sockmap --cprofile   (CPU)
 
 Runs the real worker (proxy.server.Worker + ProxyApp, and for `sockmap` the real kernel data
 path) in this process, opens N connections through it with bench/held_connections.py's client
@@ -42,7 +43,7 @@ def anon_kib() -> int:
     return 0
 
 
-async def profile(n: int, relay: str, top: int, max_seconds: int) -> dict:
+async def profile(n: int, relay: str, top: int, max_seconds: int, cpu_profile: bool = False) -> dict:
     from sniproxy.config import parse_config
     from sniproxy.proxy.app import ProxyApp
     from sniproxy.proxy.server import Worker, create_listener
@@ -86,6 +87,27 @@ async def profile(n: int, relay: str, top: int, max_seconds: int) -> dict:
             anon_after = anon_kib()
             # Phase 2, traced: N more connections, by source line (tracemalloc's own tables
             # would inflate phase 1, hence two phases).
+            if cpu_profile:
+                # cProfile instead: where the worker's CPU goes while N connections open.
+                import cProfile
+                import pstats
+                prof = cProfile.Profile()
+                prof.enable()
+                client = await _open(loop, held, port, n, hello)
+                prof.disable()
+                stats = pstats.Stats(prof)
+                rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+                for c in (client, untraced, warm):
+                    c.stdin.close()
+                    c.wait(60)
+                return {"relay": relay, "n": n, "anon_bytes_per_conn":
+                        round((anon_after - anon_before) * 1024 / n),
+                        "total_us_per_conn": round(stats.total_tt * 1e6 / n, 1),
+                        "top_tottime": [{"function": f"{Path(k[0]).name}:{k[1]}({k[2]})",
+                                         "calls_per_conn": round(v[1] / n, 2),
+                                         "self_us_per_conn": round(v[2] * 1e6 / n, 1),
+                                         "cum_us_per_conn": round(v[3] * 1e6 / n, 1)}
+                                        for k, v in rows]}
             tracemalloc.start(1)
             before = tracemalloc.take_snapshot()
             client = await _open(loop, held, port, n, hello)
@@ -126,8 +148,10 @@ def main() -> int:
     p.add_argument("--relay", choices=["userspace", "sockmap"], default="sockmap")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--max-seconds", type=int, default=300)
+    p.add_argument("--cprofile", action="store_true",
+                   help="profile CPU (cProfile, self time per connection) instead of memory")
     args = p.parse_args()
-    result = asyncio.run(profile(args.n, args.relay, args.top, args.max_seconds))
+    result = asyncio.run(profile(args.n, args.relay, args.top, args.max_seconds, args.cprofile))
     print(json.dumps(result, indent=1))
     return 0
 
