@@ -52,7 +52,9 @@ def _assert_held(row: dict, *, fds_per_connection: int) -> None:
     assert row["proxy_processes"] >= 2              # supervisor + workers
     assert row["proxy_pss"] > row["proxy_pss_idle"] > 0, row
     assert row["user_bytes_per_conn"] > 0, row
-    assert row["kernel_bytes_per_conn"] > 0, row    # two more sockets than `direct` per connection
+    # Slab is machine-wide (other processes move it): only its presence is checked; the
+    # sockets are counted in this network namespace: client, proxy (2) and backend per connection.
+    assert "kernel_bytes_per_conn" in row and row["tcp_inuse"] >= 4 * N, row
 
 
 def test_2000_connections_held_through_the_userspace_relay(tmp_path):
