@@ -31,14 +31,15 @@ MAX_AUTO_WORKERS = 256
 # The sockmap maps hold one entry per socket: two per connection (relay.sockmap.try_relay).
 SOCKMAP_ENTRIES_PER_CONNECTION = 2
 SOCKMAP_DEFAULT_ENTRIES = 65536
-# Memory estimates for the report, measured with bench/held_connections.py at 10,000 held
-# connections on kernel 6.18 (docs/benchmarks.md, "Held connections and memory"): kernel
-# memory of the proxy's two sockets, files and epoll entries per connection, and the idle
-# PSS of one worker process.
-KERNEL_BYTES_PER_CONNECTION = 9_000
-PIPE_KERNEL_BYTES_PER_CONNECTION = 24_000     # two 1 MiB pipes: their pipe_buffer arrays
-USER_BYTES_PER_CONNECTION = 12_000
-WORKER_IDLE_BYTES = 12 << 20
+# Memory estimates for the report, measured with bench/held_connections.py at 10,000-100,000
+# held connections on kernel 6.18 (docs/benchmarks.md, "Held connections and memory"): kernel
+# memory of the proxy's side of a connection (two sockets, files, epoll entries; the psock and
+# map entries with the sockmap; two pipes with splice), its Python objects, and the idle
+# proxy (supervisor and shared pages, then each worker's own pages).
+KERNEL_BYTES_PER_CONNECTION = {"sockmap": 14_000, "splice": 17_700, "copy": 10_000}
+USER_BYTES_PER_CONNECTION = 6_000
+PROXY_IDLE_BYTES = 30 << 20
+WORKER_IDLE_BYTES = 5 << 20
 PAGE = 4096
 
 
@@ -237,7 +238,7 @@ class CapacityReport:
         return all(i.ok or i.warn_only for i in self.items)
 
     def sysctl_lines(self) -> list[str]:
-        return [i.sysctl for i in self.items if not i.ok and i.sysctl]
+        return list(dict.fromkeys(i.sysctl for i in self.items if not i.ok and i.sysctl))
 
     def to_dict(self) -> dict:
         p = self.plan
@@ -291,17 +292,22 @@ def capacity_report(config, host: HostLimits, *, kernel_relay: bool | None = Non
                       "raise it (SYN floods of new clients then wait instead of being dropped)",
                       f"net.ipv4.tcp_max_syn_backlog = {backlog}", warn_only=True))
     ports = host.ports
-    for target in _backends(config):
-        need = n            # worst case: every connection goes to this one backend
-        ok = ports >= need
+    targets = _backends(config)
+    for target in targets:
+        # Each backend address has its own ports from one source address. Worst case, every
+        # connection goes to this one backend; at best they spread evenly over the fixed ones:
+        # short of the even share, max_connections is out of reach (✗); short of the worst
+        # case, only a skewed mix of names would hit the limit (!).
+        even = -(-n // len(targets))
         items.append(Item(
-            f"ephemeral ports to {target}", ok,
+            f"ephemeral ports to {target}", ports >= n,
             f"{ports} ports ({host.port_range[0]}-{host.port_range[1]}) from one source address; "
-            f"up to {need} connections may go to this backend",
-            "widen the range" + ("" if need <= 64511 else
+            f"up to {n} connections may go to this backend"
+            + (f" ({even} if spread evenly over {len(targets)} backends)" if len(targets) > 1 else ""),
+            "widen the range" + ("" if n <= 64511 else
                                  "; above 64,511 one source address is not enough: give the backend "
                                  "several addresses or ports"),
-            "net.ipv4.ip_local_port_range = 1024 65535"))
+            "net.ipv4.ip_local_port_range = 1024 65535", warn_only=ports >= even))
     sockets = 2 * n
     if host.tcp_mem is not None:
         low, pressure, high = host.tcp_mem
@@ -318,15 +324,17 @@ def capacity_report(config, host: HostLimits, *, kernel_relay: bool | None = Non
                           f"{host.conntrack_max} for {sockets} flows (client and backend side)",
                           "raise it (or exempt the proxy's traffic with a NOTRACK rule)",
                           f"net.netfilter.nf_conntrack_max = {_round_up(sockets)}"))
-    kernel_per = KERNEL_BYTES_PER_CONNECTION + (PIPE_KERNEL_BYTES_PER_CONNECTION
-                                                if plan.relay == "splice" else 0)
-    memory = n * (kernel_per + USER_BYTES_PER_CONNECTION) + plan.workers * WORKER_IDLE_BYTES
+    per_conn = KERNEL_BYTES_PER_CONNECTION[plan.relay] + USER_BYTES_PER_CONNECTION
+    if plan.relay == "copy":
+        per_conn += 2 * config.relay.buffer_bytes          # one buffer per direction
+    memory = n * per_conn + PROXY_IDLE_BYTES + plan.workers * WORKER_IDLE_BYTES
     if host.mem_available is not None:
         items.append(Item(
             "memory", host.mem_available >= memory,
-            f"about {memory >> 20} MiB for {n} idle connections ({kernel_per + USER_BYTES_PER_CONNECTION}"
-            f" B each, measured) and {plan.workers} workers; {host.mem_available >> 20} MiB available",
-            "add memory, lower max_connections, or use the sockmap relay (no pipes)"))
+            f"about {memory >> 20} MiB for {n} idle connections ({per_conn} B each with the "
+            f"{plan.relay} relay, measured) and {plan.workers} workers; "
+            f"{host.mem_available >> 20} MiB available",
+            "add memory or lower max_connections"))
     return CapacityReport(plan, items)
 
 
