@@ -90,3 +90,36 @@ def test_auto_refuses_to_start_when_the_fd_limit_cannot_hold_max_connections(tmp
     assert proc.returncode == 2, proc.stderr
     assert "cannot reach max_connections with workers \"auto\"" in proc.stderr
     assert "the fd limit is 700" in proc.stderr and "lower max_connections to" in proc.stderr
+
+
+def _auto_workers(tmp_path: Path, prefix: list[str]) -> tuple[int, str]:
+    from tests.integration.harness import ProxyProcess, base_config, free_port
+    cfg = base_config(free_port(), free_port(), default_backend="127.0.0.1:9", workers="auto",
+                      max_connections=12_000,
+                      ebpf={"enabled": True, "dns_cache": {"pin_path": None}})
+    d = tmp_path / f"p{len(prefix)}"
+    d.mkdir()
+    p = ProxyProcess(cfg, d, argv_prefix=prefix)
+    try:
+        p.start()
+        return len(p.status()["workers"]), p.log()
+    finally:
+        p.stop()
+
+
+def test_auto_workers_follow_the_relay_the_kernel_allows(tmp_path):
+    import shutil
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to drop capabilities")
+    limit = hard_fd_limit()
+    # With the sockmap: 2 fds per connection; at least one worker per CPU.
+    workers, log = _auto_workers(tmp_path, [])
+    cpus = len(__import__("os").sched_getaffinity(0))
+    assert workers == max(cpus, -(-12_000 // ((limit - 640) // 2))), log
+    assert "(sockmap)" in log
+    # Without CAP_BPF / CAP_NET_ADMIN (really dropped): the splice relay's 6 fds per connection.
+    caps = "-bpf,-net_admin,-sys_admin,-perfmon"
+    drop = ["setpriv", f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}"]
+    workers, log = _auto_workers(tmp_path, drop)
+    assert workers == max(cpus, -(-12_000 // ((limit - 640) // 6))), log
+    assert "(splice)" in log

@@ -37,11 +37,11 @@ def cli_run(argv: list[str]) -> int:
     support = None
     # --check-config never touches BPF: it assumes the sockmap runs when the config asks for it.
     kernel_relay = None if args.check_config else False
-    if config.ebpf_requested()["sockmap"] and not args.check_config:
+    if config.ebpf.enabled and not args.check_config:
         # Probed once here (and handed to the data path): the fds a connection needs depend on
         # whether the kernel relays it (2) or a splice relay does (6).
         support = probe_support_in_child()
-        kernel_relay = support.ok("sockmap")
+        kernel_relay = config.ebpf_requested()["sockmap"] and support.ok("sockmap")
     config, plan = capacity.plan_and_resolve(config, host, kernel_relay=kernel_relay)
     if args.check_config:
         print(f"{args.config}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
@@ -54,7 +54,7 @@ def cli_run(argv: list[str]) -> int:
         return 2
     setup_logging(level, config.log.format, config.log.file)
     _raise_fd_limit()
-    if plan.problems and plan.workers_auto:
+    if plan.workers_auto and plan.fds_per_worker > plan.fd_limit:
         # "auto" promised to fit max_connections and cannot: refuse rather than half-work.
         log.error("cannot reach max_connections with workers \"auto\": %s", "; ".join(plan.problems))
         return 2
@@ -71,6 +71,14 @@ def cli_run(argv: list[str]) -> int:
         except KernelStartError as exc:
             log.error("%s", exc)
             return 3
+        if plan.relay == "sockmap" and not ebpf.modes.running("sockmap"):
+            # Probed fine but failed to load: connections take the splice relay (6 fds each).
+            fallback = capacity.plan_capacity(config, host, kernel_relay=False)
+            if fallback.fds_per_worker > fallback.fd_limit:
+                log.warning("the sockmap relay did not start: with the user-space relay %d "
+                            "worker(s) need %d fds each (limit %d); restart with workers set to "
+                            "\"auto\" or lower max_connections", config.workers,
+                            fallback.fds_per_worker, fallback.fd_limit)
     try:
         return Supervisor(args.config, config, ebpf=ebpf).run()
     except StartupError as exc:
