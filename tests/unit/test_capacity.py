@@ -154,3 +154,11 @@ def test_ports_per_backend_fail_only_when_even_spread_cannot_fit():
     cfg2 = parse_config({"listen_addr": "127.0.0.1:8443", "routes": routes[:2], "workers": "auto",
                          "max_connections": 100_000, "ebpf": {"enabled": True}})
     assert not capacity_report(cfg2, HOST).ok
+
+
+def test_dnspython_is_preloaded_only_for_configs_that_resolve_names():
+    from sniproxy.proxy.main import config_needs_dns
+    assert not config_needs_dns(config())                                      # IP backend
+    assert config_needs_dns(parse_config({"routes": [{"match": "*.a.com", "backend": "$sni:443"}]}))
+    assert config_needs_dns(parse_config({"routes": [{"match": "a.com", "backend": "b.lan:443"}]}))
+    assert not config_needs_dns(parse_config({"routes": [{"match": "a.com", "backend": "[::1]:443"}]}))

@@ -62,6 +62,10 @@ def cli_run(argv: list[str]) -> int:
         log.warning("%s", problem)
     log.info("capacity: %s", plan.summary())
 
+    if config_needs_dns(config):
+        from sniproxy.proxy.resolver import preload_dnspython
+        preload_dnspython()
+
     from sniproxy.proxy.supervisor import StartupError, Supervisor
     ebpf = None
     if config.ebpf.enabled:
@@ -86,6 +90,17 @@ def cli_run(argv: list[str]) -> int:
         return 3
     except KeyboardInterrupt:
         return 130
+
+
+def config_needs_dns(config) -> bool:
+    """Some destination is a name (or the client's SNI): the workers will query DNS."""
+    from sniproxy.proxy.resolver import ip_literal
+    hosts = [route.target.host for route in config.routes if route.upstream == "direct"]
+    if config.default_backend is not None:
+        from sniproxy.config import parse_backend
+        hosts.append(parse_backend(config.default_backend).host)
+    hosts += [u.address.host for u in config.upstreams.values()]
+    return any(h is None or ip_literal(h) is None for h in hosts)
 
 
 def probe_support_in_child():

@@ -116,6 +116,16 @@ def ip_literal(host: str) -> str | None:
         return None
 
 
+def preload_dnspython() -> None:
+    """Import dnspython now (in the supervisor, before the workers fork) so that its ~6 MiB
+    are shared by every worker instead of imported again in each one on its first query."""
+    import dns.asyncresolver  # noqa: F401
+    import dns.exception  # noqa: F401
+    import dns.nameserver  # noqa: F401
+    import dns.rdatatype  # noqa: F401
+    import dns.resolver  # noqa: F401
+
+
 def parse_nameserver(spec: str) -> tuple[str, int]:
     """"1.1.1.1", "1.1.1.1:5353", "::1", "[::1]:5353" -> (ip, port)."""
     spec = spec.strip()
