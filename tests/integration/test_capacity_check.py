@@ -123,3 +123,26 @@ def test_auto_workers_follow_the_relay_the_kernel_allows(tmp_path):
     workers, log = _auto_workers(tmp_path, drop)
     assert workers == max(cpus, -(-12_000 // ((limit - 640) // 6))), log
     assert "(splice)" in log
+
+
+def test_reload_keeps_auto_workers_and_map_size(tmp_path):
+    import signal
+    from tests.integration.harness import ProxyProcess, base_config, free_port, wait_until
+    cfg = base_config(free_port(), free_port(), default_backend="127.0.0.1:9", workers="auto",
+                      max_connections=40_000,
+                      ebpf={"enabled": True, "dns_cache": {"pin_path": None}})
+    p = ProxyProcess(cfg, tmp_path)
+    try:
+        p.start()
+        status = p.status()
+        assert status["config"]["workers"] == len(status["workers"]) >= 2
+        assert status["config"]["ebpf"]["sockmap"]["max_entries"] == 80_000    # 2 x max_connections
+        p.config_path.write_text(json.dumps({**cfg, "timeouts": {**cfg["timeouts"], "idle_s": 30}}))
+        p.signal(signal.SIGHUP)
+        wait_until(lambda: p.metric("sniproxy_config_reloads_total", result="applied") == 1, 10,
+                   "reload")
+        # "auto" resolved to the same numbers: nothing reported as needing a restart.
+        assert "only take effect after a restart" not in p.log(), p.log()
+        assert p.status()["config"]["timeouts"]["idle_s"] == 30
+    finally:
+        p.stop()
