@@ -665,6 +665,26 @@ def print_table(results: list[dict]) -> None:
             r.get("kernel_bytes_per_conn", "-"), r.get("total_bytes_per_conn", "-"))))
 
 
+def _in_root_netns() -> bool:
+    try:
+        return os.readlink("/proc/self/ns/net") == os.readlink("/proc/1/ns/net")
+    except OSError:
+        return True
+
+
+def run_in_netns(argv: list[str]) -> int:
+    """Re-run this driver (without --netns) inside a fresh namespace with only lo, then delete it."""
+    name = f"held-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
+        inner = [a for a in argv if a != "--netns"]
+        return subprocess.run(["ip", "netns", "exec", name, sys.executable, __file__, *inner],
+                              timeout=None).returncode
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "client":
@@ -681,7 +701,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--open-timeout", type=float, default=300, help="bound on opening (and checking)")
     p.add_argument("--max-seconds", type=int, default=1800, help="backends exit after this long")
     p.add_argument("--out", help="append one JSON line per run to this file")
+    p.add_argument("--netns", action="store_true",
+                   help="run everything in a network namespace of its own (created and deleted "
+                        "here); needed by sniproxy:tcp_splice, which attaches tc programs to lo")
     args = p.parse_args(argv)
+    if args.netns:
+        return run_in_netns(argv)
+    if "sniproxy:tcp_splice" in args.peers and _in_root_netns():
+        raise SystemExit("sniproxy:tcp_splice attaches tc programs to every interface, lo "
+                         "included: run it with --netns (never on the root namespace's lo)")
     if shutil.which("gcc") is None:
         raise SystemExit("gcc is needed to build the backend (apt-get install gcc)")
     if any(peer.startswith("sniproxy:") for peer in args.peers):
