@@ -104,3 +104,23 @@ def test_the_open_phase_counts_refusals():
                        time.monotonic() + 10, sockets, errors)
     assert not sockets
     assert sum(errors.values()) == 20 and all(k.startswith("open:") for k in errors), errors
+
+
+def test_netns_mode_and_the_tcp_splice_guard(tmp_path):
+    # tcp_splice would attach tc programs to lo: refused in the root namespace, before any work.
+    proc = subprocess.run([sys.executable, str(SCRIPT), "-n", "10", "--peers", "sniproxy:tcp_splice"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode != 0 and "run it with --netns" in proc.stderr
+    # --netns: the whole run in a namespace of its own, deleted afterwards.
+    out = tmp_path / "held.jsonl"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "-n", "300", "--peers", "direct",
+                           "sniproxy:userspace", "--netns", "--open-timeout", "30",
+                           "--max-seconds", "60", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = {r["peer"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["sniproxy:userspace"]["check_ok"] == 300
+    # Only the namespace's sockets: its 4 per connection, not the host's others.
+    assert 4 * 300 <= rows["sniproxy:userspace"]["tcp_inuse"] < 4 * 300 + 50
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "held-" not in listed
