@@ -18,8 +18,10 @@ def _unit_lines(path: str) -> list[str]:
     """The systemd unit lines for a config (deploy/systemd/sni-proxy.service)."""
     from sniproxy.config import ConfigError, load_config
     from sniproxy.privileges import unit_lines
+    from sniproxy.proxy.capacity import plan_and_resolve
     try:
-        return unit_lines(load_config(path))
+        config, _ = plan_and_resolve(load_config(path))    # workers "auto" -> a number
+        return unit_lines(config)
     except (ConfigError, OSError) as e:
         return [f"# cannot derive the unit lines: {e}"]
 
@@ -48,7 +50,13 @@ def cli_check(argv: list[str]) -> int:
     for key in keys:
         if report.check(key) is None:  # e.g. libbpf missing: no probe ran
             missing.append(Check(key, key, "map", False, "not probed (libbpf missing)"))
-    ok = not missing
+    ok = ebpf_ok = not missing
+    # Capacity of the whole config (fds, map sizes, sysctls): doctor-style, with sysctl lines.
+    capacity = None
+    if args.config:
+        from sniproxy.proxy.capacity import config_capacity
+        capacity = config_capacity(args.config, sockmap_ok=report.ok("sockmap"))
+        ok = ok and capacity.get("ok", True)
 
     unit = _unit_lines(args.config) if args.config else None
     if args.json:
@@ -57,9 +65,11 @@ def cli_check(argv: list[str]) -> int:
             data["systemd_unit_lines"] = unit
         data["requested"] = {
             "source": args.config or "default (sockmap data path)",
-            "features": features, "checks": keys, "ok": ok,
+            "features": features, "checks": keys, "ok": ebpf_ok,
             "missing": [c.key for c in missing],
         }
+        if capacity is not None:
+            data["capacity"] = capacity
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print(format_report(report, keys))
@@ -67,7 +77,7 @@ def cli_check(argv: list[str]) -> int:
         source = f"config {args.config}" if args.config else "the proxy's eBPF data path"
         if not keys:
             print(f"Result: {source} does not enable eBPF: nothing required.")
-        elif ok:
+        elif ebpf_ok:
             print(f"Result: ✓ everything {source} needs is available.")
         else:
             print(f"Result: ✗ {source} needs {len(missing)} missing item(s): "
@@ -76,6 +86,9 @@ def cli_check(argv: list[str]) -> int:
                 print("  With fallback_mode \"auto\" the proxy still runs, degraded: "
                       + "; ".join(f"{f}: {'active' if report.ok(f) else 'disabled'}"
                                   for f in features))
+        if capacity is not None:
+            print()
+            print(capacity["text"])
         if unit is not None:
             print(f"\nsystemd [Service] lines for {args.config} (deploy/systemd/sni-proxy.service):")
             print("\n".join(f"  {line}" for line in unit))

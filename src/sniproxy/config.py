@@ -26,6 +26,7 @@ import annotated_types
 from pydantic_core import PydanticUndefined
 from pydantic import (
     AfterValidator,
+    PlainValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -320,6 +321,16 @@ def _check_metrics_addr(value: str) -> str:
 
 def _check_plain_addr(value: str) -> str:
     return str(parse_hostport(value, what="the SOCKS5 server", example="127.0.0.1:1080"))
+
+
+MAX_WORKERS = 256
+
+
+def _check_workers(value: Any) -> int | str:
+    if value == "auto" or (type(value) is int and 1 <= value <= MAX_WORKERS):
+        return value
+    raise ValueError(f'expected an integer from 1 to {MAX_WORKERS}, or "auto" (enough workers for '
+                     "max_connections under the fd limit)")
 
 
 def _check_backend(value: str) -> str:
@@ -622,7 +633,8 @@ class Config(_Model):
     # silently split the traffic with it); true: share the port on purpose (both need it).
     listen_reuse_port_shared: Annotated[bool, Strict()] = False
     max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 50000
-    workers: Annotated[int, Strict(), Field(ge=1, le=256)] = 1
+    # "auto": sniproxy.proxy.capacity picks enough workers for max_connections under the fd limit.
+    workers: Annotated[Union[int, Literal["auto"]], PlainValidator(_check_workers)] = 1
     metrics_addr: Annotated[Str, AfterValidator(_check_metrics_addr)] | None = _hint(
         '"host:port" of the HTTP endpoint (e.g. "127.0.0.1:9090"), or null to disable it', "127.0.0.1:9090"
     )

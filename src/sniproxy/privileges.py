@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from sniproxy.ebpf.support import FEATURE_CAPABILITIES
-from sniproxy.proxy.main import FDS_PER_CONNECTION_SPLICE
+from sniproxy.proxy.capacity import FDS_PER_CONNECTION_SPLICE
 
 # Ports below this need CAP_NET_BIND_SERVICE (unless net.ipv4.ip_unprivileged_port_start is
 # lowered, which is host-wide and not the proxy's to decide).

@@ -583,7 +583,8 @@ def test_load_config_errors(tmp_path: Path) -> None:
     assert "not UTF-8" in error_of(bad)
 
     bad.write_text(json.dumps(with_value("workers", 0)))
-    assert error_of(bad) == f"{bad}: workers: got 0: expected an integer from 1 to 256"
+    assert error_of(bad) == (f"{bad}: workers: got 0: expected an integer from 1 to 256, or \"auto\" "
+                             "(enough workers for max_connections under the fd limit)")
 
     good = tmp_path / "bom.json"
     good.write_bytes(b"\xef\xbb\xbf" + json.dumps(BASE).encode())

@@ -24,13 +24,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
+if TYPE_CHECKING:
+    import dns.asyncresolver
 
 log = logging.getLogger("sniproxy")
 
@@ -157,6 +154,16 @@ def ip_literal(host: str) -> str | None:
         return None
 
 
+def preload_dnspython() -> None:
+    """Import dnspython now (in the supervisor, before the workers fork) so that its ~6 MiB
+    are shared by every worker instead of imported again in each one on its first query."""
+    import dns.asyncresolver  # noqa: F401
+    import dns.exception  # noqa: F401
+    import dns.nameserver  # noqa: F401
+    import dns.rdatatype  # noqa: F401
+    import dns.resolver  # noqa: F401
+
+
 def parse_nameserver(spec: str) -> tuple[str, int]:
     """"1.1.1.1", "1.1.1.1:5353", "::1", "[::1]:5353" -> (ip, port)."""
     spec = spec.strip()
@@ -248,10 +255,27 @@ class Resolver:
         self._inflight: dict[str, asyncio.Future[tuple[str, ...]]] = {}
         self.counters = {"hits": 0, "misses": 0, "negative_hits": 0, "errors": 0,
                          "hosts_hits": 0, "coalesced": 0, "queries": 0}
-        self._dns, self._no_dns_reason = self._make_dns(nameservers)
+        # Checked now (a bad entry is a config error at start), built on the first query.
+        self._servers = None if nameservers is None else [parse_nameserver(s) for s in nameservers]
+        self._dns_built = False
+        self._dns_resolver: dns.asyncresolver.Resolver | None = None
+        self._no_dns_reason = ""
 
-    def _make_dns(self, nameservers: list[str] | None) -> tuple[dns.asyncresolver.Resolver | None, str]:
-        if nameservers is None:
+    @property
+    def _dns(self) -> dns.asyncresolver.Resolver | None:
+        """dnspython's resolver, made on first use: importing dnspython costs ~6 MiB per
+        process, which a config whose backends are all IP addresses never needs."""
+        if not self._dns_built:
+            self._dns_resolver, self._no_dns_reason = self._make_dns(self._servers)
+            self._dns_built = True
+        return self._dns_resolver
+
+    def _make_dns(self, servers: list[tuple[str, int]] | None) -> tuple[dns.asyncresolver.Resolver | None, str]:
+        import dns.asyncresolver
+        import dns.nameserver
+        import dns.resolver
+
+        if servers is None:
             try:
                 r = dns.asyncresolver.Resolver(configure=True)
             except dns.resolver.NoResolverConfiguration:
@@ -259,7 +283,6 @@ class Resolver:
                               "list them in the resolver's \"nameservers\" config")
         else:
             r = dns.asyncresolver.Resolver(configure=False)
-            servers = [parse_nameserver(s) for s in nameservers]
             if not servers:
                 return None, "no nameservers: the resolver's \"nameservers\" config list is empty"
             r.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
@@ -270,6 +293,8 @@ class Resolver:
 
     @property
     def nameservers(self) -> list[str]:
+        import dns.nameserver
+
         if self._dns is None:
             return []
         out = []
@@ -326,6 +351,9 @@ class Resolver:
         return min(max(ttl, self.min_ttl_s), self.max_ttl_s)
 
     async def _query(self, name: str) -> tuple[str, ...]:
+        import dns.rdatatype
+        import dns.resolver
+
         if self._dns is None:
             self.counters["errors"] += 1
             raise ResolveError(name, self._no_dns_reason)
@@ -364,7 +392,7 @@ class Resolver:
         self.cache.put(name, CachedAnswer((), now + self.negative_ttl_s, True, reason))
         raise ResolveError(name, reason)
 
-    async def _query_type(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[list[str], float]:
+    async def _query_type(self, name: str, rdtype) -> tuple[list[str], float]:
         assert self._dns is not None
         # lifetime bounds dnspython's retries; wait_for is the backstop for the whole call.
         answer = await asyncio.wait_for(
@@ -375,6 +403,9 @@ class Resolver:
         return [r.address for r in answer], float(answer.chaining_result.minimum_ttl)
 
     def _describe(self, exc: BaseException) -> str:
+        import dns.exception
+        import dns.resolver
+
         servers = ", ".join(self.nameservers) or "none"
         if isinstance(exc, (dns.exception.Timeout, asyncio.TimeoutError)):
             return f"timed out after {self.timeout_s:g}s asking {servers}; check the nameservers"
