@@ -1093,3 +1093,81 @@ def enable_bpf_stats() -> int:
                        hint="needs CAP_SYS_ADMIN and kernel >= 5.8; alternatively "
                             "`sysctl kernel.bpf_stats_enabled=1`")
     return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# tc (clsact) hooks for the kernel TCP splice (ebpf/tcpsplice.py), libbpf >= 0.6
+# ---------------------------------------------------------------------------------------------
+BPF_TC_INGRESS = 1
+BPF_TC_EGRESS = 2
+
+
+class BpfTcHook(ctypes.Structure):
+    """struct bpf_tc_hook (libbpf.h): sz, ifindex, attach_point, parent."""
+
+    _fields_ = [("sz", c_size_t), ("ifindex", c_int), ("attach_point", c_int),
+                ("parent", c_uint32)]
+
+
+class BpfTcOpts(ctypes.Structure):
+    """struct bpf_tc_opts (libbpf.h): sz, prog_fd, flags, prog_id, handle, priority."""
+
+    _fields_ = [("sz", c_size_t), ("prog_fd", c_int), ("flags", c_uint32),
+                ("prog_id", c_uint32), ("handle", c_uint32), ("priority", c_uint32)]
+
+
+_TC_SIGNATURES = {
+    "bpf_tc_hook_create": ([ctypes.POINTER(BpfTcHook)], c_int),
+    "bpf_tc_hook_destroy": ([ctypes.POINTER(BpfTcHook)], c_int),
+    "bpf_tc_attach": ([ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)], c_int),
+    "bpf_tc_detach": ([ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)], c_int),
+}
+if _lib is not None:
+    for _name, (_args, _res) in _TC_SIGNATURES.items():
+        _fn = getattr(_lib, _name)
+        _fn.argtypes = _args
+        _fn.restype = _res
+
+
+def _tc_hook(ifindex: int, attach_point: int) -> BpfTcHook:
+    return BpfTcHook(ctypes.sizeof(BpfTcHook), ifindex, attach_point, 0)
+
+
+def tc_hook_create(ifindex: int) -> bool:
+    """Create the clsact qdisc on `ifindex`. True: created by us; False: it existed already."""
+    with capture_libbpf_output() as lines:
+        ret = _require_lib().bpf_tc_hook_create(ctypes.byref(_tc_hook(ifindex, BPF_TC_INGRESS)))
+    if ret == -errno_mod.EEXIST:
+        return False
+    _check_int(ret, f"creating the clsact qdisc on ifindex {ifindex}", lines)
+    return True
+
+
+def tc_hook_destroy(ifindex: int) -> None:
+    """Delete the clsact qdisc of `ifindex` (ingress and egress together, with any filter)."""
+    hook = _tc_hook(ifindex, BPF_TC_INGRESS | BPF_TC_EGRESS)
+    with capture_libbpf_output() as lines:
+        ret = _require_lib().bpf_tc_hook_destroy(ctypes.byref(hook))
+    if ret not in (0, -errno_mod.ENOENT, -errno_mod.ENODEV):
+        _check_int(ret, f"deleting the clsact qdisc on ifindex {ifindex}", lines)
+
+
+def tc_attach(ifindex: int, attach_point: int, prog_fd: int, priority: int = 0,
+              handle: int = 0) -> tuple[int, int]:
+    """Attach a SCHED_CLS program (direct action) to a clsact hook; (handle, priority)."""
+    opts = BpfTcOpts(ctypes.sizeof(BpfTcOpts), prog_fd, 0, 0, handle, priority)
+    with capture_libbpf_output() as lines:
+        ret = _require_lib().bpf_tc_attach(ctypes.byref(_tc_hook(ifindex, attach_point)),
+                                           ctypes.byref(opts))
+    _check_int(ret, f"attaching a tc program on ifindex {ifindex}", lines)
+    return opts.handle, opts.priority
+
+
+def tc_detach(ifindex: int, attach_point: int, handle: int, priority: int) -> None:
+    """Remove exactly the filter (handle, priority) that tc_attach added."""
+    opts = BpfTcOpts(ctypes.sizeof(BpfTcOpts), 0, 0, 0, handle, priority)
+    with capture_libbpf_output() as lines:
+        ret = _require_lib().bpf_tc_detach(ctypes.byref(_tc_hook(ifindex, attach_point)),
+                                           ctypes.byref(opts))
+    if ret not in (0, -errno_mod.ENOENT, -errno_mod.ENODEV):
+        _check_int(ret, f"detaching a tc program on ifindex {ifindex}", lines)
