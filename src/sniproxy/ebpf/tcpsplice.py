@@ -45,11 +45,11 @@ TC_PRIORITY = 0x5e1
 
 _KEY = struct.Struct("=B3x16s16sHH")                     # sni_proxy_ts_key (40)
 _DIR = struct.Struct("=16s16sHHIIIIIIBBBBI")             # sni_proxy_ts_dir (68)
-_FLOW = struct.Struct("=QQQQQQIIII2B2B2BBBB3xIII")       # sni_proxy_ts_flow (88)
+_FLOW = struct.Struct("=QQQQQQIIII2B2B2BBBB3xIIIII")     # sni_proxy_ts_flow (96)
 _EVENT = struct.Struct("=IIII")
 _STAT_NAMES = ("c2b_packets", "c2b_bytes", "b2c_packets", "b2c_bytes", "frozen", "to_proxy",
                "no_flow", "events", "events_lost", "redirect_fail")
-assert _KEY.size == 40 and _DIR.size == 68 and _FLOW.size == 88
+assert _KEY.size == 40 and _DIR.size == 68 and _FLOW.size == 96
 
 # setsockopt numbers (linux/tcp.h)
 TCP_REPAIR = 19
@@ -318,6 +318,7 @@ class FlowState:
     engaged: bool
     reported: bool
     gen: int
+    nxt: tuple[int, int]
 
     @classmethod
     def unpack(cls, raw: bytes) -> "FlowState":
@@ -325,12 +326,17 @@ class FlowState:
         # bytes0 bytes1 pk0 pk1 last frozen tsoff0 tsoff1 fin_seq0 fin_seq1 tsl0 tsl1 fin0 fin1
         # fa0 fa1 rst engaged reported ring gen pad2
         return cls((f[0], f[1]), (f[2], f[3]), f[4], f[5], (f[12], f[13]), (f[14], f[15]),
-                   bool(f[16]), bool(f[17]), bool(f[18]), f[20])
+                   bool(f[16]), bool(f[17]), bool(f[18]), f[20], (f[22], f[23]))
 
 
-def new_flow_value(ring: int, gen: int) -> bytes:
+def new_flow_value(ring: int, gen: int, nxt: tuple[int, int] = (0, 0)) -> bytes:
     return _FLOW.pack(0, 0, 0, 0, time.monotonic_ns(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                      0, 0, 0, ring, gen, 0)
+                      0, 0, 0, ring, gen, 0, nxt[0] & 0xFFFFFFFF, nxt[1] & 0xFFFFFFFF)
+
+
+def seq_span(start: int, end: int) -> int:
+    """Bytes from sequence number `start` to `end` (mod 2**32)."""
+    return (end - start) & 0xFFFFFFFF
 
 
 # ----------------------------------------------------------------------------- tc hooks
@@ -445,10 +451,12 @@ class TcpSpliceDataPath:
     def release_slot(self, slot: int) -> None:
         self.claims.delete(slot)
 
-    def insert(self, slot: int, gen: int, ring: int, entries: tuple[DirEntry, DirEntry]) -> None:
+    def insert(self, slot: int, gen: int, ring: int, entries: tuple[DirEntry, DirEntry],
+               starts: tuple[int, int] = (0, 0)) -> None:
         """Flow state first, then both directions (BPF_NOEXIST: a tuple already spliced is
-        refused). On failure nothing stays in the maps."""
-        self.state.update(slot, new_flow_value(ring, gen), BPF_ANY)
+        refused). On failure nothing stays in the maps. `starts`: the first sequence number
+        of each direction in the receiver's space (for the byte counts)."""
+        self.state.update(slot, new_flow_value(ring, gen, starts), BPF_ANY)
         done = []
         try:
             for entry in entries:
@@ -495,3 +503,49 @@ class TcpSpliceDataPath:
 def parse_event(raw: bytes) -> tuple[int, int, int]:
     flow, gen, why, _ = _EVENT.unpack(raw[:_EVENT.size])
     return flow, gen, why
+
+
+class EventRing:
+    """Consumer of one worker's ring buffer (mmap): sni_proxy_ts_event records."""
+
+    _BUSY = 1 << 31
+    _DISCARD = 1 << 30
+
+    def __init__(self, ring: Map):
+        import mmap
+        self.ring = ring
+        self.page = mmap.PAGESIZE
+        self.mask = ring.max_entries - 1
+        self._consumer = mmap.mmap(ring.fd, self.page, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._producer = mmap.mmap(ring.fd, self.page + 2 * ring.max_entries, mmap.MAP_SHARED,
+                                   mmap.PROT_READ, offset=self.page)
+
+    def fileno(self) -> int:
+        return self.ring.fd
+
+    def drain(self, limit: int = 4096) -> list[tuple[int, int, int]]:
+        """Committed events (flow, gen, why), oldest first; frees their space."""
+        out = []
+        cons = struct.unpack_from("=Q", self._consumer, 0)[0]
+        prod = struct.unpack_from("=Q", self._producer, 0)[0]
+        data, base = self._producer, self.page
+        while cons < prod and len(out) < limit:
+            at = base + (cons & self.mask)
+            header = int.from_bytes(data[at:at + 4], "little")
+            if header & self._BUSY:
+                break
+            length = header & ~(self._BUSY | self._DISCARD)
+            if not header & self._DISCARD and length == _EVENT.size:
+                start = base + ((cons + 8) & self.mask)
+                out.append(parse_event(data[start:start + _EVENT.size]))
+            cons += (length + 8 + 7) & ~7
+        struct.pack_into("=Q", self._consumer, 0, cons)
+        return out
+
+    def close(self) -> None:
+        for m in (self._consumer, self._producer):
+            try:
+                m.close()
+            except (BufferError, ValueError):
+                pass

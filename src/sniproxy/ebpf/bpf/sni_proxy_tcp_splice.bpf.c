@@ -21,7 +21,7 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-#define TC_ACT_OK 0
+#define TC_ACT_UNSPEC -1	/* not ours: the next filter (or the stack) decides */
 #define TC_ACT_SHOT 2
 #define ETH_HLEN 14
 #define ETH_P_IPV6 0x86DD
@@ -243,23 +243,23 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	int n;
 
 	if (parse(skb, &p))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
 	if (!v)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	/* A SYN reusing a spliced 4-tuple is a new connection, not part of the flow. */
 	if (p.flags & TH_SYN)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	f = bpf_map_lookup_elem(&sni_proxy_tsfl, &v->flow);
 	if (!f) {
 		stat(TS_STAT_NO_FLOW, 1);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	hlen = p.hlen;
 	if (hlen < 20 || hlen > TCP_HDR_MAX)	/* parse() checked; the verifier needs it here */
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (bpf_skb_load_bytes(skb, p.l4_off, hdr, hlen))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	dir = v->dir & 1;
 	other = dir ^ 1;
 	seq = get32(hdr, 4);
@@ -274,7 +274,7 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 		if (payload == 0 && !(p.flags & (TH_FIN | TH_RST)) &&
 		    (__s32)(ack - v->handover_end) <= 0) {
 			stat(TS_STAT_TO_PROXY, 1);
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		}
 		f->engaged = 1;
 	}
@@ -345,6 +345,9 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 		f->fin_acked[other] = 1;
 	if (p.flags & TH_RST)
 		f->rst = 1;
+	/* Plain max (two CPUs may race; the counts are for accounting only). */
+	if ((__s32)(nseq + payload - f->nxt[dir]) > 0)
+		f->nxt[dir] = nseq + payload;
 	f->last_ns = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&f->bytes[dir], payload);
 	__sync_fetch_and_add(&f->packets[dir], skb->gso_segs ? skb->gso_segs : 1);
@@ -406,10 +409,10 @@ int sni_proxy_tse(struct __sk_buff *skb)
 	/* A spliced packet on its way out: not the proxy's, pass (and give the mark back). */
 	if (skb->mark == SNI_PROXY_TS_MARK) {
 		skb->mark = 0;
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	if (parse(skb, &p))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	/* A packet the proxy's socket sends is the reverse of the tuple it receives on. */
 	rev.family = p.key.family;
 	__builtin_memcpy(rev.saddr, p.key.daddr, 16);
@@ -418,15 +421,15 @@ int sni_proxy_tse(struct __sk_buff *skb)
 	rev.dport = p.key.sport;
 	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &rev);
 	if (!v || (p.flags & TH_SYN))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (v->dir == SNI_PROXY_TS_B2C) {
 		/* The proxy's backend socket: its hand-over bytes (and their retransmissions) must
 		 * reach the backend; its ACKs, window updates and FIN must not. */
 		if (bpf_skb_load_bytes(skb, p.l4_off + 4, &seq, 4))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		seq = bpf_ntohl(seq);
 		if (p.l4_len > p.hlen && (__s32)(seq - v->handover_end) < 0)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 	}
 	f = bpf_map_lookup_elem(&sni_proxy_tsfl, &v->flow);
 	if (f)

@@ -69,6 +69,8 @@ struct sni_proxy_ts_flow {
 	__u32 ring;		/* worker ring index in sni_proxy_tsrg */
 	__u32 gen;
 	__u32 pad2;
+	__u32 nxt[2];		/* highest end of payload seen, in the receiver's space: the byte
+				 * counts without retransmissions (user space sets the start) */
 };
 
 struct sni_proxy_ts_event {
