@@ -345,8 +345,9 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 		f->fin_acked[other] = 1;
 	if (p.flags & TH_RST)
 		f->rst = 1;
-	/* Plain max (two CPUs may race; the counts are for accounting only). */
-	if ((__s32)(nseq + payload - f->nxt[dir]) > 0)
+	/* Plain max (two CPUs may race; the counts are for accounting only). Data only: an ACK
+	 * sent after a FIN carries the FIN's sequence number + 1. */
+	if (payload && (__s32)(nseq + payload - f->nxt[dir]) > 0)
 		f->nxt[dir] = nseq + payload;
 	f->last_ns = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&f->bytes[dir], payload);
