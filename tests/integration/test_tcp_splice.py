@@ -59,11 +59,12 @@ class Proxy:
 
     def __init__(self, t: Topology, tmp, backend: str, *, v6: bool = False, workers: int = 1,
                  tcp_splice: dict | None = None, idle_s: float = 60, routes=None,
-                 upstreams=None, **ebpf):
+                 upstreams=None, max_connections: int = 1000, **ebpf):
         self.t = t
         self.port, mport = 8443, 9100
         listen = f"[{t.proxy_client_ip6}]:{self.port}" if v6 else f"{t.proxy_client_ip}:{self.port}"
         cfg = base_config(self.port, mport, workers=workers, default_backend=backend,
+                          max_connections=max_connections,
                           ebpf={"enabled": True, "dns_cache": {"pin_path": None},
                                 "tcp_splice": {"linger_s": 0.5, **(tcp_splice or {})}, **ebpf})
         cfg["listen_addr"] = listen
@@ -246,3 +247,322 @@ def test_loopback_echo_exact_counted_and_clean(loop_ns, tmp_path):
     assert t.tc_state() != ""
     assert proxy.stop() == 0
     assert t.tc_state() == "", "tc filters or the clsact qdisc left behind"
+
+
+# ============================================================================ three namespaces
+@pytest.fixture
+def pki(tmp_path):
+    return make_pki(tmp_path / "pki", ["data.test"])
+
+
+def _enter(ns, cm):
+    return run_in(ns, cm.__enter__)
+
+
+def test_veth_tls_clients_curl_openssl_python(three_ns, tmp_path, pki):
+    t = three_ns
+    backend = tls_backend(pki, ["data.test"], "b1", host=t.backend_ip)
+    port = _enter(t.backend, backend)
+    try:
+        proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{port}")
+        st = proxy.ts()
+        assert st["state"] == "active" and set(st["interfaces"]) >= {f"tc{t.tag}p", f"tb{t.tag}p"}
+        url = f"https://data.test:{proxy.port}"
+        resolve = f"data.test:{proxy.port}:{t.proxy_client_ip}"
+        r = nsexec(t.client, "curl", "-sS", "--max-time", "20", "--cacert", str(pki.ca_path),
+                   "--resolve", resolve, f"{url}/bytes/3000000", "-o", "/dev/null",
+                   "-w", "%{http_code} %{size_download}")
+        assert r.stdout == "200 3000000", r.stderr
+        r = nsexec(t.client, "sh", "-c",
+                   f"printf 'GET /whoami HTTP/1.1\\r\\nHost: data.test\\r\\nConnection: close"
+                   f"\\r\\n\\r\\n' | timeout 20 openssl s_client -quiet -connect "
+                   f"{t.proxy_client_ip}:{proxy.port} -servername data.test -CAfile "
+                   f"{pki.ca_path} -verify_return_error 2>&1", check=False)
+        assert '"sni": "data.test"' in r.stdout, r.stdout
+
+        def python_ssl():
+            ctx = ssl.create_default_context(cafile=str(pki.ca_path))
+            with socket.create_connection((t.proxy_client_ip, proxy.port), timeout=20) as raw:
+                with ctx.wrap_socket(raw, server_hostname="data.test") as s:
+                    got = []
+                    for n in (10, 2_000_000):     # two requests on one connection
+                        s.sendall(f"GET /bytes/{n} HTTP/1.1\r\nHost: data.test\r\n\r\n".encode())
+                        head = b""
+                        while b"\r\n\r\n" not in head:
+                            head += s.recv(1)
+                        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                        body = b""
+                        while len(body) < length:
+                            body += s.recv(length - len(body))
+                        got.append(body)
+                    return got
+        bodies = run_in(t.client, python_ssl)
+        assert [len(b) for b in bodies] == [10, 2_000_000]
+        assert bodies[1] == (b"0123456789abcdef" * 125_000)
+        spliced(proxy, 3)
+        proxy.wait_clean()
+        assert proxy.stop() == 0
+        assert t.tc_state() == ""
+    finally:
+        run_in(t.backend, backend.__exit__, None, None, None)
+
+
+def test_veth_one_gib_each_way_sha256(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, GiB)
+    expected = stream_sha(HELLO, GiB)
+    assert got == (len(HELLO) + GiB, expected)
+    assert be.wait(1)[0] == (len(HELLO) + GiB, expected, "eof")
+    spliced(proxy)
+    assert f"bytes_up={len(HELLO) + GiB} bytes_down={len(HELLO) + GiB}" in proxy.access()[0]
+    proxy.wait_clean()
+
+
+class ScriptedBackend:
+    """Runs script(conn, result) on the first connection, in the namespace it was built in."""
+
+    def __init__(self, host: str, script):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.result: dict = {}
+        self.done = threading.Event()
+
+        def serve():
+            conn, _ = self.sock.accept()
+            conn.settimeout(60)
+            try:
+                script(conn, self.result)
+            except OSError as exc:
+                self.result["error"] = exc
+            finally:
+                conn.close()
+                self.done.set()
+        threading.Thread(target=serve, daemon=True).start()
+
+    def wait(self, timeout: float = 60) -> dict:
+        assert self.done.wait(timeout), "backend script did not finish"
+        return self.result
+
+
+def _recv_exact(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"EOF after {len(data)} of {n}")
+        data += chunk
+    return data
+
+
+def test_half_close_backend_first_client_keeps_sending(three_ns, tmp_path):
+    t = three_ns
+
+    def script(conn, r):
+        r["hello"] = _recv_exact(conn, len(HELLO))
+        conn.sendall(pattern_bytes(2 * MiB))
+        conn.shutdown(socket.SHUT_WR)
+        r["up"] = read_to_eof(conn)
+
+    be = t.run(t.backend, ScriptedBackend, t.backend_ip, script)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+
+    def client():
+        with connect(t.proxy_client_ip, proxy.port) as s:
+            s.sendall(HELLO)
+            down = read_to_eof(s)             # the backend's half-close arrives as EOF
+            send_pattern(s, 4 * MiB)          # and the other direction still flows
+            s.shutdown(socket.SHUT_WR)
+            return down, s.recv(1)
+    down, tail = t.run(t.client, client)
+    assert down == (2 * MiB, pattern_sha256(2 * MiB)) and tail == b""
+    r = be.wait()
+    assert r["hello"] == HELLO and r["up"] == (4 * MiB, pattern_sha256(4 * MiB))
+    spliced(proxy)
+    assert "outcome=ok" in proxy.access()[0]
+    proxy.wait_clean()
+
+
+@pytest.mark.parametrize("who", ["client", "backend"])
+def test_rst_either_way_reaches_the_other_end(three_ns, tmp_path, who):
+    t = three_ns
+    linger0 = struct.pack("ii", 1, 0)
+
+    def script(conn, r):
+        _recv_exact(conn, len(HELLO))
+        conn.sendall(b"ready")
+        if who == "backend":
+            _recv_exact(conn, 1 * MiB)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+            return                                  # close() with linger 0: RST
+        try:
+            while conn.recv(1 << 16):
+                pass
+            r["eof"] = True
+        except ConnectionResetError:
+            r["reset"] = True
+
+    be = t.run(t.backend, ScriptedBackend, t.backend_ip, script)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+
+    def client():
+        s = connect(t.proxy_client_ip, proxy.port)
+        s.sendall(HELLO)
+        assert _recv_exact(s, 5) == b"ready"
+        send_pattern(s, 1 * MiB)
+        if who == "client":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+            s.close()
+            return "sent"
+        try:
+            while s.recv(1 << 16):
+                pass
+            return "eof"
+        except ConnectionResetError:
+            return "reset"
+        finally:
+            s.close()
+    seen = t.run(t.client, client)
+    r = be.wait()
+    if who == "client":
+        assert r.get("reset"), r
+    else:
+        assert seen == "reset"
+    wait_until(lambda: any("outcome=reset" in line for line in proxy.access()), 10,
+               "the reset in the access log")
+    assert "relay=tcp_splice" in proxy.access()[0]
+    proxy.wait_clean()
+
+
+def test_idle_timeout_removes_the_flow_and_the_next_packet_is_reset(three_ns, tmp_path):
+    t = three_ns
+
+    def script(conn, r):
+        _recv_exact(conn, len(HELLO))
+        conn.sendall(b"ready")
+        try:
+            r["got"] = conn.recv(1 << 16)
+        except OSError as exc:
+            r["error"] = exc
+
+    be = t.run(t.backend, ScriptedBackend, t.backend_ip, script)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", idle_s=1)
+
+    def client():
+        s = connect(t.proxy_client_ip, proxy.port)
+        s.sendall(HELLO)
+        assert _recv_exact(s, 5) == b"ready"
+        wait_until(lambda: any("outcome=idle_timeout" in line for line in proxy.access()),
+                   10, "the idle timeout")
+        try:
+            s.sendall(b"late")        # meets the proxy's stack: no socket, RST
+            s.settimeout(10)
+            return s.recv(1)
+        except ConnectionResetError:
+            return "reset"
+        finally:
+            s.close()
+    assert t.run(t.client, client) == "reset"
+    proxy.wait_clean()
+
+
+def test_many_concurrent_spliced_connections(three_ns, tmp_path):
+    t = three_ns
+    n_conns, size = 1000, 64 * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", workers=2, max_connections=4000)
+    payload = pattern_bytes(size)
+    expected = stream_sha(HELLO, size)
+
+    def clients():
+        import asyncio
+
+        async def one():
+            r, w = await asyncio.open_connection(t.proxy_client_ip, proxy.port)
+            w.write(HELLO)
+            await r.readexactly(len(HELLO))
+            w.write(payload)
+            w.write_eof()
+            rest = await r.read()
+            w.close()
+            return hashlib.sha256(HELLO + rest).hexdigest() == expected
+
+        async def main():
+            opened = []
+            # All open at once: each waits for its hello's echo before the next phase.
+            return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n_conns))), 120)
+        return asyncio.run(main())
+    oks = t.run(t.client, clients)
+    assert sum(oks) == n_conns
+    wait_until(lambda: len(proxy.access()) >= n_conns, 30, "every access line")
+    kinds = {}
+    for line in proxy.access():
+        kind = line.split("relay=")[1].split()[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert kinds.get("tcp_splice", 0) == n_conns, kinds
+    proxy.wait_clean()
+    assert proxy.metric("ebpf_map_utilization", map="tcp_splice") == 0
+
+
+def test_netem_loss_reorder_delay_stays_exact(three_ns, tmp_path):
+    t = three_ns
+    for side in ("c", "b"):
+        ns, dev = t.links[side]
+        nsexec(ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", "2ms", "1ms",
+               "loss", "1%", "reorder", "10%", "50%")
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 16 * MiB)
+    assert got == (len(HELLO) + 16 * MiB, stream_sha(HELLO, 16 * MiB))
+    spliced(proxy)
+    proxy.wait_clean()
+
+
+def test_timestamps_off_on_the_client_side(three_ns, tmp_path):
+    t = three_ns
+    nsexec(t.client, "sysctl", "-qw", "net.ipv4.tcp_timestamps=0")
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 16 * MiB)
+    assert got == (len(HELLO) + 16 * MiB, stream_sha(HELLO, 16 * MiB))
+    spliced(proxy)
+
+
+def test_ipv6_veth(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip6)
+    proxy = Proxy(t, tmp_path, f"[{t.backend_ip6}]:{be.port}", v6=True)
+    got = t.run(t.client, upload_download, t.proxy_client_ip6, proxy.port, 16 * MiB,
+                socket.AF_INET6)
+    assert got == (len(HELLO) + 16 * MiB, stream_sha(HELLO, 16 * MiB))
+    spliced(proxy)
+    proxy.wait_clean()
+
+
+def test_proxy_protocol_v2_route_is_spliced(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, RawBackend, reply_bytes=3 * MiB, read_proxy_header=True,
+               host=t.backend_ip)
+    routes = [{"match": "data.test", "backend": f"{t.backend_ip}:{be.port}",
+               "proxy_protocol": "v2", "allow_private": True}]
+    proxy = Proxy(t, tmp_path, None, routes=routes)
+
+    def client():
+        with connect(t.proxy_client_ip, proxy.port) as s:
+            s.sendall(HELLO)
+            time.sleep(0)                 # nothing to wait for: the backend reads to EOF
+            send_pattern(s, 8 * MiB)
+            s.shutdown(socket.SHUT_WR)
+            return read_to_eof(s)
+    # The backend answers only at EOF: the flow engages on the backend's ACK of client bytes.
+    assert t.run(t.client, client) == (3 * MiB, pattern_sha256(3 * MiB))
+    sess = be.wait_sessions(1)[0]
+    assert sess.proxy_header.startswith(b"\r\n\r\n\x00\r\nQUIT\n")
+    assert (sess.nbytes, sess.sha256) == (len(HELLO) + 8 * MiB, stream_sha(HELLO, 8 * MiB))
+    wait_until(lambda: proxy.access(), 10, "access line")
+    assert "relay=" in proxy.access()[0]

@@ -393,7 +393,9 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 
 	skb->mark = SNI_PROXY_TS_MARK;
-	if (v->flags & SNI_PROXY_TS_F_NEIGH)
+	/* Plain redirect only from lo to lo: the Ethernet header of any other device's packet
+	 * carries MAC addresses the out device would not accept as its own. */
+	if ((v->flags & SNI_PROXY_TS_F_NEIGH) || skb->ifindex != v->ifindex)
 		return bpf_redirect_neigh(v->ifindex, NULL, 0, 0);
 	return bpf_redirect(v->ifindex, 0);
 }
