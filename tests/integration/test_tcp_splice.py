@@ -509,12 +509,26 @@ def test_many_concurrent_spliced_connections(three_ns, tmp_path):
     assert proxy.metric("ebpf_map_utilization", map="tcp_splice") == 0
 
 
-def test_netem_loss_reorder_delay_stays_exact(three_ns, tmp_path):
+def _lossy_object(tmp_path) -> str:
+    from pathlib import Path
+    out = tmp_path / "lossy_link.bpf.o"
+    bpf_dir = Path(__file__).resolve().parents[2] / "src/sniproxy/ebpf/bpf"
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I{bpf_dir}", "-c",
+                    str(Path(__file__).with_name("lossy_link.bpf.c")), "-o", str(out)],
+                   check=True, capture_output=True, timeout=60)
+    return str(out)
+
+
+def test_loss_and_duplicates_stay_exact(three_ns, tmp_path):
+    """1% loss and 2% duplicated packets on both far ends (a tc program: this kernel has no
+    sch_netem, so delay and reordering are not injected): TCP recovers end to end."""
     t = three_ns
+    obj = _lossy_object(tmp_path)
     for side in ("c", "b"):
         ns, dev = t.links[side]
-        nsexec(ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", "2ms", "1ms",
-               "loss", "1%", "reorder", "10%", "50%")
+        nsexec(ns, "tc", "qdisc", "add", "dev", dev, "clsact")
+        nsexec(ns, "tc", "filter", "add", "dev", dev, "egress", "bpf", "da", "obj", obj,
+               "sec", "tc")
     be = t.run(t.backend, EchoBackend, t.backend_ip)
     proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
     got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 16 * MiB)
@@ -555,14 +569,14 @@ def test_proxy_protocol_v2_route_is_spliced(three_ns, tmp_path):
     def client():
         with connect(t.proxy_client_ip, proxy.port) as s:
             s.sendall(HELLO)
-            time.sleep(0)                 # nothing to wait for: the backend reads to EOF
             send_pattern(s, 8 * MiB)
             s.shutdown(socket.SHUT_WR)
             return read_to_eof(s)
-    # The backend answers only at EOF: the flow engages on the backend's ACK of client bytes.
+    # The backend answers only at EOF, and the client sends at once: its window fills before
+    # the hand-over, and only the backend's (spliced) ACKs can reopen it.
     assert t.run(t.client, client) == (3 * MiB, pattern_sha256(3 * MiB))
     sess = be.wait_sessions(1)[0]
     assert sess.proxy_header.startswith(b"\r\n\r\n\x00\r\nQUIT\n")
     assert (sess.nbytes, sess.sha256) == (len(HELLO) + 8 * MiB, stream_sha(HELLO, 8 * MiB))
-    wait_until(lambda: proxy.access(), 10, "access line")
-    assert "relay=" in proxy.access()[0]
+    spliced(proxy)
+    proxy.wait_clean()

@@ -242,6 +242,11 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	__s64 diff;
 	int n;
 
+	/* The proxy socket's copy of a backend ACK (see below): for the stack, untouched. */
+	if (skb->mark == SNI_PROXY_TS_MARK_PASS) {
+		skb->mark = 0;
+		return TC_ACT_UNSPEC;
+	}
 	if (parse(skb, &p))
 		return TC_ACT_UNSPEC;
 	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
@@ -267,16 +272,24 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	payload = p.l4_len - hlen;
 
 	/* Backend ACKs of the bytes the proxy wrote itself (the ClientHello and what was queued
-	 * with it) belong to the proxy's socket: it stops retransmitting them. Everything else
-	 * from the backend (data, FIN, RST, an ACK of the client's spliced bytes) engages the
-	 * flow, after which the egress hook keeps the proxy's backend socket quiet too. */
+	 * with it) are needed by two: the proxy's socket, to stop retransmitting them, and the
+	 * client, whose view of the backend's window comes only from spliced packets (a client
+	 * that hit a zero window before the hand-over waits for one). So while the flow is not
+	 * engaged, such an ACK is cloned back to ingress for the proxy's socket (marked, passed
+	 * untouched) and the original is spliced. Data, FIN, RST, an ACK past the hand-over,
+	 * or the ACK of its last byte engage the flow: the proxy's socket needs nothing more. */
 	if (dir == SNI_PROXY_TS_B2C && !f->engaged) {
 		if (payload == 0 && !(p.flags & (TH_FIN | TH_RST)) &&
 		    (__s32)(ack - v->handover_end) <= 0) {
+			if (ack == v->handover_end)
+				f->engaged = 1;
+			skb->mark = SNI_PROXY_TS_MARK_PASS;
+			bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS);
+			skb->mark = 0;
 			stat(TS_STAT_TO_PROXY, 1);
-			return TC_ACT_UNSPEC;
+		} else {
+			f->engaged = 1;
 		}
-		f->engaged = 1;
 	}
 
 	__builtin_memcpy(old, hdr, sizeof(old));

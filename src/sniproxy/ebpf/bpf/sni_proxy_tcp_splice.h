@@ -22,6 +22,9 @@
 /* skb->mark of a spliced packet between the ingress redirect and the egress hook: tells it
  * apart from a packet of the proxy's own socket with the same 4-tuple (loopback). */
 #define SNI_PROXY_TS_MARK 0x5e1f7c00
+/* skb->mark of the copy of a backend ACK handed to the proxy's own socket (clone_redirect
+ * back to ingress): the ingress program lets it through untouched. */
+#define SNI_PROXY_TS_MARK_PASS 0x5e1f7c01
 
 struct sni_proxy_ts_key {
 	__u8 family;		/* 4 or 6 */
