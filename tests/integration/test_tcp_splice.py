@@ -580,3 +580,202 @@ def test_proxy_protocol_v2_route_is_spliced(three_ns, tmp_path):
     assert (sess.nbytes, sess.sha256) == (len(HELLO) + 8 * MiB, stream_sha(HELLO, 8 * MiB))
     spliced(proxy)
     proxy.wait_clean()
+
+
+def test_socks5_route_is_spliced(three_ns, tmp_path):
+    """pproxy (SOCKS5) runs on the proxy host's lo: the backend connection is to 127.0.0.1,
+    so spliced packets cross from a veth to lo and back (lo's MTU set to the veth's: segment
+    sizes must match, see test_fallback_mss_mismatch_with_different_mtus)."""
+    from tests.integration.socks_servers import start_pproxy
+    t = three_ns
+    nsexec(t.proxy, "ip", "link", "set", "lo", "mtu", "1500")
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    socks = start_pproxy(log_dir=tmp_path)
+    server = run_in(t.proxy, socks.__enter__)
+    try:
+        routes = [{"match": "data.test", "backend": f"{t.backend_ip}:{be.port}",
+                   "upstream": "corp", "allow_private": True}]
+        proxy = Proxy(t, tmp_path, None, routes=routes,
+                      upstreams={"corp": {"type": "socks5", "addr": server.addr}})
+        size = 8 * MiB
+
+        def client():
+            # pproxy ends both directions at the first EOF: read the whole echo first.
+            with connect(t.proxy_client_ip, proxy.port) as s:
+                s.sendall(HELLO)
+                sender = threading.Thread(target=send_pattern, args=(s, size))
+                sender.start()
+                back = _recv_exact(s, len(HELLO) + size)
+                sender.join(60)
+                return hashlib.sha256(back).hexdigest()
+        assert t.run(t.client, client) == stream_sha(HELLO, size)
+        spliced(proxy)
+        proxy.wait_clean()
+    finally:
+        run_in(t.proxy, socks.__exit__, None, None, None)
+
+
+def test_sigkill_mid_transfer_flows_continue_and_restart_cleans_up(three_ns, tmp_path):
+    """Killed proxy: the tc filters (and the maps they hold) outlive it, so a spliced flow
+    finishes byte-exact; the next start replaces the leftover filters; stop removes all."""
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    size = 64 * MiB
+
+    def killer():
+        wait_until(lambda: proxy.ts()["active_flows"] == 1, 10, "the flow spliced")
+        os.killpg(proxy.p.proc.pid, signal.SIGKILL)
+        proxy.p.proc.wait(10)
+
+    def slow_upload():
+        # Upload in pieces so the kill lands mid-transfer.
+        run_in(t.proxy, killer)
+
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, size,
+                before_upload=slow_upload)
+    assert got == (len(HELLO) + size, stream_sha(HELLO, size))
+    assert "sni_proxy_tsi" in t.tc_state(), "the filters should outlive the killed proxy"
+    again = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    assert "replaced" in again.log()
+    state = t.tc_state()
+    assert state.count("name sni_proxy_tsi") == len(again.ts()["interfaces"]), state
+    got = t.run(t.client, upload_download, t.proxy_client_ip, again.port, MiB)
+    assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
+    again.wait_clean()
+    assert again.stop() == 0
+    assert t.tc_state() == ""
+
+
+def _fallback(proxy: Proxy, reason: str) -> float:
+    return proxy.metric("ebpf_tcp_splice_fallbacks_total", reason=reason)
+
+
+def test_fallback_map_full_takes_sockmap_losslessly(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", tcp_splice={"max_flows": 1})
+
+    def two():
+        first = connect(t.proxy_client_ip, proxy.port)
+        first.sendall(HELLO)
+        assert _recv_exact(first, len(HELLO)) == HELLO      # spliced, held open
+        got = upload_download(t.proxy_client_ip, proxy.port, 4 * MiB)
+        first.shutdown(socket.SHUT_WR)
+        assert read_to_eof(first) == (0, hashlib.sha256().hexdigest())
+        first.close()
+        return got
+    assert t.run(t.client, two) == (len(HELLO) + 4 * MiB, stream_sha(HELLO, 4 * MiB))
+    wait_until(lambda: len(proxy.access()) == 2, 10, "two access lines")
+    kinds = sorted(line.split("relay=")[1].split()[0] for line in proxy.access())
+    assert kinds == ["sockmap", "tcp_splice"], kinds
+    assert _fallback(proxy, "map_full") == 1
+    proxy.wait_clean()
+
+
+def test_fallback_mss_mismatch_with_different_mtus(tmp_path):
+    with Topology.three(_tag(), mtu_client=1400, mtu_backend=1500) as t:
+        be = t.run(t.backend, EchoBackend, t.backend_ip)
+        proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+        got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 8 * MiB)
+        assert got == (len(HELLO) + 8 * MiB, stream_sha(HELLO, 8 * MiB))
+        assert _fallback(proxy, "mss_mismatch") == 1
+        wait_until(lambda: proxy.access(), 10, "access line")
+        assert "relay=sockmap" in proxy.access()[0]
+
+
+def test_fallback_interface_not_attached(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}",
+                  tcp_splice={"interfaces": ["lo", t.links["proxy_c"][1]]})
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, MiB)
+    assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
+    assert _fallback(proxy, "interface_not_attached") == 1
+    assert "add it to ebpf.tcp_splice.interfaces" in proxy.log()
+
+
+def test_fallback_client_fin_before_the_hand_over(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+
+    def client():
+        with connect(t.proxy_client_ip, proxy.port) as s:
+            s.sendall(HELLO + b"tail")
+            s.shutdown(socket.SHUT_WR)       # the FIN is in before the proxy connects
+            return read_to_eof(s)
+    assert t.run(t.client, client) == (len(HELLO) + 4, hashlib.sha256(HELLO + b"tail").hexdigest())
+    assert _fallback(proxy, "not_established") == 1
+
+
+def test_fallback_family_mismatch(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", v6=True)
+    got = t.run(t.client, upload_download, t.proxy_client_ip6, proxy.port, MiB, socket.AF_INET6)
+    assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
+    assert _fallback(proxy, "family_mismatch") == 1
+
+
+def test_without_cap_net_admin_tcp_splice_is_disabled_with_the_fix(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    caps = "-net_admin"
+    cfg = base_config(8443, 9100, default_backend=f"{t.backend_ip}:{be.port}",
+                      ebpf={"enabled": True, "dns_cache": {"pin_path": None}})
+    cfg["listen_addr"] = f"{t.proxy_client_ip}:8443"
+    p = ProxyProcess(cfg, tmp_path, argv_prefix=[
+        "ip", "netns", "exec", t.proxy, "setpriv", f"--inh-caps={caps}",
+        f"--ambient-caps={caps}", f"--bounding-set={caps}"])
+    run_in(t.proxy, p.start)
+    try:
+        e = run_in(t.proxy, p.status)["ebpf"]
+        assert e["tcp_splice"] == "disabled"
+        assert "CAP_NET_ADMIN" in e["reasons"]["tcp_splice"], e["reasons"]
+        got = t.run(t.client, upload_download, t.proxy_client_ip, 8443, MiB)
+        assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
+        assert t.tc_state() == ""
+    finally:
+        p.stop()
+
+
+def test_worker_fds_and_map_entries_back_to_baseline(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    pid = [w["pid"] for w in proxy.status()["workers"] if w["alive"]][0]
+    t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 1000)
+    proxy.wait_clean()
+
+    def fds():
+        # not counting prometheus_client's multiprocess files (opened lazily, once each)
+        out = {}
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if "sni-proxy-metrics" not in target:
+                out[fd] = target
+        return out
+    before = fds()
+    base = len(before)
+
+    def held_open():
+        socks = []
+        for _ in range(20):
+            s = connect(t.proxy_client_ip, proxy.port)
+            s.sendall(HELLO)
+            assert _recv_exact(s, len(HELLO)) == HELLO
+            socks.append(s)
+        return socks
+    socks = t.run(t.client, held_open)
+    wait_until(lambda: proxy.ts()["active_flows"] == 20, 10, "20 flows")
+    # One fd per spliced connection: the backend socket (the client socket is closed).
+    assert len(os.listdir(f"/proc/{pid}/fd")) == base + 20
+    for s in socks:
+        s.shutdown(socket.SHUT_WR)
+        assert read_to_eof(s) == (0, hashlib.sha256().hexdigest())
+        s.close()
+    proxy.wait_clean()
+    after = fds()
+    assert len(after) == base, {k: v for k, v in after.items() if before.get(k) != v}
+    assert proxy.metric("ebpf_map_utilization", map="tcp_splice") == 0

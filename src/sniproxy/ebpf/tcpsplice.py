@@ -42,6 +42,9 @@ MAX_RINGS = 64
 # tc filter priority of our programs: a fixed, uncommon number so that `tc filter show`
 # makes them recognisable and we never replace someone else's filter at the default 1.
 TC_PRIORITY = 0x5e1
+# A fixed handle too: a filter already at (TC_HANDLE, TC_PRIORITY) is a leftover of a proxy
+# that was killed (tc filters outlive their process) and is replaced.
+TC_HANDLE = 0x5e1
 
 _KEY = struct.Struct("=B3x16s16sHH")                     # sni_proxy_ts_key (40)
 _DIR = struct.Struct("=16s16sHHIIIIIIBBBBI")             # sni_proxy_ts_dir (68)
@@ -363,6 +366,7 @@ class TcpSpliceDataPath:
         self.claims = Map.create(BPF_MAP_TYPE_HASH, 4, 4, max_flows, "sni_proxy_tscl")
         self._rings: dict[int, Map] = {}
         self.attached: list[_Attached] = []
+        self.stale_replaced = 0          # leftover filters of a killed proxy, replaced
 
     @classmethod
     def load(cls, max_flows: int, *, rings: int = MAX_RINGS) -> "TcpSpliceDataPath":
@@ -389,8 +393,17 @@ class TcpSpliceDataPath:
                 self.attached.append(att)
                 for point, prog in ((_lb.BPF_TC_INGRESS, INGRESS_PROG),
                                     (_lb.BPF_TC_EGRESS, EGRESS_PROG)):
-                    handle, prio = _lb.tc_attach(ifindex, point, self.obj.program(prog).fd,
-                                                 priority=TC_PRIORITY)
+                    fd = self.obj.program(prog).fd
+                    try:
+                        handle, prio = _lb.tc_attach(ifindex, point, fd, TC_PRIORITY, TC_HANDLE)
+                    except BpfError as exc:
+                        if exc.errno != errno.EEXIST:
+                            raise
+                        # A killed proxy's filter: its flows end here (their next packet
+                        # meets a stack without their sockets and is answered with a RST).
+                        self.stale_replaced += 1
+                        _lb.tc_detach(ifindex, point, TC_HANDLE, TC_PRIORITY)
+                        handle, prio = _lb.tc_attach(ifindex, point, fd, TC_PRIORITY, TC_HANDLE)
                     att.filters.append((point, handle, prio))
         except Exception:
             self.detach()

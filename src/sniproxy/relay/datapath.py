@@ -237,6 +237,10 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
         return None
     try:
         dp.attach(names)
+        if dp.stale_replaced:
+            log.warning("tcp_splice: replaced %d tc filter(s) left by a proxy that was killed; "
+                        "connections it still spliced are reset at their next packet",
+                        dp.stale_replaced)
     except (BpfError, OSError) as exc:
         dp.close()
         failures["tcp_splice"] = (f"attaching the tc programs to {', '.join(names)} failed: "
