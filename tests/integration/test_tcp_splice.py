@@ -770,7 +770,7 @@ def test_worker_fds_and_map_entries_back_to_baseline(three_ns, tmp_path):
     socks = t.run(t.client, held_open)
     wait_until(lambda: proxy.ts()["active_flows"] == 20, 10, "20 flows")
     # One fd per spliced connection: the backend socket (the client socket is closed).
-    assert len(os.listdir(f"/proc/{pid}/fd")) == base + 20
+    assert len(fds()) == base + 20
     for s in socks:
         s.shutdown(socket.SHUT_WR)
         assert read_to_eof(s) == (0, hashlib.sha256().hexdigest())

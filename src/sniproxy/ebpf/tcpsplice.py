@@ -402,6 +402,9 @@ class TcpSpliceDataPath:
                         # A killed proxy's filter: its flows end here (their next packet
                         # meets a stack without their sockets and is answered with a RST).
                         self.stale_replaced += 1
+                        # ... and the clsact qdisc it sits on was that proxy's creation too
+                        # (the alternative, leaving it, would leave it forever).
+                        att.created_qdisc = True
                         _lb.tc_detach(ifindex, point, TC_HANDLE, TC_PRIORITY)
                         handle, prio = _lb.tc_attach(ifindex, point, fd, TC_PRIORITY, TC_HANDLE)
                     att.filters.append((point, handle, prio))
