@@ -1172,3 +1172,32 @@ def tc_detach(ifindex: int, attach_point: int, handle: int, priority: int) -> No
                                            ctypes.byref(opts))
     if ret not in (0, -errno_mod.ENOENT, -errno_mod.ENODEV):
         _check_int(ret, f"detaching a tc program on ifindex {ifindex}", lines)
+
+
+class BpfTestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf.h, 1.1)."""
+
+    _fields_ = [("sz", c_size_t), ("data_in", c_void_p), ("data_out", c_void_p),
+                ("data_size_in", c_uint32), ("data_size_out", c_uint32),
+                ("ctx_in", c_void_p), ("ctx_out", c_void_p),
+                ("ctx_size_in", c_uint32), ("ctx_size_out", c_uint32),
+                ("retval", c_uint32), ("repeat", c_int), ("duration", c_uint32),
+                ("flags", c_uint32), ("cpu", c_uint32), ("batch_size", c_uint32)]
+
+
+if _lib is not None:
+    _lib.bpf_prog_test_run_opts.argtypes = [c_int, ctypes.POINTER(BpfTestRunOpts)]
+    _lib.bpf_prog_test_run_opts.restype = c_int
+
+
+def prog_test_run(prog_fd: int, data: bytes, out_size: int = 65536) -> tuple[int, bytes]:
+    """BPF_PROG_TEST_RUN once on a packet: (return value, the packet after the program)."""
+    buf_in = ctypes.create_string_buffer(data, len(data))
+    buf_out = ctypes.create_string_buffer(out_size)
+    opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts),
+                          data_in=ctypes.cast(buf_in, c_void_p),
+                          data_out=ctypes.cast(buf_out, c_void_p),
+                          data_size_in=len(data), data_size_out=out_size, repeat=1)
+    ret = _require_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    _check_int(ret, "BPF_PROG_TEST_RUN")
+    return opts.retval, buf_out.raw[:opts.data_size_out]
