@@ -210,4 +210,3 @@ def test_python_structs_match_the_btf_of_the_object():
     assert int(sizes["sni_proxy_ts_key"]) == ts._KEY.size
     assert int(sizes["sni_proxy_ts_dir"]) == ts._DIR.size
     assert int(sizes["sni_proxy_ts_flow"]) == ts._FLOW.size
-    assert int(sizes["sni_proxy_ts_event"]) == ts._EVENT.size
