@@ -647,6 +647,29 @@ def test_sigkill_mid_transfer_flows_continue_and_restart_cleans_up(three_ns, tmp
     assert t.tc_state() == ""
 
 
+def test_sigkill_of_a_worker_its_flows_finish_and_its_successor_removes_them(three_ns, tmp_path):
+    t = three_ns
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    size = 32 * MiB
+
+    def kill_worker():
+        def in_proxy_ns():
+            wait_until(lambda: proxy.ts()["active_flows"] == 1, 10, "the flow spliced")
+            pid = [w["pid"] for w in proxy.status()["workers"] if w["alive"]][0]
+            os.kill(pid, signal.SIGKILL)
+        run_in(t.proxy, in_proxy_ns)
+
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, size,
+                before_upload=kill_worker)
+    assert got == (len(HELLO) + size, stream_sha(HELLO, size))
+    wait_until(lambda: "watching flow slot" in proxy.log(), 10, "the orphan adopted")
+    proxy.wait_clean()
+    assert proxy.metric("ebpf_tcp_splice_engaged_total") == 1
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, MiB)
+    assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
+
+
 def _fallback(proxy: Proxy, reason: str) -> float:
     return proxy.metric("ebpf_tcp_splice_fallbacks_total", reason=reason)
 

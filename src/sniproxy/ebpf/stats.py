@@ -28,7 +28,7 @@ COUNTER_NAMES = (
     "inserted", "removed", "pauses", "resumes", "over_limit",
     *(f"fallback_{r}" for r in FALLBACK_REASONS),
     "dns_l1_hit", "dns_l2_hit", "dns_miss", "dns_l2_expired", "dns_put", "dns_l2_errors",
-    "ts_armed", "ts_ended", "ts_removed",
+    "ts_armed", "ts_ended", "ts_removed", "ts_adopted",
     *(f"ts_fallback_{r}" for r in TCP_SPLICE_FALLBACK_REASONS),
 )
 _INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}

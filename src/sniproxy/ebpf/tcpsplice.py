@@ -363,7 +363,8 @@ class TcpSpliceDataPath:
         self.stat = obj.map("sni_proxy_tsst")
         # Slot claims shared by every worker: update(slot, pid, BPF_NOEXIST) is atomic
         # across processes, so two workers never arm the same slot.
-        self.claims = Map.create(BPF_MAP_TYPE_HASH, 4, 4, max_flows, "sni_proxy_tscl")
+        # value: (pid, counter row) of the claiming worker
+        self.claims = Map.create(BPF_MAP_TYPE_HASH, 4, 8, max_flows, "sni_proxy_tscl")
         self._rings: dict[int, Map] = {}
         self.attached: list[_Attached] = []
         self.stale_replaced = 0          # leftover filters of a killed proxy, replaced
@@ -447,9 +448,9 @@ class TcpSpliceDataPath:
         return ring
 
     # --- flows ----------------------------------------------------------------------------
-    def claim_slot(self, start: int) -> int | None:
+    def claim_slot(self, start: int, row: int = 0) -> int | None:
         """A free flow slot (claimed for this process), searching from `start`; None: full."""
-        pid = os.getpid().to_bytes(4, "little")
+        pid = struct.pack("=II", os.getpid(), row)
         n = self.max_flows
         for i in range(n):
             slot = (start + i) % n
@@ -494,6 +495,19 @@ class TcpSpliceDataPath:
     def remove(self, entries: tuple[DirEntry, ...]) -> None:
         for entry in entries:
             self.flows.delete(entry.key)
+
+    def claimed(self) -> dict[int, tuple[int, int]]:
+        """slot -> (pid, counter row) of every claimed flow slot (O(n): at worker start)."""
+        return {int.from_bytes(k, "little"): struct.unpack("=II", v)
+                for k, v in self.claims.items()}
+
+    def entries_of(self, slot: int) -> list[bytes]:
+        """The flow-map keys pointing at `slot` (O(n): orphan clean-up only)."""
+        out = []
+        for key, value in self.flows.items():
+            if _DIR.unpack(value)[7] == slot:
+                out.append(key)
+        return out
 
     def flow(self, slot: int) -> FlowState:
         raw = self.state.lookup(slot)

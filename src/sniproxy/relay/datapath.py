@@ -156,7 +156,9 @@ class KernelDataPath:
                 kernel.tcp_splice = WorkerSplice(
                     self.tcp_splice, ts_ring, index, row, linger_s=cfg.linger_s,
                     max_flows=cfg.max_flows,
-                    total_active=lambda: counters.total("ts_armed") - counters.total("ts_removed"))
+                    total_active=lambda: counters.total("ts_armed") - counters.total("ts_removed"),
+                    shared=counters)
+                kernel.tcp_splice.idle_timeout_s = self.config.timeouts.idle_s
             return kernel
 
         return make
@@ -194,7 +196,7 @@ class KernelDataPath:
             out["max_flows"] = self.tcp_splice.max_flows
             out["active_flows"] = totals["ts_armed"] - totals["ts_ended"]
             out["lingering_flows"] = totals["ts_ended"] - totals["ts_removed"]
-            out["engaged_total"] = totals["ts_armed"]
+            out["engaged_total"] = totals["ts_armed"] - totals["ts_adopted"]
         out["fallbacks"] = {r: totals[f"ts_fallback_{r}"] for r in TCP_SPLICE_FALLBACK_REASONS}
         return out
 

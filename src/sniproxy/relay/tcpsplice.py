@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import termios
 import fcntl
@@ -46,6 +47,8 @@ ROUTE_CACHE_S = 5.0
 ROUTE_CACHE_MAX = 4096
 # A handover larger than this is not read in one go (the client's receive buffer bounds it).
 READ_CHUNK = 256 * 1024
+# Flows left by a worker that died (SIGKILL, crash) are checked this often by its successor.
+ORPHAN_CHECK_S = 5.0
 
 
 def _outq(sock: socket.socket) -> int:
@@ -150,11 +153,12 @@ class WorkerSplice:
     """What one worker uses: try_relay, the ring of end events, lingering flows."""
 
     def __init__(self, dp: ts.TcpSpliceDataPath, ring, ring_index: int, counters, *,
-                 linger_s: float, max_flows: int, total_active=None):
+                 linger_s: float, max_flows: int, total_active=None, shared=None):
         self.dp = dp
         self.ring = ring
         self.ring_index = ring_index
         self.counters = counters
+        self.shared = shared                 # stats.SharedCounters: to retire a dead worker's row
         self.linger_s = linger_s
         self.max_flows = max_flows
         self.total_active = total_active     # () -> flows in the maps over all workers
@@ -165,6 +169,13 @@ class WorkerSplice:
         self._routes: dict[str, tuple[float, int]] = {}
         self._warned: set[str] = set()
         self._cursor = (ring_index * 7919) % max(1, dp.max_flows)
+        self.idle_timeout_s = 300.0
+        # slot -> (flow-map keys, counted as ended here already)
+        self._orphans: dict[int, tuple[list[bytes], bool]] = {}
+        try:
+            asyncio.get_running_loop().call_soon(self._adopt_orphans)
+        except RuntimeError:
+            pass                                         # built outside a loop (tests)
 
     # --- loop plumbing --------------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -185,6 +196,7 @@ class WorkerSplice:
     def try_relay(self, client: socket.socket, backend: socket.socket, *,
                   idle_timeout_s: float) -> TcpSpliceRelay | None:
         self._ensure_loop()
+        self.idle_timeout_s = idle_timeout_s
         active = self.total_active() if self.total_active is not None else len(self._by_slot)
         if active >= self.max_flows:
             return self._fallback("map_full", f"{active} flows use all {self.max_flows} slots "
@@ -241,7 +253,7 @@ class WorkerSplice:
         entries = ts.flow_entries(c_side, b_side, c_out=c_out, b_out=b_out,
                                   c_neigh=not ts.is_loopback(c_out),
                                   b_neigh=not ts.is_loopback(b_out))
-        slot = self.dp.claim_slot(self._cursor)
+        slot = self.dp.claim_slot(self._cursor, self.ring_index)
         if slot is None:
             return self._fallback("map_full", "no free flow slot "
                                   "(raise ebpf.tcp_splice.max_flows)")
@@ -298,6 +310,70 @@ class WorkerSplice:
                         message)
         return None
 
+    # --- flows of a dead worker -------------------------------------------------------------
+    def _adopt_orphans(self) -> None:
+        """Flows claimed by a process that no longer exists keep being spliced (the kernel
+        needs no process), but nobody would remove them: this worker watches them and
+        removes each once it ended (ring event seen by its BPF state) or went idle."""
+        self._ensure_loop()
+        try:
+            claims = self.dp.claimed()
+        except (BpfError, OSError):
+            return
+        dead_rows = set()
+        for slot, (pid, row) in claims.items():
+            if slot in self._orphans or _alive(pid):
+                continue
+            try:
+                keys, reported = self.dp.entries_of(slot), self.dp.flow(slot).reported
+            except (BpfError, OSError):
+                continue
+            # The flow moves to this worker's counters (the dead row is retired below).
+            self.counters.add("ts_armed")
+            self.counters.add("ts_adopted")
+            if reported:
+                self.counters.add("ts_ended")
+            self._orphans[slot] = (keys, reported)
+            dead_rows.add(row)
+            log.info("tcp_splice: watching flow slot %d of dead process %d", slot, pid)
+        if self.shared is not None:
+            for row in dead_rows:
+                if row != self.ring_index:
+                    _retire_row(self.shared.row(row))
+        if self._orphans:
+            self.loop.call_later(ORPHAN_CHECK_S, self._check_orphans)
+
+    def _check_orphans(self) -> None:
+        try:
+            self._check_orphans_once()
+        except Exception:          # a timer callback: log, never lose the rest silently
+            log.exception("tcp_splice: checking the flows of a dead worker")
+        if self._orphans:
+            self.loop.call_later(ORPHAN_CHECK_S, self._check_orphans)
+
+    def _check_orphans_once(self) -> None:
+        now = time.monotonic_ns()
+        for slot, (keys, counted_ended) in list(self._orphans.items()):
+            try:
+                st = self.dp.flow(slot)
+            except (BpfError, OSError):
+                continue
+            idle_s = (now - st.last_ns) / 1e9
+            if (st.reported and idle_s >= self.linger_s) or idle_s >= self.idle_timeout_s:
+                for key in keys:
+                    try:
+                        self.dp.flows.delete(key)
+                    except (BpfError, OSError):
+                        pass
+                try:
+                    self.dp.release_slot(slot)
+                except (BpfError, OSError):
+                    pass
+                del self._orphans[slot]
+                if not counted_ended:
+                    self.counters.add("ts_ended")
+                self.counters.add("ts_removed")
+
     # --- teardown -------------------------------------------------------------------------
     def linger(self, relay: TcpSpliceRelay) -> None:
         self.loop.call_later(self.linger_s, self.remove, relay)
@@ -339,6 +415,23 @@ class WorkerSplice:
                     pass
             self._events.close()
             self._events = None
+
+
+def _retire_row(row) -> None:
+    """A dead worker's flows now count elsewhere: its row says they all ended and left."""
+    armed = row.get("ts_armed")
+    row.add("ts_ended", armed - row.get("ts_ended"))
+    row.add("ts_removed", armed - row.get("ts_removed"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _read_queued(sock: socket.socket) -> bytes:

@@ -16,7 +16,8 @@ class _TcpSpliceMetrics:
                                 "Connections spliced in tc now (not yet finished)",
                                 value=totals["ts_armed"] - totals["ts_ended"])
         yield CounterMetricFamily("ebpf_tcp_splice_engaged",
-                                  "Connections handed to the tc splice", value=totals["ts_armed"])
+                                  "Connections handed to the tc splice",
+                                  value=totals["ts_armed"] - totals["ts_adopted"])
         fb = CounterMetricFamily("ebpf_tcp_splice_fallbacks",
                                  "Connections the tc splice refused (they took the next relay "
                                  "kind), by reason", labels=["reason"])
