@@ -407,7 +407,8 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 
 	skb->mark = SNI_PROXY_TS_MARK;
 	/* Plain redirect only from lo to lo: the Ethernet header of any other device's packet
-	 * carries MAC addresses the out device would not accept as its own. */
+	 * carries MAC addresses the out device would not accept as its own. (lo to lo's own
+	 * ingress, BPF_F_INGRESS, stalled the flow on 6.18: to lo's egress, which loops back.) */
 	if ((v->flags & SNI_PROXY_TS_F_NEIGH) || skb->ifindex != v->ifindex)
 		return bpf_redirect_neigh(v->ifindex, NULL, 0, 0);
 	return bpf_redirect(v->ifindex, 0);
