@@ -155,7 +155,7 @@ class SupportReport:
             return "✓" if self.ok(key) else "✗"
 
         items = [
-            ("Sockmap", "sockmap"), ("TCP splice", "tcp_splice"), ("XDP", "xdp"), ("Per-CPU Map", "map:percpu_array"),
+            ("Sockmap", "sockmap"), ("XDP", "xdp"), ("Per-CPU Map", "map:percpu_array"),
             ("LRU Map", "map:lru_hash"), ("Stack Trace", "map:stack_trace"),
             ("Perf Event", "prog:perf_event"), ("BTF", "btf"), ("kprobes", "attach:kprobe"),
             ("uprobes", "attach:uprobe"),
