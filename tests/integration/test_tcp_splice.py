@@ -802,3 +802,29 @@ def test_worker_fds_and_map_entries_back_to_baseline(three_ns, tmp_path):
     after = fds()
     assert len(after) == base, {k: v for k, v in after.items() if before.get(k) != v}
     assert proxy.metric("ebpf_map_utilization", map="tcp_splice") == 0
+
+
+def test_backend_that_speaks_first_is_exact_whichever_way_the_race_goes(three_ns, tmp_path):
+    """A backend that sends a banner as soon as it accepts: the banner lands before the
+    hand-over (fallback backend_data_queued, next relay kind), during it (undone, same
+    fallback) or after it (spliced). Every way, the client gets every byte once."""
+    t = three_ns
+    be = t.run(t.backend, RawBackend, reply_bytes=256 * 1024, send_first=True,
+               host=t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+
+    def client():
+        with connect(t.proxy_client_ip, proxy.port) as s:
+            s.sendall(HELLO)
+            banner = _recv_exact(s, 256 * 1024)
+            send_pattern(s, 2 * MiB)
+            s.shutdown(socket.SHUT_WR)
+            return hashlib.sha256(banner).hexdigest(), s.recv(1)
+    for _ in range(5):
+        assert t.run(t.client, client) == (pattern_sha256(256 * 1024), b"")
+    sessions = be.wait_sessions(5)
+    assert all((x.nbytes, x.sha256) == (len(HELLO) + 2 * MiB, stream_sha(HELLO, 2 * MiB))
+               for x in sessions)
+    wait_until(lambda: len(proxy.access()) == 5, 10, "five access lines")
+    kinds = [line.split("relay=")[1].split()[0] for line in proxy.access()]
+    assert kinds.count("tcp_splice") + _fallback(proxy, "backend_data_queued") == 5, kinds

@@ -110,6 +110,11 @@ def _ioctl_int(sock: socket.socket, request: int) -> int:
     return int.from_bytes(buf, "little", signed=True)
 
 
+def tcp_inq(sock: socket.socket) -> int:
+    """Bytes received and not read (SIOCINQ)."""
+    return _ioctl_int(sock, termios.FIONREAD)
+
+
 @dataclass
 class RepairSnapshot:
     """Sequence state of one socket, read in repair mode (CAP_NET_ADMIN)."""

@@ -37,7 +37,7 @@ import time
 
 from sniproxy.ebpf import tcpsplice as ts
 from sniproxy.ebpf.objects import BpfError
-from sniproxy.relay.base import RelayResult
+from sniproxy.relay.base import RelayResult, reset_on_close
 
 log = logging.getLogger("sniproxy")
 
@@ -147,6 +147,23 @@ class TcpSpliceRelay:
             # has no socket for them and answers with a RST.
             self.worker.remove(self)
         self.finished.set_result(RelayResult(up, down, outcome, detail))
+
+
+class FailedHandOver:
+    """Both connections reset: the hand-over lost a race it cannot undo (counted, logged)."""
+
+    kind = "tcp_splice"
+
+    def __init__(self, socks, detail: str):
+        self.socks = socks
+        self.detail = detail
+
+    async def run(self) -> RelayResult:
+        reset_on_close(*self.socks)
+        return RelayResult(0, 0, "reset", self.detail)
+
+    def abort(self, outcome: str, detail: str = "") -> None:
+        pass
 
 
 class WorkerSplice:
@@ -269,6 +286,26 @@ class WorkerSplice:
         except (BpfError, OSError) as exc:
             self.dp.release_slot(slot)
             return self._fallback("map_full", f"inserting the flow: {exc}")
+        # Backend bytes that arrived between its snapshot and the insertion sit in the proxy's
+        # backend socket, below the first byte the kernel splices: nobody would forward
+        # them. While no packet was spliced yet the insertion can still be undone.
+        try:
+            late = ts.tcp_inq(backend)
+        except OSError:
+            late = 0
+        if late:
+            st = self.dp.flow(slot)
+            if st.packets == (0, 0):
+                self.dp.remove(entries)
+                self.dp.release_slot(slot)
+                return self._fallback("backend_data_queued", f"the backend sent {late} bytes "
+                                      "during the hand-over")
+            log.warning("tcp_splice: the backend sent %d bytes during the hand-over while "
+                        "packets were already spliced: resetting this connection", late)
+            self.counters.add("ts_fallback_backend_data_queued")
+            self.dp.remove(entries)
+            self.dp.release_slot(slot)
+            return FailedHandOver((client, backend), "backend bytes raced the hand-over")
         # --- the kernel splices from here on: no way back to another relay kind ---
         data = _read_queued(client)
         b2c = entries[1]
