@@ -211,7 +211,18 @@ def route_oif(address: str) -> int:
     raise OSError(errno.ENETUNREACH, f"the route to {address} names no interface")
 
 
+_LOOPBACK: dict[int, bool] = {}
+
+
 def is_loopback(ifindex: int) -> bool:
+    """The device is a loopback (ARPHRD_LOOPBACK); cached (asked per connection)."""
+    hit = _LOOPBACK.get(ifindex)
+    if hit is None:
+        hit = _LOOPBACK[ifindex] = _is_loopback(ifindex)
+    return hit
+
+
+def _is_loopback(ifindex: int) -> bool:
     try:
         name = socket.if_indextoname(ifindex)
         with open(f"/sys/class/net/{name}/type") as fh:
@@ -237,11 +248,18 @@ def up_interfaces() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- entries
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
 def _addr16(host: str) -> tuple[int, bytes]:
-    ip = ipaddress.ip_address(host.split("%")[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (6, ip.packed) if ip.version == 6 else (4, ip.packed.ljust(16, b"\0"))
+    """(4 or 6, 16 bytes): IPv4 (and IPv4-mapped IPv6) in the first 4 bytes, zero-padded.
+    inet_pton, not ipaddress: this runs several times per connection."""
+    if ":" in host:
+        raw = socket.inet_pton(socket.AF_INET6, host.split("%")[0])
+        if raw[:12] == _V4_MAPPED:
+            return 4, raw[12:] + b"\0" * 12
+        return 6, raw
+    return 4, socket.inet_aton(host) + b"\0" * 12
 
 
 def pack_key(src: tuple, dst: tuple) -> bytes:

@@ -229,7 +229,6 @@ class WorkerSplice:
                                   "(a FIN arrived before the hand-over)")
         try:
             c_key = ts.pack_key(c_peer, c_local)
-            ts.pack_key(b_peer, b_local)
             if c_key[0] != ts.pack_key(b_peer, b_local)[0]:
                 raise ts.ArmError("family_mismatch", f"client {c_peer[0]} and backend "
                                   f"{b_peer[0]} use different IP versions")
