@@ -210,3 +210,21 @@ def test_python_structs_match_the_btf_of_the_object():
     assert int(sizes["sni_proxy_ts_key"]) == ts._KEY.size
     assert int(sizes["sni_proxy_ts_dir"]) == ts._DIR.size
     assert int(sizes["sni_proxy_ts_flow"]) == ts._FLOW.size
+
+
+def test_a_syn_on_a_lingering_flow_removes_its_entries(dp):
+    """A client reusing the 4-tuple of a finished (lingering) flow: the entries go at its
+    SYN, so the new connection is the stack's."""
+    cl, lst, bl, bk = ("10.0.0.2", 31), ("10.0.0.1", 32), ("10.0.1.1", 33), ("10.0.1.2", 34)
+    c2b = entry(True, cl, lst, bl, bk, flags=0)
+    b2c = entry(False, bk, bl, lst, cl, flags=0)
+    dp.insert(9, 1, 0, (c2b, b2c))
+    prog = dp.obj.program("sni_proxy_tsi").fd
+    syn = packet(cl[0], lst[0], tcp_header(31, 32, 1, 0, 0x02, 100, b""))
+    assert lb.prog_test_run(prog, syn)[0] == TC_ACT_UNSPEC
+    assert dp.flows.lookup(c2b.key) is not None          # live flow: kept
+    send = lambda s, d, seq, ack, fl: lb.prog_test_run(prog, packet(s[0], d[0], tcp_header(s[1], d[1], seq, ack, fl, 100, b"")))
+    send(cl, lst, 1, 1, 0x14)                             # RST: the flow is over
+    assert dp.flow(9).reported
+    assert lb.prog_test_run(prog, syn)[0] == TC_ACT_UNSPEC
+    assert dp.flows.lookup(c2b.key) is None and dp.flows.lookup(b2c.key) is None

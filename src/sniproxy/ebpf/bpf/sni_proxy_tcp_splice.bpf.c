@@ -252,12 +252,25 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
 	if (!v)
 		return TC_ACT_UNSPEC;
-	/* A SYN reusing a spliced 4-tuple is a new connection, not part of the flow. */
-	if (p.flags & TH_SYN)
-		return TC_ACT_UNSPEC;
 	f = bpf_map_lookup_elem(&sni_proxy_tsfl, &v->flow);
 	if (!f) {
 		stat(TS_STAT_NO_FLOW, 1);
+		return TC_ACT_UNSPEC;
+	}
+	/* A SYN reusing a spliced 4-tuple is a new connection, not part of the flow. If the
+	 * flow is over (lingering), its entries go now, or they would capture the new
+	 * connection's next packets; user space's later delete finds them gone. */
+	if (p.flags & TH_SYN) {
+		if (v->dir == SNI_PROXY_TS_C2B && f->reported) {
+			struct sni_proxy_ts_key rev = { .family = p.key.family };
+
+			__builtin_memcpy(rev.saddr, v->daddr, 16);
+			__builtin_memcpy(rev.daddr, v->saddr, 16);
+			rev.sport = v->dport;
+			rev.dport = v->sport;
+			bpf_map_delete_elem(&sni_proxy_tsfw, &rev);
+			bpf_map_delete_elem(&sni_proxy_tsfw, &p.key);
+		}
 		return TC_ACT_UNSPEC;
 	}
 	hlen = p.hlen;
