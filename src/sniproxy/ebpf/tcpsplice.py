@@ -34,7 +34,7 @@ INGRESS_PROG = "sni_proxy_tsi"
 EGRESS_PROG = "sni_proxy_tse"
 
 C2B, B2C = 0, 1
-F_TSTAMP, F_NEIGH = 1, 2
+F_TSTAMP, F_NEIGH, F_HOLD = 1, 2, 4
 EV_FIN, EV_RST = 1, 2
 # Ring buffer per worker: one 16-byte record (+8 header) per finished flow; 64 KiB holds 2730.
 RING_BYTES = 64 * 1024

@@ -37,7 +37,7 @@ import time
 
 from sniproxy.ebpf import tcpsplice as ts
 from sniproxy.ebpf.objects import BpfError
-from sniproxy.relay.base import RelayResult, reset_on_close
+from sniproxy.relay.base import RelayResult
 
 log = logging.getLogger("sniproxy")
 
@@ -149,23 +149,6 @@ class TcpSpliceRelay:
         self.finished.set_result(RelayResult(up, down, outcome, detail))
 
 
-class FailedHandOver:
-    """Both connections reset: the hand-over lost a race it cannot undo (counted, logged)."""
-
-    kind = "tcp_splice"
-
-    def __init__(self, socks, detail: str):
-        self.socks = socks
-        self.detail = detail
-
-    async def run(self) -> RelayResult:
-        reset_on_close(*self.socks)
-        return RelayResult(0, 0, "reset", self.detail)
-
-    def abort(self, outcome: str, detail: str = "") -> None:
-        pass
-
-
 class WorkerSplice:
     """What one worker uses: try_relay, the ring of end events, lingering flows."""
 
@@ -269,6 +252,7 @@ class WorkerSplice:
         entries = ts.flow_entries(c_side, b_side, c_out=c_out, b_out=b_out,
                                   c_neigh=not ts.is_loopback(c_out),
                                   b_neigh=not ts.is_loopback(b_out))
+        entries[1].flags |= ts.F_HOLD
         slot = self.dp.claim_slot(self._cursor, self.ring_index)
         if slot is None:
             return self._fallback("map_full", "no free flow slot "
@@ -285,29 +269,25 @@ class WorkerSplice:
         except (BpfError, OSError) as exc:
             self.dp.release_slot(slot)
             return self._fallback("map_full", f"inserting the flow: {exc}")
-        # Backend bytes that arrived between its snapshot and the insertion sit in the proxy's
-        # backend socket, below the first byte the kernel splices: nobody would forward
-        # them. While no packet was spliced yet the insertion can still be undone.
+        # Backend bytes that arrived between its snapshot and the insertion would sit in the
+        # proxy's socket below the first spliced byte, forwarded by nobody. The backend
+        # direction went in on hold (its packets dropped, so it retransmits them), so the
+        # socket's queue is final now: bytes there undo the insertion, losslessly (client
+        # bytes spliced meanwhile are exactly where the next relay kind writes them too).
         try:
             late = ts.tcp_inq(backend)
         except OSError:
             late = 0
         if late:
-            st = self.dp.flow(slot)
-            if st.packets == (0, 0):
-                self.dp.remove(entries)
-                self.dp.release_slot(slot)
-                return self._fallback("backend_data_queued", f"the backend sent {late} bytes "
-                                      "during the hand-over")
-            log.warning("tcp_splice: the backend sent %d bytes during the hand-over while "
-                        "packets were already spliced: resetting this connection", late)
-            self.counters.add("ts_fallback_backend_data_queued")
             self.dp.remove(entries)
             self.dp.release_slot(slot)
-            return FailedHandOver((client, backend), "backend bytes raced the hand-over")
+            return self._fallback("backend_data_queued", f"the backend sent {late} bytes "
+                                  "during the hand-over")
+        b2c = entries[1]
+        b2c.flags &= ~ts.F_HOLD
+        self.dp.update(slot, gen, b2c)
         # --- the kernel splices from here on: no way back to another relay kind ---
         data = _read_queued(client)
-        b2c = entries[1]
         if b_snap.write_seq + len(data) != b2c.handover_end:
             b2c.handover_end = b_snap.write_seq + len(data)
             self.dp.update(slot, gen, b2c)

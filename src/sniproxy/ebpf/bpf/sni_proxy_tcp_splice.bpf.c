@@ -273,6 +273,11 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 		}
 		return TC_ACT_UNSPEC;
 	}
+	/* While user space checks that no backend byte slipped into its socket during the
+	 * insertion, the backend's packets are dropped: neither the socket nor the client may
+	 * get them yet; the backend retransmits them to whichever is decided. */
+	if (v->flags & SNI_PROXY_TS_F_HOLD)
+		return TC_ACT_SHOT;
 	hlen = p.hlen;
 	if (hlen < 20 || hlen > TCP_HDR_MAX)	/* parse() checked; the verifier needs it here */
 		return TC_ACT_UNSPEC;

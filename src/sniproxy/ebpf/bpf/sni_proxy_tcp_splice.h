@@ -14,6 +14,7 @@
 /* sni_proxy_ts_dir.flags */
 #define SNI_PROXY_TS_F_TSTAMP 1	/* both connections use TCP timestamps: translate them */
 #define SNI_PROXY_TS_F_NEIGH 2	/* out device has neighbours (Ethernet): bpf_redirect_neigh */
+#define SNI_PROXY_TS_F_HOLD 4	/* B2C during the insertion: drop (the backend retransmits) */
 
 /* sni_proxy_ts_event.why */
 #define SNI_PROXY_TS_EV_FIN 1	/* both directions sent FIN and saw it acknowledged */
