@@ -461,12 +461,26 @@ class TracingConfig(_Model):
     network: Bool = False
 
 
+class TcpSpliceConfig(_Model):
+    """ebpf.tcp_splice: the kernel TCP splice in tc (relay/tcpsplice.py)."""
+
+    enabled: Bool = True
+    # Interfaces to attach the tc programs to; null: every interface of the proxy's network
+    # namespace that is up (which covers the listen addresses and every route), lo included.
+    interfaces: tuple[Annotated[Str, Field(min_length=1, max_length=15)], ...] | None = None
+    max_flows: Annotated[int, Strict(), Field(ge=1, le=1 << 22)] = 16384
+    # How long a finished flow's entries stay (TIME_WAIT-like): retransmitted FINs and the
+    # last ACK must still be translated. Linux's TIME_WAIT is 60 s.
+    linger_s: Annotated[float, Strict(), Field(ge=0, le=600)] = 60.0
+
+
 class EbpfConfig(_Model):
     enabled: Bool = False
     sockmap: SockmapConfig = SockmapConfig()
     dns_cache: DnsCacheMapConfig = DnsCacheMapConfig()
     stats: StatsConfig = StatsConfig()
     tracing: TracingConfig = TracingConfig()
+    tcp_splice: TcpSpliceConfig = TcpSpliceConfig()
 
 
 class DnsConfig(_Model):
@@ -679,6 +693,7 @@ class Config(_Model):
             "sockmap": on and self.ebpf.sockmap.enabled,
             "dns_cache": on and self.ebpf.dns_cache.enabled,
             "stats": on and self.ebpf.stats.enabled,
+            "tcp_splice": on and self.ebpf.tcp_splice.enabled,
         }
 
     def summary(self) -> dict[str, Any]:

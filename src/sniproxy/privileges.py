@@ -31,6 +31,9 @@ STOP_MARGIN_S = 5
 _BPF = ("create BPF maps and load BPF programs (kernel >= 5.8; older kernels need "
         "CAP_SYS_ADMIN instead)")
 _WHY = {
+    ("tcp_splice", "CAP_BPF"): _BPF,
+    ("tcp_splice", "CAP_NET_ADMIN"): "attach the tc (clsact) programs and read the sockets' "
+                                     "sequence numbers in TCP_REPAIR mode",
     ("sockmap", "CAP_BPF"): _BPF,
     ("sockmap", "CAP_NET_ADMIN"): "attach the sk_skb verdict program to the SOCKHASH map",
     ("dns_cache", "CAP_BPF"): _BPF,

@@ -320,6 +320,13 @@ def client_hello_bytes(server_name: str | None, alpn: list[str] | None = None) -
 # ---------------------------------------------------------------- the proxy
 class ProxyProcess:
     def __init__(self, config: dict, tmp: Path, env: dict | None = None, argv_prefix: list[str] | None = None):
+        ebpf = config.get("ebpf")
+        if isinstance(ebpf, dict) and "tcp_splice" not in ebpf and \
+                "netns" not in (argv_prefix or []):
+            # The tc splice attaches to every interface that is up: never in the root
+            # namespace of a shared machine (its lo carries other tests). Its own tests run
+            # the proxy in network namespaces they create (test_tcp_splice.py).
+            config = {**config, "ebpf": {**ebpf, "tcp_splice": {"enabled": False}}}
         self.config = config
         self.tmp = tmp
         self.config_path = tmp / "config.json"

@@ -111,7 +111,7 @@ def test_requested_checks_follow_the_config() -> None:
     assert requested_checks({"enabled": False}) == ([], [])
     keys, features = requested_checks({"enabled": True, "sockmap": {"enabled": False},
                                        "stats": {"enabled": False}})
-    assert features == ["dns_cache"]
+    assert features == ["dns_cache", "tcp_splice"]
     assert "map:lru_hash" in keys and "map:sockhash" not in keys
 
 
@@ -188,7 +188,7 @@ def test_check_human_output_without_capabilities(tmp_path: Path) -> None:
     proc = run(setpriv_cmd() + sni_proxy_cmd() + ["check", "--config", str(dns), "--json"])
     assert proc.returncode == 1
     data = json.loads(proc.stdout)
-    assert data["requested"]["features"] == ["dns_cache", "stats"]
+    assert data["requested"]["features"] == ["dns_cache", "stats", "tcp_splice"]
     assert "map:lru_hash" in data["requested"]["missing"]
     assert "map:sockhash" not in data["requested"]["checks"]
 

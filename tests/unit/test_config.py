@@ -85,7 +85,8 @@ def test_the_seed_config_is_accepted() -> None:
     assert cfg.listen_backlog == 4096
     assert cfg.routes[1].upstream == "corp" and cfg.routes[0].upstream == "direct"
     assert cfg.routes[2].proxy_protocol == "v2"
-    assert cfg.ebpf_requested() == {"sockmap": False, "dns_cache": False, "stats": False}
+    assert cfg.ebpf_requested() == {"sockmap": False, "dns_cache": False, "stats": False,
+                                    "tcp_splice": False}
 
 
 # (dotted path, bad value, fragments the message must contain besides the path and the value)
@@ -170,9 +171,14 @@ BAD_VALUES: list[tuple[str, Any, list[str]]] = [
     ("ebpf.stats", True, ["an object with keys: enabled"]),
     ("ebpf.tracing.network", "yes", ["true or false"]),
     ("ebpf.tracing", True, ["an object with keys: network"]),
+    ("ebpf.tcp_splice.enabled", "yes", ["true or false"]),
+    ("ebpf.tcp_splice.interfaces", "lo", ["null"]),
+    ("ebpf.tcp_splice.max_flows", 0, ["from 1 to 4194304"]),
+    ("ebpf.tcp_splice.linger_s", -1.0, ["from 0 to 600"]),
+    ("ebpf.tcp_splice", 1, ["an object with keys: enabled, interfaces, max_flows"]),
     ("ebpf.sockmap", None, ["an object with keys: enabled, max_entries, max_inflight_bytes"]),
     ("ebpf.dns_cache", "on", ["an object with keys: enabled, max_entries, pin_path"]),
-    ("ebpf", False, ["an object with keys: enabled, sockmap, dns_cache, stats"]),
+    ("ebpf", False, ["an object with keys: enabled, sockmap, dns_cache, stats, tracing, tcp_splice"]),
     ("dns", ["1.1.1.1"], ["an object with keys: nameservers"]),
     ("relay", "splice", ["an object with keys: mode, buffer_bytes"]),
     ("log", "debug", ["an object with keys: level, format, file, access_log"]),
@@ -307,7 +313,8 @@ def test_unknown_key_anywhere_lists_the_allowed_keys(path: str, model: Any) -> N
 def test_unknown_key_message_format_and_suggestion() -> None:
     lines = problems_of(with_value("ebpf.sockmp", {"enabled": True}))
     assert lines == [
-        "config.json: ebpf.sockmp: unknown key; allowed keys here: enabled, sockmap, dns_cache, stats, tracing"
+        "config.json: ebpf.sockmp: unknown key; allowed keys here: enabled, sockmap, dns_cache, stats,"
+        " tracing, tcp_splice"
         ' (did you mean "sockmap"?)'
     ]
 
@@ -419,7 +426,8 @@ def test_summary_is_safe_for_status() -> None:
 
 def test_ebpf_requested_needs_the_master_switch() -> None:
     cfg = parse_config(with_value("ebpf", {"enabled": True, "dns_cache": {"enabled": False}}))
-    assert cfg.ebpf_requested() == {"sockmap": True, "dns_cache": False, "stats": True}
+    assert cfg.ebpf_requested() == {"sockmap": True, "dns_cache": False, "stats": True,
+                                    "tcp_splice": True}
 
 
 # ---- parse_hostport / parse_backend / normalize_hostname

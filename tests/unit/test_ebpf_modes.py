@@ -13,13 +13,14 @@ class Support:
         return f"{feature}: CAP_BPF missing; fix: grant it" if feature in self.missing else ""
 
 
-ALL = {"sockmap": True, "dns_cache": True, "stats": True}
+ALL = {"sockmap": True, "dns_cache": True, "stats": True, "tcp_splice": True}
 
 
 def test_everything_active_is_full():
     m = decide_modes(ALL, Support())
     assert m.status() == {"enabled": True, "mode": "full", "sockmap": "active",
-                          "dns_cache": "active", "stats": "active", "reasons": {}}
+                          "dns_cache": "active", "stats": "active", "tcp_splice": "active",
+                          "reasons": {}}
 
 
 def test_unsupported_feature_is_disabled_with_reason_and_mode_partial():

@@ -31,9 +31,10 @@ def test_each_feature_names_its_capabilities():
     assert capabilities(needs) == ("CAP_BPF", "CAP_NET_ADMIN")
     assert {(n.capability, n.feature) for n in needs} == {
         ("CAP_BPF", "ebpf.sockmap"), ("CAP_BPF", "ebpf.dns_cache"), ("CAP_BPF", "ebpf.stats"),
-        ("CAP_NET_ADMIN", "ebpf.sockmap")}
+        ("CAP_NET_ADMIN", "ebpf.sockmap"), ("CAP_BPF", "ebpf.tcp_splice"),
+        ("CAP_NET_ADMIN", "ebpf.tcp_splice")}
     dns_only = config(ebpf={"enabled": True, "sockmap": {"enabled": False},
-                            "stats": {"enabled": False}})
+                            "tcp_splice": {"enabled": False}, "stats": {"enabled": False}})
     assert capabilities(required_privileges(dns_only)) == ("CAP_BPF",)
     forced = config(ebpf={"enabled": True, "sockmap": {"sndbuf_bytes": 1 << 22}})
     assert ("CAP_NET_ADMIN", "ebpf.sockmap.sndbuf_bytes") in {

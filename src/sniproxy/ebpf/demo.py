@@ -41,6 +41,8 @@ _ATTACHED_BY = {
     "sni_proxy_sockmap.bpf.o": "sni-proxy run (the kernel data path)",
     "sni_proxy_profile.bpf.o": "sni-proxy profile (the CPU profiler)",
     "sni_proxy_skmsg_bench.bpf.o": "bench/sk_msg_vs_sk_skb.py (a measurement, not used by the proxy)",
+    "sni_proxy_tcp_splice.bpf.o": "sni-proxy run (tc clsact on ebpf.tcp_splice.interfaces: the "
+                                  "kernel TCP splice; the demo does not attach it to real interfaces)",
 }
 
 def _busy(seconds: float) -> None:

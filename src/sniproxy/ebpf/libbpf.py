@@ -64,6 +64,7 @@ BPF_PROG_TYPE_SOCKET_FILTER = 1
 BPF_PROG_TYPE_KPROBE = 2
 BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_PROG_TYPE_XDP = 6
+BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_PERF_EVENT = 7
 BPF_PROG_TYPE_SK_SKB = 14
 BPF_PROG_TYPE_SK_MSG = 16
@@ -1192,6 +1193,40 @@ if _lib is not None:
         _fn.restype = _res
 
 
+# ---------------------------------------------------------------------------------------------
+# tc (clsact) hooks for the kernel TCP splice (ebpf/tcpsplice.py), libbpf >= 0.6
+# ---------------------------------------------------------------------------------------------
+BPF_TC_INGRESS = 1
+BPF_TC_EGRESS = 2
+
+
+class BpfTcHook(ctypes.Structure):
+    """struct bpf_tc_hook (libbpf.h): sz, ifindex, attach_point, parent."""
+
+    _fields_ = [("sz", c_size_t), ("ifindex", c_int), ("attach_point", c_int),
+                ("parent", c_uint32)]
+
+
+class BpfTcOpts(ctypes.Structure):
+    """struct bpf_tc_opts (libbpf.h): sz, prog_fd, flags, prog_id, handle, priority."""
+
+    _fields_ = [("sz", c_size_t), ("prog_fd", c_int), ("flags", c_uint32),
+                ("prog_id", c_uint32), ("handle", c_uint32), ("priority", c_uint32)]
+
+
+_TC_SIGNATURES = {
+    "bpf_tc_hook_create": ([ctypes.POINTER(BpfTcHook)], c_int),
+    "bpf_tc_hook_destroy": ([ctypes.POINTER(BpfTcHook)], c_int),
+    "bpf_tc_attach": ([ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)], c_int),
+    "bpf_tc_detach": ([ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)], c_int),
+}
+if _lib is not None:
+    for _name, (_args, _res) in _TC_SIGNATURES.items():
+        _fn = getattr(_lib, _name)
+        _fn.argtypes = _args
+        _fn.restype = _res
+
+
 class RingBuffer:
     """libbpf's ``struct ring_buffer`` over one BPF_MAP_TYPE_RINGBUF map.
 
@@ -1283,3 +1318,74 @@ def vmlinux_tracepoint_arg_count(tracepoint: str) -> int:
                 return max((t.info & 0xFFFF) - 1, 0)
             type_id = t.size_or_type
     raise BpfError(f"reading the prototype of tracepoint {tracepoint} from BTF", errno_mod.EINVAL)
+def _tc_hook(ifindex: int, attach_point: int) -> BpfTcHook:
+    return BpfTcHook(ctypes.sizeof(BpfTcHook), ifindex, attach_point, 0)
+
+
+def tc_hook_create(ifindex: int) -> bool:
+    """Create the clsact qdisc on `ifindex`. True: created by us; False: it existed already."""
+    with capture_libbpf_output() as lines:
+        ret = _require_lib().bpf_tc_hook_create(ctypes.byref(_tc_hook(ifindex, BPF_TC_INGRESS)))
+    if ret == -errno_mod.EEXIST:
+        return False
+    _check_int(ret, f"creating the clsact qdisc on ifindex {ifindex}", lines)
+    return True
+
+
+def tc_hook_destroy(ifindex: int) -> None:
+    """Delete the clsact qdisc of `ifindex` (ingress and egress together, with any filter)."""
+    hook = _tc_hook(ifindex, BPF_TC_INGRESS | BPF_TC_EGRESS)
+    with capture_libbpf_output() as lines:
+        ret = _require_lib().bpf_tc_hook_destroy(ctypes.byref(hook))
+    if ret not in (0, -errno_mod.ENOENT, -errno_mod.ENODEV):
+        _check_int(ret, f"deleting the clsact qdisc on ifindex {ifindex}", lines)
+
+
+def tc_attach(ifindex: int, attach_point: int, prog_fd: int, priority: int = 0,
+              handle: int = 0) -> tuple[int, int]:
+    """Attach a SCHED_CLS program (direct action) to a clsact hook; (handle, priority)."""
+    opts = BpfTcOpts(ctypes.sizeof(BpfTcOpts), prog_fd, 0, 0, handle, priority)
+    with capture_libbpf_output() as lines:
+        ret = _require_lib().bpf_tc_attach(ctypes.byref(_tc_hook(ifindex, attach_point)),
+                                           ctypes.byref(opts))
+    _check_int(ret, f"attaching a tc program on ifindex {ifindex}", lines)
+    return opts.handle, opts.priority
+
+
+def tc_detach(ifindex: int, attach_point: int, handle: int, priority: int) -> None:
+    """Remove exactly the filter (handle, priority) that tc_attach added."""
+    opts = BpfTcOpts(ctypes.sizeof(BpfTcOpts), 0, 0, 0, handle, priority)
+    with capture_libbpf_output() as lines:
+        ret = _require_lib().bpf_tc_detach(ctypes.byref(_tc_hook(ifindex, attach_point)),
+                                           ctypes.byref(opts))
+    if ret not in (0, -errno_mod.ENOENT, -errno_mod.ENODEV):
+        _check_int(ret, f"detaching a tc program on ifindex {ifindex}", lines)
+
+
+class BpfTestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf.h, 1.1)."""
+
+    _fields_ = [("sz", c_size_t), ("data_in", c_void_p), ("data_out", c_void_p),
+                ("data_size_in", c_uint32), ("data_size_out", c_uint32),
+                ("ctx_in", c_void_p), ("ctx_out", c_void_p),
+                ("ctx_size_in", c_uint32), ("ctx_size_out", c_uint32),
+                ("retval", c_uint32), ("repeat", c_int), ("duration", c_uint32),
+                ("flags", c_uint32), ("cpu", c_uint32), ("batch_size", c_uint32)]
+
+
+if _lib is not None:
+    _lib.bpf_prog_test_run_opts.argtypes = [c_int, ctypes.POINTER(BpfTestRunOpts)]
+    _lib.bpf_prog_test_run_opts.restype = c_int
+
+
+def prog_test_run(prog_fd: int, data: bytes, out_size: int = 65536) -> tuple[int, bytes]:
+    """BPF_PROG_TEST_RUN once on a packet: (return value, the packet after the program)."""
+    buf_in = ctypes.create_string_buffer(data, len(data))
+    buf_out = ctypes.create_string_buffer(out_size)
+    opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts),
+                          data_in=ctypes.cast(buf_in, c_void_p),
+                          data_out=ctypes.cast(buf_out, c_void_p),
+                          data_size_in=len(data), data_size_out=out_size, repeat=1)
+    ret = _require_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    _check_int(ret, "BPF_PROG_TEST_RUN")
+    return opts.retval, buf_out.raw[:opts.data_size_out]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-FEATURES = ("sockmap", "dns_cache", "stats")
+FEATURES = ("sockmap", "dns_cache", "stats", "tcp_splice")
 
 ACTIVE, DEGRADED, DISABLED = "active", "degraded", "disabled"
 

@@ -15,11 +15,19 @@ import struct
 
 
 FALLBACK_REASONS = ("map_full", "close_wait", "duplicate", "insert_error", "socket_error")
+# Why a connection could not be spliced in tc (relay/tcpsplice.py) and took the next kind.
+TCP_SPLICE_FALLBACK_REASONS = (
+    "map_full", "tuple_busy", "not_established", "family_mismatch", "mss_mismatch",
+    "no_route", "interface_not_attached", "backend_data_queued", "client_unacked_data",
+    "repair_failed", "socket_error",
+)
 
 COUNTER_NAMES = (
     "inserted", "removed", "pauses", "resumes", "over_limit",
     *(f"fallback_{r}" for r in FALLBACK_REASONS),
     "dns_l1_hit", "dns_l2_hit", "dns_miss", "dns_l2_expired", "dns_put", "dns_l2_errors",
+    "ts_armed", "ts_ended", "ts_removed", "ts_adopted",
+    *(f"ts_fallback_{r}" for r in TCP_SPLICE_FALLBACK_REASONS),
 )
 _INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 _U64 = struct.Struct("=Q")

@@ -50,10 +50,12 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "profiler": ("prog:perf_event", "map:stack_trace", "perf:cpu_clock"),
     "xdp": ("prog:xdp",),
     "tracing": ("prog:raw_tracepoint", "attach:tp_btf"),
+    "tcp_splice": ("prog:sched_cls", "map:ringbuf", "sock:tcp_repair", "cap:CAP_NET_ADMIN"),
 }
 # Capabilities each proxy feature needs (proxy/privileges.py says why, for the unit lines):
 # a reason names the missing one first, so an operator sees which to grant.
 FEATURE_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "tcp_splice": ("CAP_BPF", "CAP_NET_ADMIN"),
     "sockmap": ("CAP_BPF", "CAP_NET_ADMIN"),
     "dns_cache": ("CAP_BPF",),
     "stats": ("CAP_BPF",),
@@ -298,6 +300,8 @@ _PROG_PROBES = (
     ("raw_tracepoint", "raw_tracepoint programs", lb.BPF_PROG_TYPE_RAW_TRACEPOINT, 0,
      "raw tracepoint tracing", False),
     ("xdp", "XDP programs", lb.BPF_PROG_TYPE_XDP, 0, "XDP packet counters", True),
+    ("sched_cls", "tc (sched_cls) programs", lb.BPF_PROG_TYPE_SCHED_CLS, 0,
+     "the kernel TCP splice in tc -> sockmap / user-space relay", True),
 )
 
 
@@ -312,6 +316,15 @@ def _probe_prog(prog_type: int, attach_type: int) -> str:
                           expected_attach_type=attach_type)
     os.close(fd)
     return "loaded"
+
+
+def _probe_tcp_repair() -> str:
+    """TCP_REPAIR on a fresh (CLOSE) socket: allowed exactly when CAP_NET_ADMIN is there."""
+    import socket as _socket
+    with _socket.socket() as s:
+        s.setsockopt(_socket.IPPROTO_TCP, 19, 1)            # TCP_REPAIR on
+        s.setsockopt(_socket.IPPROTO_TCP, 19, -1)           # off, no window probe
+    return "allowed"
 
 
 def _probe_sockhash_attach() -> str:
@@ -520,6 +533,12 @@ def _probe_checks() -> list[Check]:
     checks.append(_probe(Check("attach:uprobe", "uprobes", "attach", False,
                                disables="user-space function probes", essential=False),
                          _probe_uprobe))
+    c = _probe(Check("sock:tcp_repair", "TCP_REPAIR socket option", "attach", False,
+                     disables="the kernel TCP splice in tc -> sockmap / user-space relay"),
+               _probe_tcp_repair)
+    if not c.ok and c.errno == 1:
+        c.detail = "not permitted (needs CAP_NET_ADMIN)"
+    checks.append(c)
     checks.append(_probe(Check("perf:cpu_clock", "cpu-clock perf events (system-wide)", "attach",
                                False, disables="the eBPF CPU profiler"), _probe_cpu_clock))
     for c in checks:
@@ -581,13 +600,13 @@ class EbpfLoader:
 def requested_checks(ebpf_config: dict[str, Any] | None) -> tuple[list[str], list[str]]:
     """(check keys the config needs, feature names asked for). None: the full data path."""
     if ebpf_config is None:
-        return list(DATA_PATH_CHECKS), ["sockmap", "dns_cache", "stats"]
+        return list(DATA_PATH_CHECKS), ["sockmap", "dns_cache", "stats", "tcp_splice"]
     if not ebpf_config.get("enabled", False):
         return [], []
-    features = [name for name in ("sockmap", "dns_cache", "stats")
+    features = [name for name in ("sockmap", "dns_cache", "stats", "tcp_splice")
                 if (ebpf_config.get(name) or {}).get("enabled", True)]
     keys: list[str] = ["cap:CAP_BPF"]
-    if "sockmap" in features:
+    if "sockmap" in features or "tcp_splice" in features:
         keys.append("cap:CAP_NET_ADMIN")
     for name in features:
         keys.extend(FEATURES[name])

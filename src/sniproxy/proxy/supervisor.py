@@ -409,8 +409,9 @@ def ebpf_off_status(config) -> dict:
     """The /status `ebpf` object when the kernel data path is not in use at all."""
     reason = "ebpf.enabled is false in the config"
     return {"enabled": False, "mode": "none", "sockmap": "disabled", "dns_cache": "disabled",
-            "stats": "disabled",
-            "reasons": {"sockmap": reason, "dns_cache": reason, "stats": reason}}
+            "stats": "disabled", "tcp_splice": "disabled",
+            "reasons": {"sockmap": reason, "dns_cache": reason, "stats": reason,
+                        "tcp_splice": reason}}
 
 
 def _kill(pid: int, sig: int) -> None:

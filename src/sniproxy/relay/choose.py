@@ -1,7 +1,7 @@
 """Which relay a connection gets: the first kind, in order, that takes it.
 
-Order: the kernel (sockmap) when the worker has it and the pair can enter its maps, then the
-user-space splice, then the copy. A kind that refuses a connection counts why (the kernel side
+Order: the packet-level splice in tc (tcp_splice), then the kernel sockmap, when the worker
+has them and the pair qualifies, then the user-space splice, then the copy. A kind that refuses a connection counts why (the kernel side
 counts its own fallback reasons); the chosen kind is counted by the caller's metrics.
 """
 from __future__ import annotations
@@ -23,6 +23,11 @@ class RelaySettings:
 def choose_relay(client: socket.socket, backend: socket.socket, settings: RelaySettings, *,
                  kernel=None, pipes: PipePool | None = None) -> Relay:
     """The relay for this connected pair. `kernel` is the worker's relay.sockmap.WorkerKernel."""
+    if kernel is not None and getattr(kernel, "tcp_splice", None) is not None:
+        relay = kernel.tcp_splice.try_relay(client, backend,
+                                            idle_timeout_s=settings.idle_timeout_s)
+        if relay is not None:
+            return relay
     if kernel is not None:
         relay = kernel.try_relay(client, backend, idle_timeout_s=settings.idle_timeout_s)
         if relay is not None:

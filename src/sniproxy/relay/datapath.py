@@ -18,7 +18,7 @@ from sniproxy.ebpf import sockmap as sm
 from sniproxy.ebpf.modes import Modes, decide_modes
 from sniproxy.ebpf.objects import BPF_MAP_TYPE_PERCPU_ARRAY, BpfError, Map
 from sniproxy.ebpf.sockmap import STAT_NAMES as BPF_STAT_NAMES
-from sniproxy.ebpf.stats import FALLBACK_REASONS, SharedCounters
+from sniproxy.ebpf.stats import FALLBACK_REASONS, TCP_SPLICE_FALLBACK_REASONS, SharedCounters
 from sniproxy.relay.sockmap import SO_SNDBUFFORCE, WorkerKernel
 
 log = logging.getLogger("sniproxy")
@@ -31,8 +31,9 @@ class KernelDataPath:
     """Owns the BPF objects and shared maps; created once in the supervisor before forking."""
 
     def __init__(self, config, modes: Modes, sockmap: sm.SockmapDataPath | None, dns_map,
-                 counters: SharedCounters, sndbuf_force_ok: bool):
+                 counters: SharedCounters, sndbuf_force_ok: bool, tcp_splice=None):
         self.config = config
+        self.tcp_splice = tcp_splice            # ebpf.tcpsplice.TcpSpliceDataPath or None
         self.modes = modes
         self.sockmap = sockmap
         self.dns_map = dns_map                  # dnscache.DnsMap or None
@@ -89,8 +90,12 @@ class KernelDataPath:
             except OSError as exc:
                 failures["dns_cache"] = (f"creating the BPF LRU map failed: {exc}; the per-worker "
                                          "in-memory DNS cache is used")
+        tcp_splice = None
+        if requested.get("tcp_splice") and support.ok("tcp_splice"):
+            tcp_splice = _start_tcp_splice(config, rows, failures)
         modes = decide_modes(requested, support, failures=failures, degraded=degraded)
-        self = cls(config, modes, sockmap_dp, dns_map, SharedCounters(rows), sndbuf_ok)
+        self = cls(config, modes, sockmap_dp, dns_map, SharedCounters(rows), sndbuf_ok,
+                   tcp_splice)
         self.stat_map = stat_map
         missing = modes.unavailable()
         if config.fallback_mode == "strict" and any(f.state != "degraded" for _, f in missing):
@@ -118,10 +123,14 @@ class KernelDataPath:
                 log.warning("ebpf.sockmap.backpressure is off: a slow receiver lets the kernel "
                             "queue without bound (counted in "
                             "ebpf_sockmap_inflight_over_limit_total); set it to true to bound it")
+        if tcp_splice is not None:
+            log.info("eBPF tcp_splice: tc programs on %s (max_flows %d)",
+                     ", ".join(a.name for a in tcp_splice.attached), tcp_splice.max_flows)
         # The seed's lines, which operators grep: "eBPF manager initialised" / "... failed
         # (falling back to the traditional mode)", then the mode of each feature.
-        summary = (f"mode {modes.mode} (sockmap {modes.state('sockmap')}, dns_cache "
-                   f"{modes.state('dns_cache')}, stats {modes.state('stats')})")
+        summary = (f"mode {modes.mode} (tcp_splice {modes.state('tcp_splice')}, sockmap "
+                   f"{modes.state('sockmap')}, dns_cache {modes.state('dns_cache')}, stats "
+                   f"{modes.state('stats')})")
         if modes.mode == "none" and missing:
             log.warning("eBPF manager initialisation failed (falling back to the traditional "
                         "mode): %s; the warnings above say why and how to fix it", summary)
@@ -141,9 +150,24 @@ class KernelDataPath:
         ring = None
         if self.sockmap is not None and self.modes.running("sockmap"):
             ring = self.sockmap.new_ring(index)
+        ts_ring = None
+        if self.tcp_splice is not None:
+            ts_ring = self.tcp_splice.new_ring(index)
 
         def make(metrics) -> WorkerKernel:
-            return WorkerKernel(self, metrics, ring, index, row)
+            kernel = WorkerKernel(self, metrics, ring, index, row)
+            kernel.tcp_splice = None
+            if ts_ring is not None:
+                from sniproxy.relay.tcpsplice import WorkerSplice
+                cfg = self.config.ebpf.tcp_splice
+                counters = self.counters
+                kernel.tcp_splice = WorkerSplice(
+                    self.tcp_splice, ts_ring, index, row, linger_s=cfg.linger_s,
+                    max_flows=cfg.max_flows,
+                    total_active=lambda: counters.total("ts_armed") - counters.total("ts_removed"),
+                    shared=counters)
+                kernel.tcp_splice.idle_timeout_s = self.config.timeouts.idle_s
+            return kernel
 
         make.row = index          # what worker_gone() needs when this worker dies
         return make
@@ -182,9 +206,31 @@ class KernelDataPath:
             except BpfError:
                 pass
         out["fallbacks"] = {r: totals[f"fallback_{r}"] for r in FALLBACK_REASONS}
+        out["tcp_splice_detail"] = self.tcp_splice_status(totals)
+        return out
+
+    def tcp_splice_status(self, totals: dict | None = None) -> dict:
+        totals = totals if totals is not None else self.counters.totals()
+        out: dict = {"state": self.modes.state("tcp_splice")}
+        reason = self.modes.features["tcp_splice"].reason
+        if reason:
+            out["reason"] = reason
+        if self.tcp_splice is not None:
+            out["interfaces"] = [a.name for a in self.tcp_splice.attached]
+            out["max_flows"] = self.tcp_splice.max_flows
+            out["active_flows"] = totals["ts_armed"] - totals["ts_ended"]
+            out["lingering_flows"] = totals["ts_ended"] - totals["ts_removed"]
+            out["engaged_total"] = totals["ts_armed"] - totals["ts_adopted"]
+        out["fallbacks"] = {r: totals[f"ts_fallback_{r}"] for r in TCP_SPLICE_FALLBACK_REASONS}
         return out
 
     def close(self) -> None:
+        if self.tcp_splice is not None:
+            try:
+                self.tcp_splice.close()       # removes exactly the filters/qdiscs it added
+            except BpfError as exc:
+                log.warning("removing the tcp_splice tc programs: %s", exc)
+            self.tcp_splice = None
         if self.stat_map is not None and self.sockmap is None:
             self.stat_map.close()
         self.stat_map = None
@@ -200,7 +246,34 @@ class KernelDataPath:
         self.counters.close()
 
 
+def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
+    """Load and attach the tc programs; on failure record why (the mode says disabled)."""
+    from sniproxy.ebpf import tcpsplice as ts
+
+    cfg = config.ebpf.tcp_splice
+    names = list(cfg.interfaces) if cfg.interfaces else ts.up_interfaces()
+    try:
+        dp = ts.TcpSpliceDataPath.load(cfg.max_flows, rings=rows)
+    except (BpfError, OSError) as exc:
+        failures["tcp_splice"] = f"loading the tc programs failed: {exc}"
+        return None
+    try:
+        dp.attach(names)
+        if dp.stale_replaced:
+            log.warning("tcp_splice: replaced %d tc filter(s) left by a proxy that was killed; "
+                        "connections it still spliced are reset at their next packet",
+                        dp.stale_replaced)
+    except (BpfError, OSError) as exc:
+        dp.close()
+        failures["tcp_splice"] = (f"attaching the tc programs to {', '.join(names)} failed: "
+                                  f"{exc}; fix: check ebpf.tcp_splice.interfaces and that "
+                                  "CAP_NET_ADMIN is granted")
+        return None
+    return dp
+
+
 _FALLBACK_TEXT = {
+    "tcp_splice": "connections use the next relay kind (sockmap, then user space)",
     "sockmap": "connections use the user-space relay (splice/copy)",
     "dns_cache": "each worker uses its own in-memory DNS cache",
     "stats": "the ebpf_* per-CPU counters are not exported",

@@ -469,6 +469,7 @@ class WorkerKernel:
         self.sndbuf = sockmap_cfg.sndbuf_bytes
         self.sndbuf_forced = owner.sndbuf_force_ok
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.tcp_splice = None          # relay.tcpsplice.WorkerSplice, set by the factory
         self._epoll: select.epoll | None = None
         self._ring_reader: sm.RingReader | None = None
         self._by_fd: dict[int, tuple[SockmapRelay, int]] = {}
@@ -588,6 +589,8 @@ class WorkerKernel:
 
     def close(self) -> None:
         """Worker exit: release the epoll fd and ring mapping (maps belong to the supervisor)."""
+        if self.tcp_splice is not None:
+            self.tcp_splice.close()
         for relay, _ in list(self._by_fd.values()):
             relay.abort("shutdown", "worker exiting")
         if self._epoll is not None:

@@ -3,9 +3,49 @@ from __future__ import annotations
 
 from sniproxy.ebpf.objects import BpfError
 from sniproxy.ebpf.sockmap import STAT_NAMES as BPF_STAT_NAMES
-from sniproxy.ebpf.stats import FALLBACK_REASONS, hit_rate
+from sniproxy.ebpf.stats import FALLBACK_REASONS, TCP_SPLICE_FALLBACK_REASONS, hit_rate
 
-class KernelCollector:
+class _TcpSpliceMetrics:
+    """The ebpf_tcp_splice_* families (issue 11)."""
+
+    def _tcp_splice(self, totals, ts_dp):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily("ebpf_tcp_splice_active_flows",
+                                "Connections spliced in tc now (not yet finished)",
+                                value=totals["ts_armed"] - totals["ts_ended"])
+        yield CounterMetricFamily("ebpf_tcp_splice_engaged",
+                                  "Connections handed to the tc splice",
+                                  value=totals["ts_armed"] - totals["ts_adopted"])
+        fb = CounterMetricFamily("ebpf_tcp_splice_fallbacks",
+                                 "Connections the tc splice refused (they took the next relay "
+                                 "kind), by reason", labels=["reason"])
+        for r in TCP_SPLICE_FALLBACK_REASONS:
+            fb.add_metric([r], totals[f"ts_fallback_{r}"])
+        yield fb
+        if ts_dp is None:
+            return
+        try:
+            st = ts_dp.stats()
+        except BpfError:
+            return
+        nbytes = CounterMetricFamily("ebpf_tcp_splice_bytes",
+                                     "Payload bytes spliced in tc (retransmissions included)",
+                                     labels=["direction"])
+        nbytes.add_metric(["client_to_backend"], st["c2b_bytes"])
+        nbytes.add_metric(["backend_to_client"], st["b2c_bytes"])
+        yield nbytes
+        pk = CounterMetricFamily("ebpf_tcp_splice_packets", "Segments spliced in tc",
+                                 labels=["direction"])
+        pk.add_metric(["client_to_backend"], st["c2b_packets"])
+        pk.add_metric(["backend_to_client"], st["b2c_packets"])
+        yield pk
+        yield CounterMetricFamily("ebpf_tcp_splice_frozen_packets",
+                                  "Packets of the proxy's own spliced sockets dropped at egress",
+                                  value=st["frozen"])
+
+
+class KernelCollector(_TcpSpliceMetrics):
     """prometheus_client custom collector: read on each /metrics scrape in the supervisor."""
 
     def __init__(self, kdp):   # relay.datapath.KernelDataPath
@@ -37,6 +77,10 @@ class KernelCollector:
                                  labels=["map"])
         if kdp.sockmap is not None:
             util.add_metric(["sockmap"], 2 * active / kdp.sockmap.maps.max_entries)
+        ts_dp = getattr(kdp, "tcp_splice", None)
+        if ts_dp is not None:
+            util.add_metric(["tcp_splice"], (totals["ts_armed"] - totals["ts_removed"])
+                            / ts_dp.max_flows)
         if kdp.dns_map is not None:
             m = kdp.dns_map.map
             try:
@@ -44,6 +88,7 @@ class KernelCollector:
             except BpfError:
                 pass
         yield util
+        yield from self._tcp_splice(totals, ts_dp)
         fallbacks = CounterMetricFamily("ebpf_sockmap_fallbacks",
                                         "Connections that could not enter the sockmap and used "
                                         "the user-space relay, by reason", labels=["reason"])

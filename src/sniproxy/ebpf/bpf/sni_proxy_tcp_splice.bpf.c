@@ -1,0 +1,474 @@
+// SPDX-License-Identifier: GPL-2.0
+/* sni_proxy_tcp_splice: after the ClientHello, the client's TCP connection and the backend's
+ * are spliced at the packet level, like a NAT: every packet that arrives for one of the
+ * proxy's two sockets is rewritten into a packet of the other connection (addresses, ports,
+ * sequence and acknowledgement numbers, TCP timestamps, SACK blocks, window, checksums) and
+ * redirected out. The end hosts then talk TCP to each other end to end; the proxy's sockets
+ * go quiet (the egress hook drops what they still send).
+ *
+ * Programs (tc clsact, attached by src/sniproxy/ebpf/tcpsplice.py):
+ *   sni_proxy_tsi  ingress: look up the 4-tuple, rewrite, redirect.
+ *   sni_proxy_tse  egress: freeze the proxy's own sockets of a spliced flow.
+ * Maps:
+ *   sni_proxy_tsfw  hash, 4-tuple of arriving packets -> struct sni_proxy_ts_dir (2 per flow)
+ *   sni_proxy_tsfl  array, flow slot -> struct sni_proxy_ts_flow (counters, FIN/RST state)
+ *   sni_proxy_tsrg  array of ring buffers, one per worker: "this flow ended" events
+ *   sni_proxy_tsst  per-CPU counters (enum below)
+ * The hand-over protocol (who reads what, when) is in docs/kernel-datapath.md.
+ */
+#include "sni_proxy_common.h"
+#include "sni_proxy_tcp_splice.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define TC_ACT_UNSPEC -1	/* not ours: the next filter (or the stack) decides */
+#define TC_ACT_SHOT 2
+#define ETH_HLEN 14
+#define ETH_P_IPV6 0x86DD
+#define PROTO_TCP 6
+
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+#define TH_ACK 0x10
+
+#define TCP_HDR_MAX 60
+#define TCPOPT_EOL 0
+#define TCPOPT_NOP 1
+#define TCPOPT_SACK 5
+#define TCPOPT_TIMESTAMP 8
+#define SACK_MAX_BLOCKS 4	/* 2 + 4 * 8 = 34 bytes: the most that fits in 40 option bytes */
+
+enum sni_proxy_ts_stat {
+	TS_STAT_C2B_PKTS,
+	TS_STAT_C2B_BYTES,
+	TS_STAT_B2C_PKTS,
+	TS_STAT_B2C_BYTES,
+	TS_STAT_FROZEN,		/* packets of the proxy's own sockets dropped at egress */
+	TS_STAT_TO_PROXY,	/* backend ACKs of the hand-over bytes left to the proxy socket */
+	TS_STAT_NO_FLOW,	/* a map entry pointed at a missing flow slot */
+	TS_STAT_EVENTS,
+	TS_STAT_EVENTS_LOST,	/* worker ring missing or full: user space finds it by polling */
+	TS_STAT_REDIRECT_FAIL,
+	TS_STAT_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);	/* 2 * ebpf.tcp_splice.max_flows, set at open */
+	__type(key, struct sni_proxy_ts_key);
+	__type(value, struct sni_proxy_ts_dir);
+} sni_proxy_tsfw SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 4096);	/* ebpf.tcp_splice.max_flows, set at open */
+	__type(key, __u32);
+	__type(value, struct sni_proxy_ts_flow);
+} sni_proxy_tsfl SEC(".maps");
+
+struct sni_proxy_ts_ring {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__array(values, struct sni_proxy_ts_ring);
+} sni_proxy_tsrg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TS_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} sni_proxy_tsst SEC(".maps");
+
+struct parsed {
+	struct sni_proxy_ts_key key;
+	__u32 l3_off;
+	__u32 l4_off;
+	__u32 l4_len;		/* TCP header + payload */
+	__u32 hlen;		/* TCP header with options */
+	__u8 flags;
+};
+
+static __always_inline void stat(__u32 slot, __u64 n)
+{
+	sni_proxy_count(&sni_proxy_tsst, slot, n);
+}
+
+static __always_inline __u32 get32(const __u8 *b, __u32 at)
+{
+	return ((__u32)b[at & 63] << 24) | ((__u32)b[(at + 1) & 63] << 16) |
+	       ((__u32)b[(at + 2) & 63] << 8) | (__u32)b[(at + 3) & 63];
+}
+
+static __always_inline void put32(__u8 *b, __u32 at, __u32 v)
+{
+	b[at & 63] = v >> 24;
+	b[(at + 1) & 63] = v >> 16;
+	b[(at + 2) & 63] = v >> 8;
+	b[(at + 3) & 63] = v;
+}
+
+/* IPv4 or IPv6 TCP, no IP options / extension headers, not a fragment. Anything else is
+ * not a packet of a spliced flow (the proxy's sockets never produce it) and passes. */
+static __always_inline int parse(struct __sk_buff *skb, struct parsed *p)
+{
+	struct tcphdr th;
+
+	p->l3_off = ETH_HLEN;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+			return -1;
+		/* ihl 5 only: the proxy's sockets send no IP options, so a flow never has them */
+		if (ip.ihl != 5 || ip.protocol != PROTO_TCP)
+			return -1;
+		/* a fragment has no (or a partial) TCP header to rewrite */
+		if (ip.frag_off & bpf_htons(0x3fff))
+			return -1;
+		p->key.family = 4;
+		p->key.saddr[0] = ip.saddr;
+		p->key.daddr[0] = ip.daddr;
+		p->l4_off = ETH_HLEN + sizeof(ip);
+		p->l4_len = bpf_ntohs(ip.tot_len) - sizeof(ip);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+			return -1;
+		/* extension headers: never sent by the proxy's sockets */
+		if (ip6.nexthdr != PROTO_TCP)
+			return -1;
+		p->key.family = 6;
+		__builtin_memcpy(p->key.saddr, &ip6.saddr, 16);
+		__builtin_memcpy(p->key.daddr, &ip6.daddr, 16);
+		p->l4_off = ETH_HLEN + sizeof(ip6);
+		p->l4_len = bpf_ntohs(ip6.payload_len);
+	} else {
+		return -1;
+	}
+	if (bpf_skb_load_bytes(skb, p->l4_off, &th, sizeof(th)))
+		return -1;
+	p->key.sport = th.source;
+	p->key.dport = th.dest;
+	p->hlen = th.doff * 4;
+	/* a header shorter than 20 bytes or longer than the packet is malformed: let the
+	 * stack drop it */
+	if (p->hlen < 20 || p->hlen > TCP_HDR_MAX || p->hlen > p->l4_len)
+		return -1;
+	p->flags = ((__u8 *)&th)[13];
+	return 0;
+}
+
+static __always_inline void report(struct sni_proxy_ts_flow *f, __u32 slot, __u32 why)
+{
+	struct sni_proxy_ts_event ev = { .flow = slot, .gen = f->gen, .why = why };
+	void *ring;
+
+	/* Plain test-and-set: two CPUs may both report; user space ignores a duplicate (and
+	 * clang 14's default BPF CPU has no compare-and-swap). */
+	if (f->reported)
+		return;
+	f->reported = 1;
+	ring = bpf_map_lookup_elem(&sni_proxy_tsrg, &f->ring);
+	if (ring && bpf_ringbuf_output(ring, &ev, sizeof(ev), 0) == 0)
+		stat(TS_STAT_EVENTS, 1);
+	else
+		stat(TS_STAT_EVENTS_LOST, 1);
+}
+
+/* The receiver-side socket's TCP timestamp clock now: Linux TSval is milliseconds of
+ * CLOCK_MONOTONIC plus a per-connection offset; user space measured that offset at arm. */
+static __always_inline __u32 receiver_clock(const struct sni_proxy_ts_dir *v)
+{
+	return v->ts_base + (__u32)(bpf_ktime_get_ns() / 1000000);
+}
+
+struct optscan {
+	__u8 hdr[64];
+	__u32 hlen;
+	__u32 i;
+	__u32 ts_at;
+	__u32 sack_at;
+	__u32 sack_n;
+};
+
+static long scan_option(__u32 n, struct optscan *s)
+{
+	__u32 i = s->i;
+	__u8 kind, len;
+
+	if (i >= s->hlen || i >= 64)
+		return 1;
+	kind = s->hdr[i & 63];
+	if (kind == TCPOPT_EOL)
+		return 1;
+	if (kind == TCPOPT_NOP) {
+		s->i = i + 1;
+		return 0;
+	}
+	if (i + 1 >= s->hlen)
+		return 1;
+	len = s->hdr[(i + 1) & 63];
+	/* a length that overruns the header is malformed: stop, leave the rest alone */
+	if (len < 2 || i + len > s->hlen)
+		return 1;
+	if (kind == TCPOPT_TIMESTAMP && len == 10) {
+		s->ts_at = i + 2;
+	} else if (kind == TCPOPT_SACK && len >= 10 && ((len - 2) & 7) == 0) {
+		s->sack_at = i + 2;
+		s->sack_n = (len - 2) / 8;
+	}
+	s->i = i + len;
+	return 0;
+}
+
+SEC("tc")
+int sni_proxy_tsi(struct __sk_buff *skb)
+{
+	struct parsed p = {};
+	struct sni_proxy_ts_dir *v;
+	struct sni_proxy_ts_flow *f;
+	struct optscan scan = {};
+	__u8 old[64], *hdr = scan.hdr;
+	__u32 seq, ack, nseq, payload, dir, other, ts_at, sack_at, sack_n;
+	__u32 hlen, win;
+	__s64 diff;
+	int n;
+
+	/* The proxy socket's copy of a backend ACK (see below): for the stack, untouched. */
+	if (skb->mark == SNI_PROXY_TS_MARK_PASS) {
+		skb->mark = 0;
+		return TC_ACT_UNSPEC;
+	}
+	if (parse(skb, &p))
+		return TC_ACT_UNSPEC;
+	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
+	if (!v)
+		return TC_ACT_UNSPEC;
+	f = bpf_map_lookup_elem(&sni_proxy_tsfl, &v->flow);
+	if (!f) {
+		stat(TS_STAT_NO_FLOW, 1);
+		return TC_ACT_UNSPEC;
+	}
+	/* A SYN reusing a spliced 4-tuple is a new connection, not part of the flow. If the
+	 * flow is over (lingering), its entries go now, or they would capture the new
+	 * connection's next packets; user space's later delete finds them gone. */
+	if (p.flags & TH_SYN) {
+		if (v->dir == SNI_PROXY_TS_C2B && f->reported) {
+			struct sni_proxy_ts_key rev = { .family = p.key.family };
+
+			__builtin_memcpy(rev.saddr, v->daddr, 16);
+			__builtin_memcpy(rev.daddr, v->saddr, 16);
+			rev.sport = v->dport;
+			rev.dport = v->sport;
+			bpf_map_delete_elem(&sni_proxy_tsfw, &rev);
+			bpf_map_delete_elem(&sni_proxy_tsfw, &p.key);
+		}
+		return TC_ACT_UNSPEC;
+	}
+	/* While user space checks that no backend byte slipped into its socket during the
+	 * insertion, the backend's packets are dropped: neither the socket nor the client may
+	 * get them yet; the backend retransmits them to whichever is decided. */
+	if (v->flags & SNI_PROXY_TS_F_HOLD)
+		return TC_ACT_SHOT;
+	hlen = p.hlen;
+	if (hlen < 20 || hlen > TCP_HDR_MAX)	/* parse() checked; the verifier needs it here */
+		return TC_ACT_UNSPEC;
+	if (bpf_skb_load_bytes(skb, p.l4_off, hdr, hlen))
+		return TC_ACT_UNSPEC;
+	dir = v->dir & 1;
+	other = dir ^ 1;
+	seq = get32(hdr, 4);
+	ack = get32(hdr, 8);
+	payload = p.l4_len - hlen;
+
+	/* Backend ACKs of the bytes the proxy wrote itself (the ClientHello and what was queued
+	 * with it) are needed by two: the proxy's socket, to stop retransmitting them, and the
+	 * client, whose view of the backend's window comes only from spliced packets (a client
+	 * that hit a zero window before the hand-over waits for one). So while the flow is not
+	 * engaged, such an ACK is cloned back to ingress for the proxy's socket (marked, passed
+	 * untouched) and the original is spliced. Data, FIN, RST, an ACK past the hand-over,
+	 * or the ACK of its last byte engage the flow: the proxy's socket needs nothing more. */
+	if (dir == SNI_PROXY_TS_B2C && !f->engaged) {
+		if (payload == 0 && !(p.flags & (TH_FIN | TH_RST)) &&
+		    (__s32)(ack - v->handover_end) <= 0) {
+			if (ack == v->handover_end)
+				f->engaged = 1;
+			skb->mark = SNI_PROXY_TS_MARK_PASS;
+			bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS);
+			skb->mark = 0;
+			stat(TS_STAT_TO_PROXY, 1);
+		} else {
+			f->engaged = 1;
+		}
+	}
+
+	__builtin_memcpy(old, hdr, sizeof(old));
+	nseq = seq + v->seq_delta;
+	/* ports */
+	__builtin_memcpy(&hdr[0], &v->sport, 2);
+	__builtin_memcpy(&hdr[2], &v->dport, 2);
+	put32(hdr, 4, nseq);
+	if (p.flags & TH_ACK)
+		put32(hdr, 8, ack + v->ack_delta);
+	/* Window: scaled by the sender's shift, read with the receiver's; equal on every Linux
+	 * pair with the same tcp_rmem, otherwise rescaled (and clamped to the 16-bit field). */
+	if (v->win_shift_in != v->win_shift_out) {
+		__u64 w = (((__u64)hdr[14] << 8) | hdr[15]) << (v->win_shift_in & 15);
+
+		w >>= (v->win_shift_out & 15);
+		win = w > 0xffff ? 0xffff : (__u32)w;
+		hdr[14] = win >> 8;
+		hdr[15] = win;
+	}
+	/* Options: find the timestamp and SACK options wherever they are (bpf_loop: one
+	 * verification of the body instead of one per possible option layout). */
+	scan.hlen = hlen;
+	scan.i = 20;
+	bpf_loop(40, scan_option, &scan, 0);
+	ts_at = scan.ts_at;
+	sack_at = scan.sack_at;
+	sack_n = scan.sack_n;
+	if (ts_at && (v->flags & SNI_PROXY_TS_F_TSTAMP)) {
+		__u32 tsval = get32(hdr, ts_at), tsecr = get32(hdr, ts_at + 4);
+
+		/* TSval: the receiver's PAWS check compares it with the last value it saw from the
+		 * proxy's socket, so the sender's clock is shifted onto that socket's clock, learnt
+		 * from the first packet (a race between two CPUs learns two values 0-1 ms apart:
+		 * harmless, PAWS allows 1). */
+		if (!f->ts_learned[dir]) {
+			f->ts_off[dir] = receiver_clock(v) - tsval;
+			f->ts_learned[dir] = 1;
+		}
+		put32(hdr, ts_at, tsval + f->ts_off[dir]);
+		/* TSecr echoes the other direction's (translated) TSval: undo that translation.
+		 * Before the other direction was seen it echoes the proxy socket's clock, which
+		 * the receiver cannot use: 0 tells it to take no RTT sample from it. */
+		if (p.flags & TH_ACK)
+			put32(hdr, ts_at + 4, f->ts_learned[other] ? tsecr - f->ts_off[other] : 0);
+	}
+	if (sack_at && (p.flags & TH_ACK)) {
+		/* SACK edges acknowledge the other direction's bytes, like the ACK number */
+		for (n = 0; n < SACK_MAX_BLOCKS; n++) {
+			__u32 at = sack_at + 8 * n;
+
+			if (n >= sack_n)
+				break;
+			put32(hdr, at, get32(hdr, at) + v->ack_delta);
+			put32(hdr, at + 4, get32(hdr, at + 4) + v->ack_delta);
+		}
+	}
+
+	/* FIN/RST tracking: a FIN's sequence number is kept in the receiver's space, where the
+	 * other side's ACK (read before translation) acknowledges it. */
+	if (p.flags & TH_FIN) {
+		f->fin_seq[dir] = nseq + payload + 1;
+		f->fin[dir] = 1;
+	}
+	if ((p.flags & TH_ACK) && f->fin[other] && (__s32)(ack - f->fin_seq[other]) >= 0)
+		f->fin_acked[other] = 1;
+	if (p.flags & TH_RST)
+		f->rst = 1;
+	/* Plain max (two CPUs may race; the counts are for accounting only). Data only: an ACK
+	 * sent after a FIN carries the FIN's sequence number + 1. */
+	if (payload && (__s32)(nseq + payload - f->nxt[dir]) > 0)
+		f->nxt[dir] = nseq + payload;
+	f->last_ns = bpf_ktime_get_ns();
+	__sync_fetch_and_add(&f->bytes[dir], payload);
+	__sync_fetch_and_add(&f->packets[dir], skb->gso_segs ? skb->gso_segs : 1);
+	stat(dir == SNI_PROXY_TS_C2B ? TS_STAT_C2B_PKTS : TS_STAT_B2C_PKTS,
+	     skb->gso_segs ? skb->gso_segs : 1);
+	stat(dir == SNI_PROXY_TS_C2B ? TS_STAT_C2B_BYTES : TS_STAT_B2C_BYTES, payload);
+	if (f->rst)
+		report(f, v->flow, SNI_PROXY_TS_EV_RST);
+	else if (f->fin_acked[0] && f->fin_acked[1])
+		report(f, v->flow, SNI_PROXY_TS_EV_FIN);
+
+	/* TCP header: one checksum difference over the whole header (the checksum field is
+	 * equal in both copies). For CHECKSUM_PARTIAL skbs (loopback, veth) the helper leaves
+	 * the field alone, as it must: the header is summed when the packet is sent. */
+	diff = bpf_csum_diff((__be32 *)old, hlen, (__be32 *)hdr, hlen, 0);
+	if (diff < 0 || bpf_skb_store_bytes(skb, p.l4_off, hdr, hlen, 0))
+		return TC_ACT_SHOT;
+	if (bpf_l4_csum_replace(skb, p.l4_off + 16, 0, diff, 0))
+		return TC_ACT_SHOT;
+	/* Addresses: in the IPv4 header checksum and the TCP pseudo-header. */
+	if (p.key.family == 4) {
+		__u32 oa[2] = { p.key.saddr[0], p.key.daddr[0] };
+		__u32 na[2] = { v->saddr[0], v->daddr[0] };
+
+		diff = bpf_csum_diff(oa, 8, na, 8, 0);
+		if (diff < 0 || bpf_skb_store_bytes(skb, p.l3_off + 12, na, 8, 0))
+			return TC_ACT_SHOT;
+		if (bpf_l3_csum_replace(skb, p.l3_off + 10, 0, diff, 0))
+			return TC_ACT_SHOT;
+	} else {
+		__u32 oa[8], na[8];
+
+		__builtin_memcpy(oa, p.key.saddr, 16);
+		__builtin_memcpy(&oa[4], p.key.daddr, 16);
+		__builtin_memcpy(na, v->saddr, 16);
+		__builtin_memcpy(&na[4], v->daddr, 16);
+		diff = bpf_csum_diff(oa, 32, na, 32, 0);
+		if (diff < 0 || bpf_skb_store_bytes(skb, p.l3_off + 8, na, 32, 0))
+			return TC_ACT_SHOT;
+	}
+	if (bpf_l4_csum_replace(skb, p.l4_off + 16, 0, diff, BPF_F_PSEUDO_HDR))
+		return TC_ACT_SHOT;
+
+	skb->mark = SNI_PROXY_TS_MARK;
+	/* Plain redirect only from lo to lo: the Ethernet header of any other device's packet
+	 * carries MAC addresses the out device would not accept as its own. (lo to lo's own
+	 * ingress, BPF_F_INGRESS, stalled the flow on 6.18: to lo's egress, which loops back.) */
+	if ((v->flags & SNI_PROXY_TS_F_NEIGH) || skb->ifindex != v->ifindex)
+		return bpf_redirect_neigh(v->ifindex, NULL, 0, 0);
+	return bpf_redirect(v->ifindex, 0);
+}
+
+SEC("tc")
+int sni_proxy_tse(struct __sk_buff *skb)
+{
+	struct parsed p = {};
+	struct sni_proxy_ts_key rev = {};
+	struct sni_proxy_ts_dir *v;
+	struct sni_proxy_ts_flow *f;
+	__u32 seq;
+
+	/* A spliced packet on its way out: not the proxy's, pass (and give the mark back). */
+	if (skb->mark == SNI_PROXY_TS_MARK) {
+		skb->mark = 0;
+		return TC_ACT_UNSPEC;
+	}
+	if (parse(skb, &p))
+		return TC_ACT_UNSPEC;
+	/* A packet the proxy's socket sends is the reverse of the tuple it receives on. */
+	rev.family = p.key.family;
+	__builtin_memcpy(rev.saddr, p.key.daddr, 16);
+	__builtin_memcpy(rev.daddr, p.key.saddr, 16);
+	rev.sport = p.key.dport;
+	rev.dport = p.key.sport;
+	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &rev);
+	if (!v || (p.flags & TH_SYN))
+		return TC_ACT_UNSPEC;
+	if (v->dir == SNI_PROXY_TS_B2C) {
+		/* The proxy's backend socket: its hand-over bytes (and their retransmissions) must
+		 * reach the backend; its ACKs, window updates and FIN must not. */
+		if (bpf_skb_load_bytes(skb, p.l4_off + 4, &seq, 4))
+			return TC_ACT_UNSPEC;
+		seq = bpf_ntohl(seq);
+		if (p.l4_len > p.hlen && (__s32)(seq - v->handover_end) < 0)
+			return TC_ACT_UNSPEC;
+	}
+	f = bpf_map_lookup_elem(&sni_proxy_tsfl, &v->flow);
+	if (f)
+		__sync_fetch_and_add(&f->frozen, 1);
+	stat(TS_STAT_FROZEN, 1);
+	return TC_ACT_SHOT;
+}

@@ -1,0 +1,604 @@
+"""The kernel TCP splice mechanism: tc hooks, the flow maps, and the socket facts they need.
+
+Knows nothing of the proxy: interfaces and sockets in, map entries and events out. The BPF
+side is `bpf/sni_proxy_tcp_splice.bpf.c` (its header comment lists the maps); the structs
+packed here mirror `bpf/sni_proxy_tcp_splice.h` field by field.
+
+    dp = TcpSpliceDataPath.load(max_flows=4096, rings=64)
+    dp.attach(["lo"])                       # clsact ingress + egress on each interface
+    snap = repair_snapshot(sock)            # TCP_REPAIR reads: sequence numbers, TS clock
+    entries = flow_entries(c_snap, b_snap, ...)   # the two directions of one flow
+    dp.insert(slot, entries, ring=0)        # from now the kernel splices the flow
+    dp.remove(slot, entries)                # after the TIME_WAIT-like linger
+    dp.close()                              # removes exactly the filters/qdiscs it added
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+import termios
+import time
+from dataclasses import dataclass, field
+
+from sniproxy.ebpf import libbpf as _lb
+from sniproxy.ebpf.objects import (
+    BPF_ANY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_RINGBUF, BPF_NOEXIST, BpfError, BpfObject, Map,
+)
+
+OBJECT = "sni_proxy_tcp_splice"
+INGRESS_PROG = "sni_proxy_tsi"
+EGRESS_PROG = "sni_proxy_tse"
+
+C2B, B2C = 0, 1
+F_TSTAMP, F_NEIGH, F_HOLD = 1, 2, 4
+EV_FIN, EV_RST = 1, 2
+# Ring buffer per worker: one 16-byte record (+8 header) per finished flow; 64 KiB holds 2730.
+RING_BYTES = 64 * 1024
+MAX_RINGS = 64
+# tc filter priority of our programs: a fixed, uncommon number so that `tc filter show`
+# makes them recognisable and we never replace someone else's filter at the default 1.
+TC_PRIORITY = 0x5e1
+# A fixed handle too: a filter already at (TC_HANDLE, TC_PRIORITY) is a leftover of a proxy
+# that was killed (tc filters outlive their process) and is replaced.
+TC_HANDLE = 0x5e1
+
+_KEY = struct.Struct("=B3x16s16sHH")                     # sni_proxy_ts_key (40)
+_DIR = struct.Struct("=16s16sHHIIIIIIBBBBI")             # sni_proxy_ts_dir (68)
+_FLOW = struct.Struct("=QQQQQQIIII2B2B2BBBB3xIIIII")     # sni_proxy_ts_flow (96)
+_EVENT = struct.Struct("=IIII")
+_STAT_NAMES = ("c2b_packets", "c2b_bytes", "b2c_packets", "b2c_bytes", "frozen", "to_proxy",
+               "no_flow", "events", "events_lost", "redirect_fail")
+assert _KEY.size == 40 and _DIR.size == 68 and _FLOW.size == 96
+
+# setsockopt numbers (linux/tcp.h)
+TCP_REPAIR = 19
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_TIMESTAMP = 24
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+TCP_REPAIR_OFF_NO_WP = -1      # leave repair mode without sending a window probe
+_TCPI_OPT_TIMESTAMPS = 1
+_TCPI_OPT_SACK = 2
+_TCPI_OPT_WSCALE = 4
+_TCP_INFO = struct.Struct("=BBBBBBBBIIIIIIIIIIIIIIIIIIIIIIII")   # up to tcpi_total_retrans
+_IFF_LOOPBACK_TYPE = 772        # ARPHRD_LOOPBACK
+
+
+class ArmError(Exception):
+    """A pair cannot be spliced; `reason` is a metric label, str() says what happened."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- socket facts
+@dataclass
+class TcpFacts:
+    """What TCP_INFO says about a connected socket (only what the splice needs)."""
+
+    state: int
+    timestamps: bool
+    sack: bool
+    snd_wscale: int
+    rcv_wscale: int
+    snd_mss: int
+    advmss: int
+    pmtu: int
+
+
+def tcp_facts(sock: socket.socket) -> TcpFacts:
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+    f = _TCP_INFO.unpack(raw.ljust(_TCP_INFO.size, b"\0"))
+    state, options, wscale = f[0], f[5], f[6]
+    # 8 one-byte fields, then u32s: rto f[8], ato, snd_mss f[10], ..., pmtu f[21], ...,
+    # advmss f[27]
+    return TcpFacts(state=state, timestamps=bool(options & _TCPI_OPT_TIMESTAMPS),
+                    sack=bool(options & _TCPI_OPT_SACK),
+                    snd_wscale=(wscale & 0x0f) if options & _TCPI_OPT_WSCALE else 0,
+                    rcv_wscale=(wscale >> 4) if options & _TCPI_OPT_WSCALE else 0,
+                    snd_mss=f[10], advmss=f[27], pmtu=f[21])
+
+
+def _ioctl_int(sock: socket.socket, request: int) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), request, buf)
+    return int.from_bytes(buf, "little", signed=True)
+
+
+def tcp_inq(sock: socket.socket) -> int:
+    """Bytes received and not read (SIOCINQ)."""
+    return _ioctl_int(sock, termios.FIONREAD)
+
+
+@dataclass
+class RepairSnapshot:
+    """Sequence state of one socket, read in repair mode (CAP_NET_ADMIN)."""
+
+    copied_seq: int     # first byte not yet read by user space (rcv_nxt - bytes queued)
+    queued: int         # bytes received and not read (SIOCINQ) when copied_seq was taken
+    write_seq: int      # next sequence number user space's next write gets
+    ts_base: int        # TCP_TIMESTAMP minus CLOCK_MONOTONIC in ms (mod 2**32)
+
+
+def _u32(sock: socket.socket, opt: int) -> int:
+    return struct.unpack("=I", sock.getsockopt(socket.IPPROTO_TCP, opt, 4))[0]
+
+
+def repair_snapshot(sock: socket.socket, attempts: int = 8) -> RepairSnapshot:
+    """TCP_REPAIR reads: rcv_nxt/SIOCINQ (as a stable pair), write_seq, the TS clock.
+
+    copied_seq is not readable directly: rcv_nxt - SIOCINQ is, when no segment arrived
+    between the two reads (SIOCINQ read before and after agrees: it only grows, since
+    nobody reads the socket meanwhile). Raises OSError (EPERM without CAP_NET_ADMIN).
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        for _ in range(attempts):
+            before = _ioctl_int(sock, termios.FIONREAD)
+            rcv_nxt = _u32(sock, TCP_QUEUE_SEQ)
+            after = _ioctl_int(sock, termios.FIONREAD)
+            if before == after:
+                break
+        else:
+            raise OSError(errno.EAGAIN, "bytes kept arriving while reading the receive sequence")
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        write_seq = _u32(sock, TCP_QUEUE_SEQ)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 0)
+        ts = _u32(sock, TCP_TIMESTAMP)
+        mono_ms = time.monotonic_ns() // 1_000_000
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+    return RepairSnapshot((rcv_nxt - after) & 0xFFFFFFFF, after, write_seq,
+                          (ts - mono_ms) & 0xFFFFFFFF)
+
+
+def close_silently(sock_or_fd: socket.socket | int) -> None:
+    """Close a TCP socket without FIN or RST: in repair mode close() only disconnects.
+
+    If repair mode cannot be entered (state not ESTABLISHED/CLOSE), an abortive close sends
+    a RST, which the egress hook drops while the flow's entries still exist.
+    """
+    sock = sock_or_fd if isinstance(sock_or_fd, socket.socket) else socket.socket(fileno=sock_or_fd)
+    try:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+    finally:
+        sock.close()
+
+
+# ----------------------------------------------------------------------------- routing
+_RTM_GETROUTE, _RTM_NEWROUTE = 26, 24
+_NLMSG_ERROR = 2
+_RTA_DST, _RTA_OIF = 1, 4
+
+
+def route_oif(address: str) -> int:
+    """The interface index the kernel routes `address` through (RTM_GETROUTE, one round trip)."""
+    ip = ipaddress.ip_address(address)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    dst = ip.packed
+    rtmsg = struct.pack("=BBBBBBBBI", family, len(dst) * 8, 0, 0, 0, 0, 0, 0, 0)
+    rta = struct.pack("=HH", 4 + len(dst), _RTA_DST) + dst
+    body = rtmsg + rta
+    msg = struct.pack("=IHHII", 16 + len(body), _RTM_GETROUTE, 1, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(1.0)
+        nl.send(msg)
+        data = nl.recv(65536)
+    length, mtype = struct.unpack_from("=IH", data, 0)
+    if mtype == _NLMSG_ERROR:
+        err = -struct.unpack_from("=i", data, 16)[0]
+        raise OSError(err, f"no route to {address}: {os.strerror(err)}")
+    pos = 16 + 12
+    while pos + 4 <= length:
+        alen, atype = struct.unpack_from("=HH", data, pos)
+        if alen < 4:
+            break
+        if atype == _RTA_OIF:
+            return struct.unpack_from("=i", data, pos + 4)[0]
+        pos += (alen + 3) & ~3
+    raise OSError(errno.ENETUNREACH, f"the route to {address} names no interface")
+
+
+_LOOPBACK: dict[int, bool] = {}
+
+
+def is_loopback(ifindex: int) -> bool:
+    """The device is a loopback (ARPHRD_LOOPBACK); cached (asked per connection)."""
+    hit = _LOOPBACK.get(ifindex)
+    if hit is None:
+        hit = _LOOPBACK[ifindex] = _is_loopback(ifindex)
+    return hit
+
+
+def _is_loopback(ifindex: int) -> bool:
+    try:
+        name = socket.if_indextoname(ifindex)
+        with open(f"/sys/class/net/{name}/type") as fh:
+            return int(fh.read()) == _IFF_LOOPBACK_TYPE
+    except OSError:
+        return False
+
+
+def up_interfaces() -> list[str]:
+    """Interfaces of this network namespace that are up (the default attach set)."""
+    out = []
+    for _, name in socket.if_nameindex():
+        try:
+            with open(f"/sys/class/net/{name}/operstate") as fh:
+                state = fh.read().strip()
+            with open(f"/sys/class/net/{name}/flags") as fh:
+                up = int(fh.read(), 16) & 1
+        except OSError:
+            continue
+        if up and state in ("up", "unknown"):
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------------- entries
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def _addr16(host: str) -> tuple[int, bytes]:
+    """(4 or 6, 16 bytes): IPv4 (and IPv4-mapped IPv6) in the first 4 bytes, zero-padded.
+    inet_pton, not ipaddress: this runs several times per connection."""
+    if ":" in host:
+        raw = socket.inet_pton(socket.AF_INET6, host.split("%")[0])
+        if raw[:12] == _V4_MAPPED:
+            return 4, raw[12:] + b"\0" * 12
+        return 6, raw
+    return 4, socket.inet_aton(host) + b"\0" * 12
+
+
+def pack_key(src: tuple, dst: tuple) -> bytes:
+    """The map key of packets from `src` to `dst` ((host, port, ...) socket addresses)."""
+    fam, s = _addr16(src[0])
+    fam2, d = _addr16(dst[0])
+    if fam != fam2:
+        raise ArmError("family_mismatch", f"{src[0]} and {dst[0]} are not the same family")
+    return _KEY.pack(fam, s, d, socket.htons(src[1]), socket.htons(dst[1]))
+
+
+@dataclass
+class DirEntry:
+    key: bytes
+    src: tuple             # rewritten source (host, port)
+    dst: tuple             # rewritten destination
+    seq_delta: int
+    ack_delta: int
+    handover_end: int
+    ifindex: int
+    ts_base: int
+    direction: int
+    flags: int
+    win_shift_in: int
+    win_shift_out: int
+
+    def pack(self, slot: int, gen: int) -> bytes:
+        _, s = _addr16(self.src[0])
+        _, d = _addr16(self.dst[0])
+        return _DIR.pack(s, d, socket.htons(self.src[1]), socket.htons(self.dst[1]),
+                         self.seq_delta & 0xFFFFFFFF, self.ack_delta & 0xFFFFFFFF,
+                         self.handover_end & 0xFFFFFFFF, slot, self.ifindex,
+                         self.ts_base & 0xFFFFFFFF, self.direction, self.flags,
+                         self.win_shift_in, self.win_shift_out, gen)
+
+
+@dataclass
+class SpliceSide:
+    """One of the proxy's two sockets: its addresses and state at arm time."""
+
+    local: tuple           # getsockname()
+    peer: tuple            # getpeername()
+    snap: RepairSnapshot
+    facts: TcpFacts
+
+
+def flow_entries(c: SpliceSide, b: SpliceSide, *, c_out: int, b_out: int,
+                 c_neigh: bool, b_neigh: bool) -> tuple[DirEntry, DirEntry]:
+    """The two directions of one flow. Every byte the client sends from c.copied_seq on goes
+    to the backend from b.write_seq on (the proxy writes the queued ones itself first);
+    the backend's bytes from b.copied_seq on go to the client from c.write_seq on.
+
+    c_out: ifindex towards the client (b2c packets leave there), b_out: towards the backend.
+    """
+    ts = F_TSTAMP if (c.facts.timestamps and b.facts.timestamps) else 0
+    c2b = DirEntry(
+        key=pack_key(c.peer, c.local), src=b.local, dst=b.peer,
+        seq_delta=b.snap.write_seq - c.snap.copied_seq,
+        ack_delta=b.snap.copied_seq - c.snap.write_seq,
+        handover_end=0, ifindex=b_out, ts_base=b.snap.ts_base, direction=C2B,
+        flags=ts | (F_NEIGH if b_neigh else 0),
+        win_shift_in=c.facts.snd_wscale, win_shift_out=b.facts.rcv_wscale)
+    b2c = DirEntry(
+        key=pack_key(b.peer, b.local), src=c.local, dst=c.peer,
+        seq_delta=c.snap.write_seq - b.snap.copied_seq,
+        ack_delta=c.snap.copied_seq - b.snap.write_seq,
+        handover_end=b.snap.write_seq + c.snap.queued, ifindex=c_out, ts_base=c.snap.ts_base,
+        direction=B2C, flags=ts | (F_NEIGH if c_neigh else 0),
+        win_shift_in=b.facts.snd_wscale, win_shift_out=c.facts.rcv_wscale)
+    return c2b, b2c
+
+
+@dataclass
+class FlowState:
+    bytes: tuple[int, int]
+    packets: tuple[int, int]
+    last_ns: int
+    frozen: int
+    fin: tuple[int, int]
+    fin_acked: tuple[int, int]
+    rst: bool
+    engaged: bool
+    reported: bool
+    gen: int
+    nxt: tuple[int, int]
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "FlowState":
+        f = _FLOW.unpack(raw)
+        # bytes0 bytes1 pk0 pk1 last frozen tsoff0 tsoff1 fin_seq0 fin_seq1 tsl0 tsl1 fin0 fin1
+        # fa0 fa1 rst engaged reported ring gen pad2
+        return cls((f[0], f[1]), (f[2], f[3]), f[4], f[5], (f[12], f[13]), (f[14], f[15]),
+                   bool(f[16]), bool(f[17]), bool(f[18]), f[20], (f[22], f[23]))
+
+
+def new_flow_value(ring: int, gen: int, nxt: tuple[int, int] = (0, 0)) -> bytes:
+    return _FLOW.pack(0, 0, 0, 0, time.monotonic_ns(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                      0, 0, 0, ring, gen, 0, nxt[0] & 0xFFFFFFFF, nxt[1] & 0xFFFFFFFF)
+
+
+def seq_span(start: int, end: int) -> int:
+    """Bytes from sequence number `start` to `end` (mod 2**32)."""
+    return (end - start) & 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------- tc hooks
+@dataclass
+class _Attached:
+    ifindex: int
+    name: str
+    created_qdisc: bool
+    filters: list[tuple[int, int, int]] = field(default_factory=list)  # (point, handle, prio)
+
+
+class TcpSpliceDataPath:
+    """The loaded object, its tc filters, and the flow maps (fds shared with forked workers)."""
+
+    def __init__(self, obj: BpfObject, max_flows: int):
+        self.obj = obj
+        self.max_flows = max_flows
+        self.flows = obj.map("sni_proxy_tsfw")
+        self.state = obj.map("sni_proxy_tsfl")
+        self.rings = obj.map("sni_proxy_tsrg")
+        self.stat = obj.map("sni_proxy_tsst")
+        # Slot claims shared by every worker: update(slot, pid, BPF_NOEXIST) is atomic
+        # across processes, so two workers never arm the same slot.
+        # value: (pid, counter row) of the claiming worker
+        self.claims = Map.create(BPF_MAP_TYPE_HASH, 4, 8, max_flows, "sni_proxy_tscl")
+        self._rings: dict[int, Map] = {}
+        self.attached: list[_Attached] = []
+        self.stale_replaced = 0          # leftover filters of a killed proxy, replaced
+
+    @classmethod
+    def load(cls, max_flows: int, *, rings: int = MAX_RINGS) -> "TcpSpliceDataPath":
+        obj = BpfObject(OBJECT, map_sizes={"sni_proxy_tsfw": 2 * max_flows,
+                                           "sni_proxy_tsfl": max_flows,
+                                           "sni_proxy_tsrg": rings})
+        obj.load()
+        try:
+            return cls(obj, max_flows)
+        except Exception:
+            obj.close()
+            raise
+
+    # --- interfaces ---------------------------------------------------------------------
+    def attach(self, interfaces: list[str]) -> None:
+        """clsact ingress + egress on each interface; on failure, removes what it added."""
+        try:
+            for name in interfaces:
+                ifindex = socket.if_nametoindex(name)
+                if any(a.ifindex == ifindex for a in self.attached):
+                    continue
+                created = _lb.tc_hook_create(ifindex)
+                att = _Attached(ifindex, name, created)
+                self.attached.append(att)
+                for point, prog in ((_lb.BPF_TC_INGRESS, INGRESS_PROG),
+                                    (_lb.BPF_TC_EGRESS, EGRESS_PROG)):
+                    fd = self.obj.program(prog).fd
+                    try:
+                        handle, prio = _lb.tc_attach(ifindex, point, fd, TC_PRIORITY, TC_HANDLE)
+                    except BpfError as exc:
+                        if exc.errno != errno.EEXIST:
+                            raise
+                        # A killed proxy's filter: its flows end here (their next packet
+                        # meets a stack without their sockets and is answered with a RST).
+                        self.stale_replaced += 1
+                        # ... and the clsact qdisc it sits on was that proxy's creation too
+                        # (the alternative, leaving it, would leave it forever).
+                        att.created_qdisc = True
+                        _lb.tc_detach(ifindex, point, TC_HANDLE, TC_PRIORITY)
+                        handle, prio = _lb.tc_attach(ifindex, point, fd, TC_PRIORITY, TC_HANDLE)
+                    att.filters.append((point, handle, prio))
+        except Exception:
+            self.detach()
+            raise
+
+    @property
+    def ifindexes(self) -> set[int]:
+        return {a.ifindex for a in self.attached}
+
+    def detach(self) -> None:
+        """Remove exactly our filters, and the clsact qdisc where we created it."""
+        errors = []
+        for att in reversed(self.attached):
+            try:
+                for point, handle, prio in att.filters:
+                    _lb.tc_detach(att.ifindex, point, handle, prio)
+                if att.created_qdisc:
+                    _lb.tc_hook_destroy(att.ifindex)
+            except BpfError as exc:
+                errors.append(f"{att.name}: {exc}")
+        self.attached.clear()
+        if errors:
+            raise BpfError("removing the tcp_splice tc hooks", errno.EIO,
+                           hint="; ".join(errors) + " (see `tc filter show dev IF ingress`)")
+
+    # --- rings ----------------------------------------------------------------------------
+    def new_ring(self, index: int) -> Map:
+        ring = Map.create(BPF_MAP_TYPE_RINGBUF, 0, 0, RING_BYTES, "sni_proxy_tsrb")
+        try:
+            self.rings.update(index, ring.fd.to_bytes(4, "little"))
+        except Exception:
+            ring.close()
+            raise
+        old = self._rings.pop(index, None)
+        if old is not None:
+            old.close()
+        self._rings[index] = ring
+        return ring
+
+    # --- flows ----------------------------------------------------------------------------
+    def claim_slot(self, start: int, row: int = 0) -> int | None:
+        """A free flow slot (claimed for this process), searching from `start`; None: full."""
+        pid = struct.pack("=II", os.getpid(), row)
+        n = self.max_flows
+        for i in range(n):
+            slot = (start + i) % n
+            try:
+                self.claims.update(slot, pid, BPF_NOEXIST)
+                return slot
+            except BpfError as exc:
+                if exc.errno == errno.EEXIST:
+                    continue
+                if exc.errno == errno.E2BIG:
+                    return None
+                raise
+        return None
+
+    def release_slot(self, slot: int) -> None:
+        self.claims.delete(slot)
+
+    def insert(self, slot: int, gen: int, ring: int, entries: tuple[DirEntry, DirEntry],
+               starts: tuple[int, int] = (0, 0)) -> None:
+        """Flow state first, then both directions (BPF_NOEXIST: a tuple already spliced is
+        refused). On failure nothing stays in the maps. `starts`: the first sequence number
+        of each direction in the receiver's space (for the byte counts)."""
+        self.state.update(slot, new_flow_value(ring, gen, starts), BPF_ANY)
+        done = []
+        try:
+            for entry in entries:
+                self.flows.update(entry.key, entry.pack(slot, gen), BPF_NOEXIST)
+                done.append(entry)
+        except BpfError as exc:
+            for entry in done:
+                self.flows.delete(entry.key)
+            if exc.errno == errno.EEXIST:
+                raise ArmError("tuple_busy", "this 4-tuple is still spliced (lingering flow)")
+            if exc.errno == errno.E2BIG:
+                raise ArmError("map_full", "the tcp_splice flow map is full "
+                               "(raise ebpf.tcp_splice.max_flows)")
+            raise
+
+    def update(self, slot: int, gen: int, entry: DirEntry) -> None:
+        self.flows.update(entry.key, entry.pack(slot, gen), BPF_ANY)
+
+    def remove(self, entries: tuple[DirEntry, ...]) -> None:
+        for entry in entries:
+            self.flows.delete(entry.key)
+
+    def claimed(self) -> dict[int, tuple[int, int]]:
+        """slot -> (pid, counter row) of every claimed flow slot (O(n): at worker start)."""
+        return {int.from_bytes(k, "little"): struct.unpack("=II", v)
+                for k, v in self.claims.items()}
+
+    def entries_of(self, slot: int) -> list[bytes]:
+        """The flow-map keys pointing at `slot` (O(n): orphan clean-up only)."""
+        out = []
+        for key, value in self.flows.items():
+            if _DIR.unpack(value)[7] == slot:
+                out.append(key)
+        return out
+
+    def flow(self, slot: int) -> FlowState:
+        raw = self.state.lookup(slot)
+        return FlowState.unpack(raw)
+
+    def stats(self) -> dict[str, int]:
+        return {name: self.stat.percpu_sum(i) for i, name in enumerate(_STAT_NAMES)}
+
+    def entries(self) -> int:
+        return self.flows.count()
+
+    def close(self) -> None:
+        try:
+            self.detach()
+        finally:
+            for ring in self._rings.values():
+                ring.close()
+            self._rings.clear()
+            self.claims.close()
+            self.obj.close()
+
+
+def parse_event(raw: bytes) -> tuple[int, int, int]:
+    flow, gen, why, _ = _EVENT.unpack(raw[:_EVENT.size])
+    return flow, gen, why
+
+
+class EventRing:
+    """Consumer of one worker's ring buffer (mmap): sni_proxy_ts_event records."""
+
+    _BUSY = 1 << 31
+    _DISCARD = 1 << 30
+
+    def __init__(self, ring: Map):
+        import mmap
+        self.ring = ring
+        self.page = mmap.PAGESIZE
+        self.mask = ring.max_entries - 1
+        self._consumer = mmap.mmap(ring.fd, self.page, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._producer = mmap.mmap(ring.fd, self.page + 2 * ring.max_entries, mmap.MAP_SHARED,
+                                   mmap.PROT_READ, offset=self.page)
+
+    def fileno(self) -> int:
+        return self.ring.fd
+
+    def drain(self, limit: int = 4096) -> list[tuple[int, int, int]]:
+        """Committed events (flow, gen, why), oldest first; frees their space."""
+        out = []
+        cons = struct.unpack_from("=Q", self._consumer, 0)[0]
+        prod = struct.unpack_from("=Q", self._producer, 0)[0]
+        data, base = self._producer, self.page
+        while cons < prod and len(out) < limit:
+            at = base + (cons & self.mask)
+            header = int.from_bytes(data[at:at + 4], "little")
+            if header & self._BUSY:
+                break
+            length = header & ~(self._BUSY | self._DISCARD)
+            if not header & self._DISCARD and length == _EVENT.size:
+                start = base + ((cons + 8) & self.mask)
+                out.append(parse_event(data[start:start + _EVENT.size]))
+            cons += (length + 8 + 7) & ~7
+        struct.pack_into("=Q", self._consumer, 0, cons)
+        return out
+
+    def close(self) -> None:
+        for m in (self._consumer, self._producer):
+            try:
+                m.close()
+            except (BufferError, ValueError):
+                pass

@@ -1,0 +1,472 @@
+"""The tcp_splice relay kind: after the ClientHello the kernel splices the two TCP connections
+at the packet level (tc, see ebpf/tcpsplice.py); the end hosts talk TCP end to end.
+
+    ws = WorkerSplice(datapath, ring, ring_index, counters, linger_s=60)  # one per worker
+    relay = ws.try_relay(client, backend, idle_timeout_s=300)   # None: take the next kind
+    result = await relay.run()                                  # RelayResult
+
+Hand-over (docs/kernel-datapath.md has the sequence diagram):
+1. Checks that need no change to anything (state, family, MSS, route, queues); a refusal
+   here is counted by reason and the connection takes the next relay kind, untouched.
+2. TCP_REPAIR reads of both sockets: the client socket's first unread byte (copied_seq),
+   both write_seq, the backend socket's rcv_nxt, both timestamp clocks.
+3. Both directions enter the flow map. From here the kernel splices every packet, and the
+   egress hook drops whatever the client-side socket still sends.
+4. User space reads everything queued in the client socket (the peeked ClientHello, any
+   bytes after it) and writes it to the backend: those bytes sit exactly between the
+   backend's write_seq and the first spliced byte (the deltas say so). The backend socket's
+   segments below `handover_end` still pass the egress hook (retransmissions included).
+5. The client socket is closed silently (repair mode: no FIN, no RST). The backend socket is
+   kept (one fd per flow) so its local port is not reused while the 4-tuple is spliced;
+   it is closed silently once the flow's entries are gone.
+Teardown: the BPF program reports on the worker's ring when both FINs were acknowledged or
+a RST passed; run() returns then, and the entries stay for `linger_s` (retransmitted FINs and
+the last ACK must still be translated), like TIME_WAIT. Idle timeout: from the flow's
+last-seen time, checked in user space.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import termios
+import fcntl
+import time
+
+from sniproxy.ebpf import tcpsplice as ts
+from sniproxy.ebpf.objects import BpfError
+from sniproxy.relay.base import RelayResult
+
+log = logging.getLogger("sniproxy")
+
+_TCP_ESTABLISHED = 1
+# Route lookups are cached this long per destination address (one netlink round trip each).
+ROUTE_CACHE_S = 5.0
+ROUTE_CACHE_MAX = 4096
+# A handover larger than this is not read in one go (the client's receive buffer bounds it).
+READ_CHUNK = 256 * 1024
+# Flows left by a worker that died (SIGKILL, crash) are checked this often by its successor.
+ORPHAN_CHECK_S = 5.0
+
+
+def _outq(sock: socket.socket) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    return int.from_bytes(buf, "little", signed=True)
+
+
+class TcpSpliceRelay:
+    """One spliced connection; same contract as relay.base.Relay."""
+
+    kind = "tcp_splice"
+
+    def __init__(self, worker: "WorkerSplice", slot: int, gen: int,
+                 entries: tuple[ts.DirEntry, ts.DirEntry], backend: socket.socket,
+                 pending: bytes, handed_over: int, idle_timeout_s: float,
+                 starts: tuple[int, int]):
+        self.worker = worker
+        self.slot = slot
+        self.gen = gen
+        self.entries = entries
+        self.backend = backend
+        self.backend_fd = -1
+        self.pending = pending              # hand-over bytes not yet written to the backend
+        self.handed_over = handed_over      # client bytes user space wrote to the backend
+        self.idle_timeout_s = idle_timeout_s
+        self.starts = starts
+        self.loop = worker.loop
+        self.finished: asyncio.Future[RelayResult] = self.loop.create_future()
+        self._idle: asyncio.TimerHandle | None = None
+        self.removed = False
+
+    async def run(self) -> RelayResult:
+        try:
+            if self.pending:
+                await self.loop.sock_sendall(self.backend, self.pending)
+                self.pending = b""
+        except OSError as exc:
+            self._finish("reset", f"writing the hand-over bytes to the backend: {exc}",
+                         linger=False)
+        # The Python socket object goes back to the server (which closes it): keep the fd,
+        # unless the flow is already out of the maps (then a normal close is right).
+        if not self.removed:
+            self.backend_fd = self.backend.detach()
+        if not self.finished.done():
+            self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
+        return await self.finished
+
+    def abort(self, outcome: str, detail: str = "") -> None:
+        self._finish(outcome, detail, linger=False)
+
+    # --- events ---------------------------------------------------------------------------
+    def on_end(self, why: int) -> None:
+        if why == ts.EV_RST:
+            self._finish("reset", "a RST went through the spliced flow", linger=True)
+        else:
+            self._finish("ok", linger=True)
+
+    def _check_idle(self) -> None:
+        if self.finished.done():
+            return
+        try:
+            st = self.worker.dp.flow(self.slot)
+        except (BpfError, OSError):
+            self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
+            return
+        if st.reported:                 # the ring event was lost (ring full): act on it now
+            self.on_end(ts.EV_RST if st.rst else ts.EV_FIN)
+            return
+        quiet_s = (time.monotonic_ns() - st.last_ns) / 1e9
+        if quiet_s >= self.idle_timeout_s:
+            self._finish("idle_timeout", f"no packet either way for {self.idle_timeout_s:.0f}s",
+                         linger=False)
+            return
+        self._idle = self.loop.call_later(self.idle_timeout_s - quiet_s + 0.01, self._check_idle)
+
+    def _finish(self, outcome: str, detail: str = "", *, linger: bool) -> None:
+        if self.finished.done():
+            return
+        if self._idle is not None:
+            self._idle.cancel()
+        up = down = 0
+        try:
+            st = self.worker.dp.flow(self.slot)
+            if st.gen == self.gen:
+                # sequence span, not the sum of payloads (that counts retransmissions twice)
+                up = max(self.handed_over, ts.seq_span(self.starts[0], st.nxt[0]))
+                down = ts.seq_span(self.starts[1], st.nxt[1])
+        except (BpfError, OSError):
+            pass
+        self.worker.counters.add("ts_ended")
+        if linger:
+            self.worker.linger(self)
+        else:
+            # Entries out now: later packets from either end meet the proxy's stack, which
+            # has no socket for them and answers with a RST.
+            self.worker.remove(self)
+        self.finished.set_result(RelayResult(up, down, outcome, detail))
+
+
+class WorkerSplice:
+    """What one worker uses: try_relay, the ring of end events, lingering flows."""
+
+    def __init__(self, dp: ts.TcpSpliceDataPath, ring, ring_index: int, counters, *,
+                 linger_s: float, max_flows: int, total_active=None, shared=None):
+        self.dp = dp
+        self.ring = ring
+        self.ring_index = ring_index
+        self.counters = counters
+        self.shared = shared                 # stats.SharedCounters: to retire a dead worker's row
+        self.linger_s = linger_s
+        self.max_flows = max_flows
+        self.total_active = total_active     # () -> flows in the maps over all workers
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._events: ts.EventRing | None = None
+        self._by_slot: dict[int, TcpSpliceRelay] = {}
+        self._gen = int(time.monotonic_ns()) & 0x7FFFFFFF
+        self._routes: dict[str, tuple[float, int]] = {}
+        self._warned: set[str] = set()
+        self._cursor = (ring_index * 7919) % max(1, dp.max_flows)
+        self.idle_timeout_s = 300.0
+        # slot -> (flow-map keys, counted as ended here already)
+        self._orphans: dict[int, tuple[list[bytes], bool]] = {}
+        try:
+            asyncio.get_running_loop().call_soon(self._adopt_orphans)
+        except RuntimeError:
+            pass                                         # built outside a loop (tests)
+
+    # --- loop plumbing --------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self.loop is not None:
+            return
+        self.loop = asyncio.get_running_loop()
+        if self.ring is not None:
+            self._events = ts.EventRing(self.ring)
+            self.loop.add_reader(self._events.fileno(), self._on_events)
+
+    def _on_events(self) -> None:
+        for slot, gen, why in self._events.drain():
+            relay = self._by_slot.get(slot)
+            if relay is not None and relay.gen == gen:
+                relay.on_end(why)
+
+    # --- arm ------------------------------------------------------------------------------
+    def try_relay(self, client: socket.socket, backend: socket.socket, *,
+                  idle_timeout_s: float) -> TcpSpliceRelay | None:
+        self._ensure_loop()
+        self.idle_timeout_s = idle_timeout_s
+        active = self.total_active() if self.total_active is not None else len(self._by_slot)
+        if active >= self.max_flows:
+            return self._fallback("map_full", f"{active} flows use all {self.max_flows} slots "
+                                  "(raise ebpf.tcp_splice.max_flows)")
+        try:
+            cf, bf = ts.tcp_facts(client), ts.tcp_facts(backend)
+            c_local, c_peer = client.getsockname(), client.getpeername()
+            b_local, b_peer = backend.getsockname(), backend.getpeername()
+        except OSError as exc:
+            return self._fallback("socket_error", f"reading the socket state: {exc}")
+        if cf.state != _TCP_ESTABLISHED or bf.state != _TCP_ESTABLISHED:
+            return self._fallback("not_established", "a socket is no longer ESTABLISHED "
+                                  "(a FIN arrived before the hand-over)")
+        try:
+            c_key = ts.pack_key(c_peer, c_local)
+            if c_key[0] != ts.pack_key(b_peer, b_local)[0]:
+                raise ts.ArmError("family_mismatch", f"client {c_peer[0]} and backend "
+                                  f"{b_peer[0]} use different IP versions")
+        except ts.ArmError as exc:
+            return self._fallback(exc.reason, str(exc))
+        hdr = 40 if c_key[0] == 4 else 60
+        # Segments keep their size across the splice: each side's largest segment must fit
+        # the other side's path (client -> us sizes by our advertised MSS).
+        if cf.advmss + hdr > bf.pmtu or bf.advmss + hdr > cf.pmtu:
+            return self._fallback("mss_mismatch", f"segment sizes differ: client side MSS "
+                                  f"{cf.advmss}/PMTU {cf.pmtu}, backend side MSS {bf.advmss}/"
+                                  f"PMTU {bf.pmtu}")
+        try:
+            c_out, b_out = self._oif(c_peer[0]), self._oif(b_peer[0])
+        except OSError as exc:
+            return self._fallback("no_route", f"route lookup: {exc}")
+        attached = self.dp.ifindexes
+        for name, idx in (("client", c_out), ("backend", b_out)):
+            if idx not in attached:
+                return self._fallback("interface_not_attached", f"the {name} is reached through "
+                                      f"{_ifname(idx)}, where the tc programs are not attached "
+                                      "(add it to ebpf.tcp_splice.interfaces)")
+        try:
+            if _outq(client):
+                return self._fallback("client_unacked_data", "bytes the proxy sent to the "
+                                      "client are not acknowledged yet")
+            c_snap = ts.repair_snapshot(client)
+            b_snap = ts.repair_snapshot(backend)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                return self._fallback("repair_failed", "TCP_REPAIR needs CAP_NET_ADMIN")
+            return self._fallback("repair_failed", f"TCP_REPAIR: {exc}")
+        if b_snap.queued:
+            return self._fallback("backend_data_queued", f"the backend sent {b_snap.queued} "
+                                  "bytes before the hand-over")
+        c_side = ts.SpliceSide(c_local, c_peer, c_snap, cf)
+        b_side = ts.SpliceSide(b_local, b_peer, b_snap, bf)
+        entries = ts.flow_entries(c_side, b_side, c_out=c_out, b_out=b_out,
+                                  c_neigh=not ts.is_loopback(c_out),
+                                  b_neigh=not ts.is_loopback(b_out))
+        entries[1].flags |= ts.F_HOLD
+        slot = self.dp.claim_slot(self._cursor, self.ring_index)
+        if slot is None:
+            return self._fallback("map_full", "no free flow slot "
+                                  "(raise ebpf.tcp_splice.max_flows)")
+        self._cursor = (slot + 1) % self.dp.max_flows
+        self._gen = (self._gen + 1) & 0xFFFFFFFF
+        gen = self._gen
+        try:
+            self.dp.insert(slot, gen, self.ring_index, entries,
+                           starts=(b_snap.write_seq, c_snap.write_seq))
+        except ts.ArmError as exc:
+            self.dp.release_slot(slot)
+            return self._fallback(exc.reason, str(exc))
+        except (BpfError, OSError) as exc:
+            self.dp.release_slot(slot)
+            return self._fallback("map_full", f"inserting the flow: {exc}")
+        # Backend bytes that arrived between its snapshot and the insertion would sit in the
+        # proxy's socket below the first spliced byte, forwarded by nobody. The backend
+        # direction went in on hold (its packets dropped, so it retransmits them), so the
+        # socket's queue is final now: bytes there undo the insertion, losslessly (client
+        # bytes spliced meanwhile are exactly where the next relay kind writes them too).
+        try:
+            late = ts.tcp_inq(backend)
+        except OSError:
+            late = 0
+        if late:
+            self.dp.remove(entries)
+            self.dp.release_slot(slot)
+            return self._fallback("backend_data_queued", f"the backend sent {late} bytes "
+                                  "during the hand-over")
+        b2c = entries[1]
+        b2c.flags &= ~ts.F_HOLD
+        self.dp.update(slot, gen, b2c)
+        # --- the kernel splices from here on: no way back to another relay kind ---
+        data = _read_queued(client)
+        if b_snap.write_seq + len(data) != b2c.handover_end:
+            b2c.handover_end = b_snap.write_seq + len(data)
+            self.dp.update(slot, gen, b2c)
+        ts.close_silently(client)
+        sent = 0
+        try:
+            while sent < len(data):
+                sent += backend.send(data[sent:])
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            log.debug("tcp_splice: hand-over write: %s", exc)
+        relay = TcpSpliceRelay(self, slot, gen, entries, backend, data[sent:], len(data),
+                               idle_timeout_s, (b_snap.write_seq, c_snap.write_seq))
+        self._by_slot[slot] = relay
+        self.counters.add("ts_armed")
+        return relay
+
+    def _oif(self, address: str) -> int:
+        now = time.monotonic()
+        hit = self._routes.get(address)
+        if hit is not None and now - hit[0] < ROUTE_CACHE_S:
+            return hit[1]
+        oif = ts.route_oif(address)
+        if len(self._routes) >= ROUTE_CACHE_MAX:
+            self._routes.clear()
+        self._routes[address] = (now, oif)
+        return oif
+
+    def _fallback(self, reason: str, message: str) -> None:
+        self.counters.add(f"ts_fallback_{reason}")
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("tcp_splice: %s; this connection (and later ones for the same reason, "
+                        "counted in ebpf_tcp_splice_fallbacks_total) takes the next relay kind",
+                        message)
+        return None
+
+    # --- flows of a dead worker -------------------------------------------------------------
+    def _adopt_orphans(self) -> None:
+        """Flows claimed by a process that no longer exists keep being spliced (the kernel
+        needs no process), but nobody would remove them: this worker watches them and
+        removes each once it ended (ring event seen by its BPF state) or went idle."""
+        self._ensure_loop()
+        try:
+            claims = self.dp.claimed()
+        except (BpfError, OSError):
+            return
+        dead_rows = set()
+        for slot, (pid, row) in claims.items():
+            if slot in self._orphans or _alive(pid):
+                continue
+            try:
+                keys, reported = self.dp.entries_of(slot), self.dp.flow(slot).reported
+            except (BpfError, OSError):
+                continue
+            # The flow moves to this worker's counters (the dead row is retired below).
+            self.counters.add("ts_armed")
+            self.counters.add("ts_adopted")
+            if reported:
+                self.counters.add("ts_ended")
+            self._orphans[slot] = (keys, reported)
+            dead_rows.add(row)
+            log.info("tcp_splice: watching flow slot %d of dead process %d", slot, pid)
+        if self.shared is not None:
+            for row in dead_rows:
+                if row != self.ring_index:
+                    _retire_row(self.shared.row(row))
+        if self._orphans:
+            self.loop.call_later(ORPHAN_CHECK_S, self._check_orphans)
+
+    def _check_orphans(self) -> None:
+        try:
+            self._check_orphans_once()
+        except Exception:          # a timer callback: log, never lose the rest silently
+            log.exception("tcp_splice: checking the flows of a dead worker")
+        if self._orphans:
+            self.loop.call_later(ORPHAN_CHECK_S, self._check_orphans)
+
+    def _check_orphans_once(self) -> None:
+        now = time.monotonic_ns()
+        for slot, (keys, counted_ended) in list(self._orphans.items()):
+            try:
+                st = self.dp.flow(slot)
+            except (BpfError, OSError):
+                continue
+            idle_s = (now - st.last_ns) / 1e9
+            if (st.reported and idle_s >= self.linger_s) or idle_s >= self.idle_timeout_s:
+                for key in keys:
+                    try:
+                        self.dp.flows.delete(key)
+                    except (BpfError, OSError):
+                        pass
+                try:
+                    self.dp.release_slot(slot)
+                except (BpfError, OSError):
+                    pass
+                del self._orphans[slot]
+                if not counted_ended:
+                    self.counters.add("ts_ended")
+                self.counters.add("ts_removed")
+
+    # --- teardown -------------------------------------------------------------------------
+    def linger(self, relay: TcpSpliceRelay) -> None:
+        self.loop.call_later(self.linger_s, self.remove, relay)
+
+    def remove(self, relay: TcpSpliceRelay) -> None:
+        if relay.removed:
+            return
+        relay.removed = True
+        try:
+            self.dp.remove(relay.entries)
+        except (BpfError, OSError) as exc:
+            log.warning("tcp_splice: removing flow %d: %s", relay.slot, exc)
+        if relay.backend_fd >= 0:
+            ts.close_silently(relay.backend_fd)
+            relay.backend_fd = -1
+        try:
+            self.dp.release_slot(relay.slot)
+        except (BpfError, OSError):
+            pass
+        if self._by_slot.get(relay.slot) is relay:
+            del self._by_slot[relay.slot]
+        self.counters.add("ts_removed")
+
+    def active_relays(self) -> int:
+        return sum(1 for r in self._by_slot.values() if not r.finished.done())
+
+    def close(self) -> None:
+        """Worker exit: every flow out of the maps (live ones end with a RST at their next
+        packet), sockets closed silently."""
+        for relay in list(self._by_slot.values()):
+            if not relay.finished.done():
+                relay.abort("shutdown", "worker exiting")
+            self.remove(relay)
+        if self._events is not None:
+            if self.loop is not None and not self.loop.is_closed():
+                try:
+                    self.loop.remove_reader(self._events.fileno())
+                except (ValueError, OSError):
+                    pass
+            self._events.close()
+            self._events = None
+
+
+def _retire_row(row) -> None:
+    """A dead worker's flows now count elsewhere: its row says they all ended and left."""
+    armed = row.get("ts_armed")
+    row.add("ts_ended", armed - row.get("ts_ended"))
+    row.add("ts_removed", armed - row.get("ts_removed"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _read_queued(sock: socket.socket) -> bytes:
+    parts = []
+    while True:
+        try:
+            chunk = sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        if not chunk:
+            break
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _ifname(ifindex: int) -> str:
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return f"ifindex {ifindex}"
