@@ -488,7 +488,7 @@ RELAY_CONFIG = {
     "userspace": {"relay": {"mode": "auto"}, "ebpf": {"enabled": False}},
     "copy": {"relay": {"mode": "copy"}, "ebpf": {"enabled": False}},
     "sockmap": {"ebpf": {"enabled": True, "sockmap": {"enabled": True},
-                         "dns_cache": {"enabled": False}}},
+                         "tcp_splice": {"enabled": False}, "dns_cache": {"enabled": False}}},
     "tcp_splice": {"ebpf": {"enabled": True, "sockmap": {"enabled": False},
                             "tcp_splice": {"enabled": True}, "dns_cache": {"enabled": False}}},
 }

@@ -2,7 +2,8 @@
 """Start sni-proxy for ../shared/bench: turn the harness's routes file into a config.json.
 
     --cmd '.venv/bin/python bench/run_sni_proxy.py --listen {listen} --routes {routes} --workers {workers}'
-    add --ebpf for the kernel data path (sockmap relay with an 8 MiB forced send buffer: measured
+    add --ebpf for the kernel data path (the tc TCP splice on `lo` first, --no-tcp-splice for the
+    sockmap relay with an 8 MiB forced send buffer: measured
     598 MB/s with the default buffer, 1.7 GB/s with 8 MiB; BPF DNS cache not pinned; per-CPU stats),
     --inflight BYTES, --[no-]backpressure to set ebpf.sockmap.max_inflight_bytes / backpressure
     (omitted: the config's defaults),
@@ -35,6 +36,11 @@ def main() -> None:
                     help="ebpf.sockmap.backpressure = true (the default)")
     bp.add_argument("--no-backpressure", dest="backpressure", action="store_const", const=False,
                     help="ebpf.sockmap.backpressure = false")
+    p.add_argument("--no-tcp-splice", action="store_true",
+                   help="ebpf.tcp_splice.enabled = false (the sockmap relay is then the kernel's)")
+    p.add_argument("--tcp-splice-interfaces", default="lo",
+                   help="comma-separated ebpf.tcp_splice.interfaces (default: lo, where the "
+                        "harness's clients and backends are)")
     p.add_argument("--relay", default="auto", choices=["auto", "splice", "copy"])
     p.add_argument("--metrics", default="127.0.0.1:19090")
     args = p.parse_args()
@@ -60,7 +66,9 @@ def main() -> None:
                  "sockmap": {"sndbuf_bytes": args.sndbuf,
                              **({} if args.backpressure is None else {"backpressure": args.backpressure}),
                              **({"max_inflight_bytes": args.inflight} if args.inflight else {})},
-                 "dns_cache": {"pin_path": None}},
+                 "dns_cache": {"pin_path": None},
+                 "tcp_splice": {"enabled": not args.no_tcp_splice,
+                                "interfaces": args.tcp_splice_interfaces.split(",")}},
     }
     if args.socks:
         config["upstreams"] = {"bench": {"type": "socks5", "addr": args.socks}}

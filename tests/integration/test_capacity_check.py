@@ -137,6 +137,7 @@ def test_reload_keeps_auto_workers_and_map_size(tmp_path):
         status = p.status()
         assert status["config"]["workers"] == len(status["workers"]) >= 2
         assert status["config"]["ebpf"]["sockmap"]["max_entries"] == 80_000    # 2 x max_connections
+        cfg = p.config        # as the harness wrote it (tcp_splice off outside a netns)
         p.config_path.write_text(json.dumps({**cfg, "timeouts": {**cfg["timeouts"], "idle_s": 30}}))
         p.signal(signal.SIGHUP)
         wait_until(lambda: p.metric("sniproxy_config_reloads_total", result="applied") == 1, 10,
