@@ -62,6 +62,9 @@ def main() -> None:
         "routes": routes,
         "relay": {"mode": args.relay},
         "log": {"level": "warning", "access_log": False},
+        # The harness sends SIGTERM and SIGKILLs after 10 s: drain for less, so the proxy exits
+        # by itself and removes its tc filters from lo (a killed one leaves them to the next peer).
+        "timeouts": {"shutdown_grace_s": 3},
         "ebpf": {"enabled": args.ebpf,
                  "sockmap": {"sndbuf_bytes": args.sndbuf,
                              **({} if args.backpressure is None else {"backpressure": args.backpressure}),
