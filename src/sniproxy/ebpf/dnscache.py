@@ -90,15 +90,21 @@ def _compatible(m: Map, max_entries: int) -> bool:
             and m.value_size == VALUE_BYTES and m.max_entries == max_entries)
 
 
-def open_dns_map(max_entries: int, pin_path: str | None) -> DnsMap:
+def open_dns_map(max_entries: int, pin_path: str | None, *,
+                 pin_problem: str | None = None) -> DnsMap:
     """The shared LRU map: the pinned one when compatible, else a new one (pinned if possible).
 
-    Raises BpfError when the map cannot be created at all.
+    `pin_problem`: why pin_path cannot be used, as the start-up code's `bpffs.ensure_mounted`
+    found (it mounts bpffs when it may); None means look here (no mounting). Raises BpfError
+    when the map cannot be created at all.
     """
     if pin_path is None:
         m = Map.create(BPF_MAP_TYPE_LRU_HASH, KEY_BYTES, VALUE_BYTES, max_entries, MAP_NAME)
         return DnsMap(m, None, "ebpf.dns_cache.pin_path is null: shared by fd inheritance only")
-    why_not = bpffs.ensure_mounted(pin_path, "the shared DNS cache (ebpf.dns_cache.pin_path)")
+    why_not = pin_problem
+    if why_not is None and not bpffs.is_bpffs(pin_path):
+        why_not = (f"{pin_path} is not on a bpffs (mount one: `mount -t bpf bpf <dir>`, or use "
+                   f"a path under {bpffs.DEFAULT})")
     if why_not is not None:
         m = Map.create(BPF_MAP_TYPE_LRU_HASH, KEY_BYTES, VALUE_BYTES, max_entries, MAP_NAME)
         return DnsMap(m, None, why_not)

@@ -20,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-FEATURES = ("sockmap", "dns_cache", "stats", "tcp_splice")
+# The proxy's kernel data path features, each with its own mode (support.FEATURES maps each
+# to the probes it needs).
+DATA_PATH_FEATURES = ("sockmap", "dns_cache", "stats", "tcp_splice")
 
 ACTIVE, DEGRADED, DISABLED = "active", "degraded", "disabled"
 
@@ -78,7 +80,7 @@ def decide_modes(requested: dict[str, bool], support: SupportLike | None, *,
     failures = failures or {}
     degraded = degraded or {}
     features: dict[str, FeatureMode] = {}
-    for name in FEATURES:
+    for name in DATA_PATH_FEATURES:
         if not ebpf_enabled:
             features[name] = FeatureMode(DISABLED, "ebpf.enabled is false in the config", False)
         elif not requested.get(name, False):

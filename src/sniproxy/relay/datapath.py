@@ -53,27 +53,9 @@ class KernelDataPath:
         support = support if support is not None else check_system_support()
         failures: dict[str, str] = {}
         degraded: dict[str, str] = {}
-        workers = config.workers
-        rows = max(sm.MAX_RINGS, 2 * workers + 2)
-        sockmap_dp = None
-        want_sockmap = requested["sockmap"] and support.ok("sockmap")
-        want_stats = requested["stats"] and support.ok("stats")
-        stat_map = None
-        if want_sockmap:
-            try:
-                sockmap_dp = sm.SockmapDataPath.load(config.ebpf.sockmap.max_entries,
-                                                     stats_on=requested["stats"], rings=rows)
-                stat_map = sockmap_dp.maps.stat
-            except OSError as exc:
-                failures["sockmap"] = f"loading the sockmap program failed: {exc}"
-        if want_stats and stat_map is None:
-            # No program to count (the sockmap is off): the counters still exist, shared,
-            # so /metrics keeps its shape. SOCKHASH maps need CAP_NET_ADMIN, this one does not.
-            try:
-                stat_map = Map.create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(BPF_STAT_NAMES),
-                                      "sni_proxy_stat")
-            except OSError as exc:
-                failures["stats"] = f"creating the per-CPU stats map failed: {exc}"
+        rows = max(sm.MAX_RINGS, 2 * config.workers + 2)
+        sockmap_dp, stat_map = _start_sockmap_and_stats(config, requested, support, rows,
+                                                        failures)
         sndbuf_ok = _sndbuf_force_allowed()
         if config.ebpf.sockmap.sndbuf_bytes and not sndbuf_ok:
             degraded["sockmap"] = (
@@ -83,13 +65,7 @@ class KernelDataPath:
                 "fix: grant CAP_NET_ADMIN or raise net.core.wmem_max")
         dns_map = None
         if requested["dns_cache"] and support.ok("dns_cache"):
-            from sniproxy.ebpf.dnscache import open_dns_map
-            try:
-                dns_map = open_dns_map(config.ebpf.dns_cache.max_entries,
-                                       config.ebpf.dns_cache.pin_path)
-            except OSError as exc:
-                failures["dns_cache"] = (f"creating the BPF LRU map failed: {exc}; the per-worker "
-                                         "in-memory DNS cache is used")
+            dns_map = _open_dns_cache(config, failures)
         tcp_splice = None
         if requested.get("tcp_splice") and support.ok("tcp_splice"):
             tcp_splice = _start_tcp_splice(config, rows, failures)
@@ -106,13 +82,19 @@ class KernelDataPath:
                 + "\n".join(lines)
                 + "\nfix the cause above, disable the feature in ebpf.*, or set fallback_mode "
                   "to \"auto\" to run with what works")
+        self._log_modes(missing)
+        return self
+
+    def _log_modes(self, missing) -> None:
+        """What start-up decided, once: each missing feature with its fix, then the seed's lines."""
+        config, modes = self.config, self.modes
         for name, f in missing:
             if f.state == "degraded":
                 log.warning("eBPF %s degraded: %s", name, f.reason)
             else:
                 log.warning("eBPF %s disabled: %s; %s", name, f.reason, _FALLBACK_TEXT[name])
-        if dns_map is not None:
-            log.info("eBPF DNS cache: %s", dns_map.note)
+        if self.dns_map is not None:
+            log.info("eBPF DNS cache: %s", self.dns_map.note)
         if modes.running("sockmap"):
             if config.ebpf.sockmap.backpressure:
                 log.info("eBPF sockmap backpressure: a direction pauses above max_inflight_bytes="
@@ -123,9 +105,9 @@ class KernelDataPath:
                 log.warning("ebpf.sockmap.backpressure is off: a slow receiver lets the kernel "
                             "queue without bound (counted in "
                             "ebpf_sockmap_inflight_over_limit_total); set it to true to bound it")
-        if tcp_splice is not None:
+        if self.tcp_splice is not None:
             log.info("eBPF tcp_splice: tc programs on %s (max_flows %d)",
-                     ", ".join(a.name for a in tcp_splice.attached), tcp_splice.max_flows)
+                     ", ".join(a.name for a in self.tcp_splice.attached), self.tcp_splice.max_flows)
         # The seed's lines, which operators grep: "eBPF manager initialised" / "... failed
         # (falling back to the traditional mode)", then the mode of each feature.
         summary = (f"mode {modes.mode} (tcp_splice {modes.state('tcp_splice')}, sockmap "
@@ -138,7 +120,6 @@ class KernelDataPath:
                      "DNS cache")
         else:
             log.info("eBPF manager initialised: %s", summary)
-        return self
 
     # --- workers --------------------------------------------------------------------------
     def worker_factory(self) -> Callable[[Any], WorkerKernel]:
@@ -244,6 +225,44 @@ class KernelDataPath:
             self.dns_map.map.close()         # a pinned map lives on in bpffs, by design
             self.dns_map = None
         self.counters.close()
+
+
+def _start_sockmap_and_stats(config, requested, support, rows: int, failures: dict[str, str]):
+    """(the loaded sockmap data path or None, the per-CPU stats map or None)."""
+    sockmap_dp = stat_map = None
+    if requested["sockmap"] and support.ok("sockmap"):
+        try:
+            sockmap_dp = sm.SockmapDataPath.load(config.ebpf.sockmap.max_entries,
+                                                 stats_on=requested["stats"], rings=rows)
+            stat_map = sockmap_dp.maps.stat
+        except OSError as exc:
+            failures["sockmap"] = f"loading the sockmap program failed: {exc}"
+    if requested["stats"] and support.ok("stats") and stat_map is None:
+        # No program to count (the sockmap is off): the counters still exist, shared,
+        # so /metrics keeps its shape. SOCKHASH maps need CAP_NET_ADMIN, this one does not.
+        try:
+            stat_map = Map.create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(BPF_STAT_NAMES),
+                                  "sni_proxy_stat")
+        except OSError as exc:
+            failures["stats"] = f"creating the per-CPU stats map failed: {exc}"
+    return sockmap_dp, stat_map
+
+
+def _open_dns_cache(config, failures: dict[str, str]):
+    """The shared LRU map, pinned on bpffs when ebpf.dns_cache.pin_path asks (mounting
+    /sys/fs/bpf here, at start-up, as root: logged), else None with the failure recorded."""
+    from sniproxy.ebpf import bpffs
+    from sniproxy.ebpf.dnscache import open_dns_map
+    pin_path = config.ebpf.dns_cache.pin_path
+    pin_problem = None
+    if pin_path is not None:
+        pin_problem = bpffs.ensure_mounted(pin_path, "the shared DNS cache (ebpf.dns_cache.pin_path)")
+    try:
+        return open_dns_map(config.ebpf.dns_cache.max_entries, pin_path, pin_problem=pin_problem)
+    except OSError as exc:
+        failures["dns_cache"] = (f"creating the BPF LRU map failed: {exc}; the per-worker "
+                                 "in-memory DNS cache is used")
+        return None
 
 
 def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
