@@ -5,6 +5,7 @@ from sniproxy.ebpf.objects import BpfError
 from sniproxy.ebpf.sockmap import STAT_NAMES as BPF_STAT_NAMES
 from sniproxy.ebpf.stats import FALLBACK_REASONS, TCP_SPLICE_FALLBACK_REASONS, hit_rate
 
+
 class _TcpSpliceMetrics:
     """The ebpf_tcp_splice_* families (issue 11)."""
 
@@ -52,7 +53,7 @@ class KernelCollector(_TcpSpliceMetrics):
         self.kdp = kdp
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import GaugeMetricFamily
 
         kdp = self.kdp
         totals = kdp.counters.totals()
@@ -89,6 +90,15 @@ class KernelCollector(_TcpSpliceMetrics):
                 pass
         yield util
         yield from self._tcp_splice(totals, ts_dp)
+        yield from self._sockmap(totals)
+        if kdp.dns_map is not None:
+            yield from self._dns_cache(totals)
+
+    def _sockmap(self, totals):
+        """ebpf_sockmap_*: the proxy's shared counters, then the program's per-CPU ones."""
+        from prometheus_client.core import CounterMetricFamily
+
+        kdp = self.kdp
         fallbacks = CounterMetricFamily("ebpf_sockmap_fallbacks",
                                         "Connections that could not enter the sockmap and used "
                                         "the user-space relay, by reason", labels=["reason"])
@@ -102,7 +112,7 @@ class KernelCollector(_TcpSpliceMetrics):
                                   "Times a direction had more than max_inflight_bytes in the kernel "
                                   "and not paused (backpressure off, or the other direction busy)",
                                   value=totals["over_limit"])
-        if modes.running("stats") and kdp.stat_map is not None:
+        if kdp.modes.running("stats") and kdp.stat_map is not None:
             bpf = {n: kdp.stat_map.percpu_sum(i) for i, n in enumerate(BPF_STAT_NAMES)}
             redirects = CounterMetricFamily("ebpf_sockmap_redirects",
                                             "skbs redirected by the verdict program",
@@ -130,22 +140,27 @@ class KernelCollector(_TcpSpliceMetrics):
             notes.add_metric(["sent"], bpf["notify"])
             notes.add_metric(["lost"], bpf["notify_lost"])
             yield notes
-        if kdp.dns_map is not None:
-            l1, l2, miss = totals["dns_l1_hit"], totals["dns_l2_hit"], totals["dns_miss"]
-            lookups = l1 + l2 + miss
-            yield GaugeMetricFamily("ebpf_dns_cache_hit_rate",
-                                    "DNS cache hits (either level) / lookups, all workers",
-                                    value=hit_rate(l1 + l2, lookups))
-            level = GaugeMetricFamily("ebpf_dns_cache_level_hit_rate",
-                                      "Hit rate of each level: 1 = per-worker dict (all lookups), "
-                                      "2 = shared BPF LRU map (lookups that missed level 1)",
-                                      labels=["level"])
-            level.add_metric(["1"], hit_rate(l1, lookups))
-            level.add_metric(["2"], hit_rate(l2, l2 + miss))
-            yield level
-            counts = CounterMetricFamily("ebpf_dns_cache_lookups", "DNS cache lookups by result",
-                                         labels=["result"])
-            counts.add_metric(["l1_hit"], l1)
-            counts.add_metric(["l2_hit"], l2)
-            counts.add_metric(["miss"], miss)
-            yield counts
+
+    @staticmethod
+    def _dns_cache(totals):
+        """ebpf_dns_cache_*: the seed's hit rate, per level, and the lookups behind it."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        l1, l2, miss = totals["dns_l1_hit"], totals["dns_l2_hit"], totals["dns_miss"]
+        lookups = l1 + l2 + miss
+        yield GaugeMetricFamily("ebpf_dns_cache_hit_rate",
+                                "DNS cache hits (either level) / lookups, all workers",
+                                value=hit_rate(l1 + l2, lookups))
+        level = GaugeMetricFamily("ebpf_dns_cache_level_hit_rate",
+                                  "Hit rate of each level: 1 = per-worker dict (all lookups), "
+                                  "2 = shared BPF LRU map (lookups that missed level 1)",
+                                  labels=["level"])
+        level.add_metric(["1"], hit_rate(l1, lookups))
+        level.add_metric(["2"], hit_rate(l2, l2 + miss))
+        yield level
+        counts = CounterMetricFamily("ebpf_dns_cache_lookups", "DNS cache lookups by result",
+                                     labels=["result"])
+        counts.add_metric(["l1_hit"], l1)
+        counts.add_metric(["l2_hit"], l2)
+        counts.add_metric(["miss"], miss)
+        yield counts
