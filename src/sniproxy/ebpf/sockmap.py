@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import socket
 import struct
 import termios
 from dataclasses import dataclass
 
 from sniproxy.ebpf.layout import EnumLayout, StructLayout
+from sniproxy.ebpf.ringbuf import MmapRingReader
 from sniproxy.ebpf.objects import (
     BPF_ANY, BPF_MAP_TYPE_RINGBUF, BPF_NOEXIST, BPF_SK_SKB_STREAM_VERDICT, BpfError, BpfObject,
     Link, Map,
@@ -133,53 +133,11 @@ def tcp_written(sock: socket.socket) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- ring reader
-class RingReader:
-    """Consumer side of a BPF ring buffer through mmap: records of 8-byte socket cookies.
-
-    The kernel maps the data area twice in a row, so a record that wraps is contiguous here.
-    """
-
-    _BUSY = 1 << 31
-    _DISCARD = 1 << 30
+class RingReader(MmapRingReader[int]):
+    """A worker's ring of credit notifications: records of 8-byte socket cookies."""
 
     def __init__(self, ring: Map):
-        self.ring = ring
-        self.page = mmap.PAGESIZE
-        self.mask = ring.max_entries - 1
-        self._consumer = mmap.mmap(ring.fd, self.page, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._producer = mmap.mmap(ring.fd, self.page + 2 * ring.max_entries, mmap.MAP_SHARED,
-                                   mmap.PROT_READ, offset=self.page)
-
-    def fileno(self) -> int:
-        return self.ring.fd
-
-    def drain(self, limit: int = 4096) -> list[int]:
-        """Every committed record (at most `limit`), oldest first; frees their space."""
-        out: list[int] = []
-        cons = _U64.unpack_from(self._consumer, 0)[0]
-        prod = _U64.unpack_from(self._producer, 0)[0]
-        data = self._producer
-        base = self.page
-        while cons < prod and len(out) < limit:
-            header = int.from_bytes(data[base + (cons & self.mask):base + (cons & self.mask) + 4],
-                                    "little")
-            if header & self._BUSY:
-                break                   # being written; the kernel wakes us again when done
-            length = header & ~(self._BUSY | self._DISCARD)
-            if not header & self._DISCARD and length == 8:
-                start = base + ((cons + 8) & self.mask)
-                out.append(_U64.unpack(data[start:start + 8])[0])
-            cons += (length + 8 + 7) & ~7
-        _U64.pack_into(self._consumer, 0, cons)
-        return out
-
-    def close(self) -> None:
-        for m in (self._consumer, self._producer):
-            try:
-                m.close()
-            except (BufferError, ValueError):
-                pass
+        super().__init__(ring, 8, lambda raw: _U64.unpack(raw)[0])
 
 
 # ----------------------------------------------------------------------------- maps

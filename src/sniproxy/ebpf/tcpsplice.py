@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from sniproxy.ebpf import libbpf as _lb
+from sniproxy.ebpf.ringbuf import MmapRingReader
 from sniproxy.ebpf.objects import (
     BPF_ANY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_RINGBUF, BPF_NOEXIST, BpfError, BpfObject, Map,
 )
@@ -558,47 +559,8 @@ def parse_event(raw: bytes) -> tuple[int, int, int]:
     return flow, gen, why
 
 
-class EventRing:
-    """Consumer of one worker's ring buffer (mmap): sni_proxy_ts_event records."""
-
-    _BUSY = 1 << 31
-    _DISCARD = 1 << 30
+class EventRing(MmapRingReader[tuple[int, int, int]]):
+    """Consumer of one worker's ring buffer: sni_proxy_ts_event records -> (flow, gen, why)."""
 
     def __init__(self, ring: Map):
-        import mmap
-        self.ring = ring
-        self.page = mmap.PAGESIZE
-        self.mask = ring.max_entries - 1
-        self._consumer = mmap.mmap(ring.fd, self.page, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._producer = mmap.mmap(ring.fd, self.page + 2 * ring.max_entries, mmap.MAP_SHARED,
-                                   mmap.PROT_READ, offset=self.page)
-
-    def fileno(self) -> int:
-        return self.ring.fd
-
-    def drain(self, limit: int = 4096) -> list[tuple[int, int, int]]:
-        """Committed events (flow, gen, why), oldest first; frees their space."""
-        out = []
-        cons = struct.unpack_from("=Q", self._consumer, 0)[0]
-        prod = struct.unpack_from("=Q", self._producer, 0)[0]
-        data, base = self._producer, self.page
-        while cons < prod and len(out) < limit:
-            at = base + (cons & self.mask)
-            header = int.from_bytes(data[at:at + 4], "little")
-            if header & self._BUSY:
-                break
-            length = header & ~(self._BUSY | self._DISCARD)
-            if not header & self._DISCARD and length == _EVENT.size:
-                start = base + ((cons + 8) & self.mask)
-                out.append(parse_event(data[start:start + _EVENT.size]))
-            cons += (length + 8 + 7) & ~7
-        struct.pack_into("=Q", self._consumer, 0, cons)
-        return out
-
-    def close(self) -> None:
-        for m in (self._consumer, self._producer):
-            try:
-                m.close()
-            except (BufferError, ValueError):
-                pass
+        super().__init__(ring, _EVENT.size, parse_event)
