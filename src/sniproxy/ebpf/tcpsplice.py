@@ -15,17 +15,16 @@ packed here mirror `bpf/sni_proxy_tcp_splice.h` field by field.
 from __future__ import annotations
 
 import errno
-import fcntl
 import ipaddress
 import os
 import socket
 import struct
-import termios
 import time
 from dataclasses import dataclass, field
 
 from sniproxy.ebpf import libbpf as _lb
 from sniproxy.ebpf.ringbuf import MmapRingReader
+from sniproxy.ebpf.sockmap import tcp_inq  # SIOCINQ, one copy for both kernel relays
 from sniproxy.ebpf.objects import (
     BPF_ANY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_RINGBUF, BPF_NOEXIST, BpfError, BpfObject, Map,
 )
@@ -105,17 +104,6 @@ def tcp_facts(sock: socket.socket) -> TcpFacts:
                     snd_mss=f[10], advmss=f[27], pmtu=f[21])
 
 
-def _ioctl_int(sock: socket.socket, request: int) -> int:
-    buf = bytearray(4)
-    fcntl.ioctl(sock.fileno(), request, buf)
-    return int.from_bytes(buf, "little", signed=True)
-
-
-def tcp_inq(sock: socket.socket) -> int:
-    """Bytes received and not read (SIOCINQ)."""
-    return _ioctl_int(sock, termios.FIONREAD)
-
-
 @dataclass
 class RepairSnapshot:
     """Sequence state of one socket, read in repair mode (CAP_NET_ADMIN)."""
@@ -141,9 +129,9 @@ def repair_snapshot(sock: socket.socket, attempts: int = 8) -> RepairSnapshot:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         for _ in range(attempts):
-            before = _ioctl_int(sock, termios.FIONREAD)
+            before = tcp_inq(sock)
             rcv_nxt = _u32(sock, TCP_QUEUE_SEQ)
-            after = _ioctl_int(sock, termios.FIONREAD)
+            after = tcp_inq(sock)
             if before == after:
                 break
         else:
