@@ -263,6 +263,38 @@ def test_a_reset_backend_resets_the_client_too(pair):
     assert linger[:4] != b"\0\0\0\0"                  # the client gets a RST, not a FIN
 
 
+def test_a_backend_reset_after_its_fin_is_a_normal_end(pair):
+    """A server that sent its response and FIN, then closed, resets the connection when the
+    client's TLS close_notify arrives: every byte reached the client, so the end is `ok`
+    (the user-space relay, which no longer reads that socket, says the same)."""
+    relay_end, backend = _tcp_pair()
+    relay_end.setblocking(False)
+    pair.socks = (pair.socks[CLIENT], relay_end)
+    reset_on_close(*pair.socks)
+
+    async def main():
+        worker = FakeWorker(asyncio.get_running_loop())
+        relay = SockmapRelay(worker, pair, idle_timeout_s=60)
+        task = asyncio.ensure_future(relay.run())
+        pair.redirect(BACKEND, 700)                      # the response, then its FIN
+        pair.fin[BACKEND] = True
+        relay.on_socket_event(BACKEND, select.EPOLLRDHUP)
+        assert relay.done[BACKEND] and not task.done()   # the client may still send
+        backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        backend.close()                                  # RST after the FIN
+        poller = select.poll()
+        poller.register(relay_end, select.POLLERR)
+        assert poller.poll(2000), "the RST did not arrive"
+        relay.on_socket_event(BACKEND, select.EPOLLERR | select.EPOLLHUP)
+        return await asyncio.wait_for(task, 2)
+    try:
+        result = _run(main())
+    finally:
+        relay_end.close()
+    assert result.outcome == "ok" and "backend reset after its end" in result.detail
+    assert result.bytes_down == 700
+
+
 def test_abort_resets_and_reports_what_moved(pair):
     async def main():
         worker = FakeWorker(asyncio.get_running_loop())

@@ -124,6 +124,14 @@ class SockmapRelay:
                 err = self.pair.socks[side].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             except OSError as exc:
                 err = exc.errno or errno.EBADF
+            if err and self.done[side]:
+                # The side had ended its direction (FIN, every byte delivered) and then
+                # reset: a late write reached its closed socket, e.g. the TLS close_notify a
+                # client sends after the server closed. Nothing of that side was lost; a
+                # direct connection resets the same way; the user-space relay calls it ok.
+                self._finish("ok", f"{_NAMES[side]} reset after its end "
+                             f"({os.strerror(err)})", reset=True)
+                return
             if err:
                 self._finish("reset", f"{_NAMES[side]} {os.strerror(err)}", reset=True)
                 return
