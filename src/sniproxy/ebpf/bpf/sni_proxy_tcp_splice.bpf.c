@@ -8,7 +8,8 @@
  *
  * Programs (tc clsact, attached by src/sniproxy/ebpf/tcpsplice.py):
  *   sni_proxy_tsi  ingress: look up the 4-tuple, rewrite, redirect.
- *   sni_proxy_tse  egress: freeze the proxy's own sockets of a spliced flow.
+ *   sni_proxy_tse  egress: rewrite in place what a local end sends through lo to a local
+ *                  end; freeze the proxy's own sockets of a spliced flow.
  * Maps:
  *   sni_proxy_tsfw  hash, 4-tuple of arriving packets -> struct sni_proxy_ts_dir (2 per flow)
  *   sni_proxy_tsfl  array, flow slot -> struct sni_proxy_ts_flow (counters, FIN/RST state)
@@ -229,11 +230,13 @@ static long scan_option(__u32 n, struct optscan *s)
 	return 0;
 }
 
-SEC("tc")
-int sni_proxy_tsi(struct __sk_buff *skb)
+/* Rewrite a packet that `v` says belongs to a spliced flow into the other connection's.
+ * `in_place`: called by the egress hook of the device the rewritten packet leaves by (lo,
+ * both ends local): it goes on as it is, once through the device. Otherwise (ingress) it is
+ * redirected out. */
+static __always_inline int splice(struct __sk_buff *skb, struct parsed *p,
+				  struct sni_proxy_ts_dir *v, bool in_place)
 {
-	struct parsed p = {};
-	struct sni_proxy_ts_dir *v;
 	struct sni_proxy_ts_flow *f;
 	struct optscan scan = {};
 	__u8 old[64], *hdr = scan.hdr;
@@ -242,16 +245,6 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	__s64 diff;
 	int n;
 
-	/* The proxy socket's copy of a backend ACK (see below): for the stack, untouched. */
-	if (skb->mark == SNI_PROXY_TS_MARK_PASS) {
-		skb->mark = 0;
-		return TC_ACT_UNSPEC;
-	}
-	if (parse(skb, &p))
-		return TC_ACT_UNSPEC;
-	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
-	if (!v)
-		return TC_ACT_UNSPEC;
 	f = bpf_map_lookup_elem(&sni_proxy_tsfl, &v->flow);
 	if (!f) {
 		stat(TS_STAT_NO_FLOW, 1);
@@ -260,16 +253,16 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	/* A SYN reusing a spliced 4-tuple is a new connection, not part of the flow. If the
 	 * flow is over (lingering), its entries go now, or they would capture the new
 	 * connection's next packets; user space's later delete finds them gone. */
-	if (p.flags & TH_SYN) {
+	if (p->flags & TH_SYN) {
 		if (v->dir == SNI_PROXY_TS_C2B && f->reported) {
-			struct sni_proxy_ts_key rev = { .family = p.key.family };
+			struct sni_proxy_ts_key rev = { .family = p->key.family };
 
 			__builtin_memcpy(rev.saddr, v->daddr, 16);
 			__builtin_memcpy(rev.daddr, v->saddr, 16);
 			rev.sport = v->dport;
 			rev.dport = v->sport;
 			bpf_map_delete_elem(&sni_proxy_tsfw, &rev);
-			bpf_map_delete_elem(&sni_proxy_tsfw, &p.key);
+			bpf_map_delete_elem(&sni_proxy_tsfw, &p->key);
 		}
 		return TC_ACT_UNSPEC;
 	}
@@ -278,16 +271,16 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	 * get them yet; the backend retransmits them to whichever is decided. */
 	if (v->flags & SNI_PROXY_TS_F_HOLD)
 		return TC_ACT_SHOT;
-	hlen = p.hlen;
+	hlen = p->hlen;
 	if (hlen < 20 || hlen > TCP_HDR_MAX)	/* parse() checked; the verifier needs it here */
 		return TC_ACT_UNSPEC;
-	if (bpf_skb_load_bytes(skb, p.l4_off, hdr, hlen))
+	if (bpf_skb_load_bytes(skb, p->l4_off, hdr, hlen))
 		return TC_ACT_UNSPEC;
 	dir = v->dir & 1;
 	other = dir ^ 1;
 	seq = get32(hdr, 4);
 	ack = get32(hdr, 8);
-	payload = p.l4_len - hlen;
+	payload = p->l4_len - hlen;
 
 	/* Backend ACKs of the bytes the proxy wrote itself (the ClientHello and what was queued
 	 * with it) are needed by two: the proxy's socket, to stop retransmitting them, and the
@@ -297,7 +290,7 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	 * untouched) and the original is spliced. Data, FIN, RST, an ACK past the hand-over,
 	 * or the ACK of its last byte engage the flow: the proxy's socket needs nothing more. */
 	if (dir == SNI_PROXY_TS_B2C && !f->engaged) {
-		if (payload == 0 && !(p.flags & (TH_FIN | TH_RST)) &&
+		if (payload == 0 && !(p->flags & (TH_FIN | TH_RST)) &&
 		    (__s32)(ack - v->handover_end) <= 0) {
 			if (ack == v->handover_end)
 				f->engaged = 1;
@@ -316,7 +309,7 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	__builtin_memcpy(&hdr[0], &v->sport, 2);
 	__builtin_memcpy(&hdr[2], &v->dport, 2);
 	put32(hdr, 4, nseq);
-	if (p.flags & TH_ACK)
+	if (p->flags & TH_ACK)
 		put32(hdr, 8, ack + v->ack_delta);
 	/* Window: scaled by the sender's shift, read with the receiver's; equal on every Linux
 	 * pair with the same tcp_rmem, otherwise rescaled (and clamped to the 16-bit field). */
@@ -351,10 +344,10 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 		/* TSecr echoes the other direction's (translated) TSval: undo that translation.
 		 * Before the other direction was seen it echoes the proxy socket's clock, which
 		 * the receiver cannot use: 0 tells it to take no RTT sample from it. */
-		if (p.flags & TH_ACK)
+		if (p->flags & TH_ACK)
 			put32(hdr, ts_at + 4, f->ts_learned[other] ? tsecr - f->ts_off[other] : 0);
 	}
-	if (sack_at && (p.flags & TH_ACK)) {
+	if (sack_at && (p->flags & TH_ACK)) {
 		/* SACK edges acknowledge the other direction's bytes, like the ACK number */
 		for (n = 0; n < SACK_MAX_BLOCKS; n++) {
 			__u32 at = sack_at + 8 * n;
@@ -368,13 +361,13 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 
 	/* FIN/RST tracking: a FIN's sequence number is kept in the receiver's space, where the
 	 * other side's ACK (read before translation) acknowledges it. */
-	if (p.flags & TH_FIN) {
+	if (p->flags & TH_FIN) {
 		f->fin_seq[dir] = nseq + payload + 1;
 		f->fin[dir] = 1;
 	}
-	if ((p.flags & TH_ACK) && f->fin[other] && (__s32)(ack - f->fin_seq[other]) >= 0)
+	if ((p->flags & TH_ACK) && f->fin[other] && (__s32)(ack - f->fin_seq[other]) >= 0)
 		f->fin_acked[other] = 1;
-	if (p.flags & TH_RST)
+	if (p->flags & TH_RST)
 		f->rst = 1;
 	/* Plain max (two CPUs may race; the counts are for accounting only). Data only: an ACK
 	 * sent after a FIN carries the FIN's sequence number + 1. */
@@ -395,34 +388,36 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 	 * equal in both copies). For CHECKSUM_PARTIAL skbs (loopback, veth) the helper leaves
 	 * the field alone, as it must: the header is summed when the packet is sent. */
 	diff = bpf_csum_diff((__be32 *)old, hlen, (__be32 *)hdr, hlen, 0);
-	if (diff < 0 || bpf_skb_store_bytes(skb, p.l4_off, hdr, hlen, 0))
+	if (diff < 0 || bpf_skb_store_bytes(skb, p->l4_off, hdr, hlen, 0))
 		return TC_ACT_SHOT;
-	if (bpf_l4_csum_replace(skb, p.l4_off + 16, 0, diff, 0))
+	if (bpf_l4_csum_replace(skb, p->l4_off + 16, 0, diff, 0))
 		return TC_ACT_SHOT;
 	/* Addresses: in the IPv4 header checksum and the TCP pseudo-header. */
-	if (p.key.family == 4) {
-		__u32 oa[2] = { p.key.saddr[0], p.key.daddr[0] };
+	if (p->key.family == 4) {
+		__u32 oa[2] = { p->key.saddr[0], p->key.daddr[0] };
 		__u32 na[2] = { v->saddr[0], v->daddr[0] };
 
 		diff = bpf_csum_diff(oa, 8, na, 8, 0);
-		if (diff < 0 || bpf_skb_store_bytes(skb, p.l3_off + 12, na, 8, 0))
+		if (diff < 0 || bpf_skb_store_bytes(skb, p->l3_off + 12, na, 8, 0))
 			return TC_ACT_SHOT;
-		if (bpf_l3_csum_replace(skb, p.l3_off + 10, 0, diff, 0))
+		if (bpf_l3_csum_replace(skb, p->l3_off + 10, 0, diff, 0))
 			return TC_ACT_SHOT;
 	} else {
 		__u32 oa[8], na[8];
 
-		__builtin_memcpy(oa, p.key.saddr, 16);
-		__builtin_memcpy(&oa[4], p.key.daddr, 16);
+		__builtin_memcpy(oa, p->key.saddr, 16);
+		__builtin_memcpy(&oa[4], p->key.daddr, 16);
 		__builtin_memcpy(na, v->saddr, 16);
 		__builtin_memcpy(&na[4], v->daddr, 16);
 		diff = bpf_csum_diff(oa, 32, na, 32, 0);
-		if (diff < 0 || bpf_skb_store_bytes(skb, p.l3_off + 8, na, 32, 0))
+		if (diff < 0 || bpf_skb_store_bytes(skb, p->l3_off + 8, na, 32, 0))
 			return TC_ACT_SHOT;
 	}
-	if (bpf_l4_csum_replace(skb, p.l4_off + 16, 0, diff, BPF_F_PSEUDO_HDR))
+	if (bpf_l4_csum_replace(skb, p->l4_off + 16, 0, diff, BPF_F_PSEUDO_HDR))
 		return TC_ACT_SHOT;
 
+	if (in_place)
+		return TC_ACT_UNSPEC;
 	skb->mark = SNI_PROXY_TS_MARK;
 	/* Plain redirect only from lo to lo: the Ethernet header of any other device's packet
 	 * carries MAC addresses the out device would not accept as its own. (lo to lo's own
@@ -433,13 +428,32 @@ int sni_proxy_tsi(struct __sk_buff *skb)
 }
 
 SEC("tc")
+int sni_proxy_tsi(struct __sk_buff *skb)
+{
+	struct parsed p = {};
+	struct sni_proxy_ts_dir *v;
+
+	/* The proxy socket's copy of a backend ACK (see splice()): for the stack, untouched. */
+	if (skb->mark == SNI_PROXY_TS_MARK_PASS) {
+		skb->mark = 0;
+		return TC_ACT_UNSPEC;
+	}
+	if (parse(skb, &p))
+		return TC_ACT_UNSPEC;
+	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
+	if (!v)
+		return TC_ACT_UNSPEC;
+	return splice(skb, &p, v, false);
+}
+
+SEC("tc")
 int sni_proxy_tse(struct __sk_buff *skb)
 {
 	struct parsed p = {};
-	struct sni_proxy_ts_key rev = {};
 	struct sni_proxy_ts_dir *v;
 	struct sni_proxy_ts_flow *f;
-	__u32 seq;
+	__u32 seq, addr[4];
+	__u16 port;
 
 	/* A spliced packet on its way out: not the proxy's, pass (and give the mark back). */
 	if (skb->mark == SNI_PROXY_TS_MARK) {
@@ -448,13 +462,25 @@ int sni_proxy_tse(struct __sk_buff *skb)
 	}
 	if (parse(skb, &p))
 		return TC_ACT_UNSPEC;
-	/* A packet the proxy's socket sends is the reverse of the tuple it receives on. */
-	rev.family = p.key.family;
-	__builtin_memcpy(rev.saddr, p.key.daddr, 16);
-	__builtin_memcpy(rev.daddr, p.key.saddr, 16);
-	rev.sport = p.key.dport;
-	rev.dport = p.key.sport;
-	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &rev);
+	/* A local client's or backend's packet to a proxy socket, on its way out of lo: spliced
+	 * here, it crosses lo once. Left to the ingress hook, it would cross it twice (rewritten
+	 * at ingress, redirected to lo's egress, looped back to ingress): twice the softirq
+	 * work per packet when both ends are on this host. */
+	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
+	if (v) {
+		if (v->ifindex == skb->ifindex && !(v->flags & SNI_PROXY_TS_F_NEIGH))
+			return splice(skb, &p, v, true);
+		return TC_ACT_UNSPEC;		/* leaves by another device: ingress redirects it */
+	}
+	/* A packet the proxy's socket sends is the reverse of the tuple it receives on (turned
+	 * in place: the stack has no room for a second key next to splice()'s). */
+	__builtin_memcpy(addr, p.key.saddr, 16);
+	__builtin_memcpy(p.key.saddr, p.key.daddr, 16);
+	__builtin_memcpy(p.key.daddr, addr, 16);
+	port = p.key.sport;
+	p.key.sport = p.key.dport;
+	p.key.dport = port;
+	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
 	if (!v || (p.flags & TH_SYN))
 		return TC_ACT_UNSPEC;
 	if (v->dir == SNI_PROXY_TS_B2C) {

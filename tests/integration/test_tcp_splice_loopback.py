@@ -1,0 +1,171 @@
+"""The tc splice when client, proxy and backend share one host (lo), as in the benchmarks.
+
+There the egress hook rewrites a packet in place as it leaves lo (one crossing), instead of
+the ingress hook rewriting it and redirecting it to lo's egress, which loops it back (two
+crossings). These tests check that path for what test_tcp_splice.py checks across veths:
+bytes exact both ways, half-close, resets, a backend that speaks first, and that each spliced
+packet really crosses lo once.
+"""
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+
+import pytest
+
+from tests.integration.harness import RawBackend, pattern_bytes, pattern_sha256, send_pattern, wait_until
+from tests.integration.netns import nsexec
+from tests.integration.test_tcp_splice import (
+    HELLO, MiB, EchoBackend, Proxy, ScriptedBackend, _recv_exact, connect, loop_ns,  # noqa: F401
+    read_to_eof, spliced, stream_sha, upload_download, _ebpf,  # noqa: F401
+)
+
+pytestmark = pytest.mark.ebpf
+BACKEND_IP = "127.0.0.2"
+
+
+def _lo_tx_packets(ns: str) -> int:
+    out = nsexec(ns, "cat", "/sys/class/net/lo/statistics/tx_packets").stdout
+    return int(out)
+
+
+def test_each_spliced_packet_crosses_lo_once(loop_ns, tmp_path):
+    """Small request/response exchanges (one segment per packet, no GSO): lo transmits each
+    spliced packet once. The ingress-and-redirect path transmitted it twice."""
+    t = loop_ns
+    be = t.run(t.backend, EchoBackend, BACKEND_IP)
+    proxy = Proxy(t, tmp_path, f"{BACKEND_IP}:{be.port}")
+    rounds = 500
+
+    def ping_pong():
+        with connect("127.0.0.1", proxy.port) as s:
+            s.sendall(HELLO)
+            assert _recv_exact(s, len(HELLO)) == HELLO
+            before = _lo_tx_packets(t.client)
+            for i in range(rounds):
+                msg = struct.pack("!I", i) * 25
+                s.sendall(msg)
+                assert _recv_exact(s, len(msg)) == msg
+            after = _lo_tx_packets(t.client)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(1) == b""
+            return after - before
+    before_pk = proxy.metric("ebpf_tcp_splice_packets_total")
+    lo_tx = t.run(t.client, ping_pong)
+    spliced(proxy)
+    pk = proxy.metric("ebpf_tcp_splice_packets_total") - before_pk
+    # 2 data packets per round, plus ACKs (delayed ACKs mostly ride on the data).
+    assert pk >= 2 * rounds
+    assert lo_tx < 1.3 * pk, f"lo sent {lo_tx} packets for {pk} spliced: crossed twice"
+
+
+def test_large_transfer_both_ways_exact(loop_ns, tmp_path):
+    t = loop_ns
+    be = t.run(t.backend, EchoBackend, BACKEND_IP)
+    proxy = Proxy(t, tmp_path, f"{BACKEND_IP}:{be.port}")
+    size = 256 * MiB
+    got = t.run(t.client, upload_download, "127.0.0.1", proxy.port, size)
+    assert got == (len(HELLO) + size, stream_sha(HELLO, size))
+    assert be.wait(1)[0][:2] == (len(HELLO) + size, stream_sha(HELLO, size))
+    spliced(proxy)
+    assert proxy.metric("ebpf_tcp_splice_bytes_total", direction="client_to_backend") >= size
+    proxy.wait_clean()
+
+
+def test_half_close_backend_first_on_lo(loop_ns, tmp_path):
+    t = loop_ns
+
+    def script(conn, r):
+        r["hello"] = _recv_exact(conn, len(HELLO))
+        conn.sendall(pattern_bytes(2 * MiB))
+        conn.shutdown(socket.SHUT_WR)
+        r["up"] = read_to_eof(conn)
+
+    be = t.run(t.backend, ScriptedBackend, BACKEND_IP, script)
+    proxy = Proxy(t, tmp_path, f"{BACKEND_IP}:{be.port}")
+
+    def client():
+        with connect("127.0.0.1", proxy.port) as s:
+            s.sendall(HELLO)
+            down = read_to_eof(s)
+            send_pattern(s, 4 * MiB)
+            s.shutdown(socket.SHUT_WR)
+            return down, s.recv(1)
+    down, tail = t.run(t.client, client)
+    assert down == (2 * MiB, pattern_sha256(2 * MiB)) and tail == b""
+    r = be.wait()
+    assert r["hello"] == HELLO and r["up"] == (4 * MiB, pattern_sha256(4 * MiB))
+    spliced(proxy)
+    assert "outcome=ok" in proxy.access()[0]
+    proxy.wait_clean()
+
+
+@pytest.mark.parametrize("who", ["client", "backend"])
+def test_rst_either_way_on_lo(loop_ns, tmp_path, who):
+    t = loop_ns
+    linger0 = struct.pack("ii", 1, 0)
+
+    def script(conn, r):
+        _recv_exact(conn, len(HELLO))
+        conn.sendall(b"ready")
+        if who == "backend":
+            _recv_exact(conn, MiB)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+            return
+        try:
+            while conn.recv(1 << 16):
+                pass
+            r["eof"] = True
+        except ConnectionResetError:
+            r["reset"] = True
+
+    be = t.run(t.backend, ScriptedBackend, BACKEND_IP, script)
+    proxy = Proxy(t, tmp_path, f"{BACKEND_IP}:{be.port}")
+
+    def client():
+        s = connect("127.0.0.1", proxy.port)
+        s.sendall(HELLO)
+        assert _recv_exact(s, 5) == b"ready"
+        send_pattern(s, MiB)
+        if who == "client":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+            s.close()
+            return "sent"
+        try:
+            while s.recv(1 << 16):
+                pass
+            return "eof"
+        except ConnectionResetError:
+            return "reset"
+        finally:
+            s.close()
+    seen = t.run(t.client, client)
+    r = be.wait()
+    assert r.get("reset") if who == "client" else seen == "reset", (r, seen)
+    wait_until(lambda: any("outcome=reset" in line for line in proxy.access()), 10,
+               "the reset in the access log")
+    assert "relay=tcp_splice" in proxy.access()[0]
+    proxy.wait_clean()
+
+
+def test_backend_that_speaks_first_on_lo(loop_ns, tmp_path):
+    """The hold and the copy of early backend ACKs to the proxy's socket, on lo's egress."""
+    t = loop_ns
+    be = t.run(t.backend, RawBackend, reply_bytes=256 * 1024, send_first=True, host=BACKEND_IP)
+    proxy = Proxy(t, tmp_path, f"{BACKEND_IP}:{be.port}")
+
+    def client():
+        with connect("127.0.0.1", proxy.port) as s:
+            s.sendall(HELLO)
+            banner = _recv_exact(s, 256 * 1024)
+            send_pattern(s, 2 * MiB)
+            s.shutdown(socket.SHUT_WR)
+            return hashlib.sha256(banner).hexdigest(), s.recv(1)
+    for _ in range(5):
+        assert t.run(t.client, client) == (pattern_sha256(256 * 1024), b"")
+    sessions = be.wait_sessions(5)
+    assert all((x.nbytes, x.sha256) == (len(HELLO) + 2 * MiB, stream_sha(HELLO, 2 * MiB))
+               for x in sessions)
+    wait_until(lambda: len(proxy.access()) == 5, 10, "five access lines")
+    proxy.wait_clean()
