@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import ssl
 import struct
 
 import pytest
 
-from tests.integration.harness import RawBackend, pattern_bytes, pattern_sha256, send_pattern, wait_until
-from tests.integration.netns import nsexec
+from tests.integration.harness import (
+    RawBackend, make_pki, pattern_bytes, pattern_sha256, send_pattern, tls_backend, wait_until,
+)
+from tests.integration.netns import nsexec, run_in
 from tests.integration.test_tcp_splice import (
     HELLO, MiB, EchoBackend, Proxy, ScriptedBackend, _recv_exact, connect, loop_ns,  # noqa: F401
     read_to_eof, spliced, stream_sha, upload_download, _ebpf,  # noqa: F401
@@ -169,3 +172,38 @@ def test_backend_that_speaks_first_on_lo(loop_ns, tmp_path):
                for x in sessions)
     wait_until(lambda: len(proxy.access()) == 5, 10, "five access lines")
     proxy.wait_clean()
+
+
+def _python_tls_get_until_close(host: str, port: int, ca: str) -> bytes:
+    """A Python TLS client reading one `Connection: close` response to the end, then
+    closing: OpenSSL then sends its close_notify to a server that has already closed."""
+    ctx = ssl.create_default_context(cafile=ca)
+    with socket.create_connection((host, port), timeout=20) as raw:
+        with ctx.wrap_socket(raw, server_hostname="data.test") as s:
+            s.sendall(b"GET /whoami HTTP/1.1\r\nHost: data.test\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    return data
+
+
+def test_server_closes_first_then_the_clients_close_notify_is_a_normal_end(loop_ns, tmp_path):
+    """The server's RST answering the client's late close_notify goes through the splice;
+    the backend had ended and its FIN was acknowledged, so the access log says ok."""
+    t = loop_ns
+    pki = make_pki(tmp_path / "pki", ["data.test"])
+    backend = tls_backend(pki, ["data.test"], "b1", host=BACKEND_IP)
+    port = run_in(t.backend, backend.__enter__)
+    try:
+        proxy = Proxy(t, tmp_path, f"{BACKEND_IP}:{port}")
+        for _ in range(5):
+            reply = run_in(t.client, _python_tls_get_until_close, "127.0.0.1", proxy.port,
+                           str(pki.ca_path))
+            assert b"200 OK" in reply and b'"sni": "data.test"' in reply
+        spliced(proxy, 5)
+        outcomes = [line.split("outcome=")[1] for line in proxy.access()]
+        assert all(o.startswith("ok") for o in outcomes), outcomes
+        assert any("backend reset after its end" in o for o in outcomes), outcomes
+        proxy.wait_clean()
+    finally:
+        run_in(t.backend, backend.__exit__, None, None, None)

@@ -334,6 +334,7 @@ class FlowState:
     reported: bool
     gen: int
     nxt: tuple[int, int]
+    rst_from: int | None = None     # the direction (C2B: the client) whose RST came first
 
     @classmethod
     def unpack(cls, raw: bytes) -> "FlowState":
@@ -341,7 +342,8 @@ class FlowState:
         # bytes0 bytes1 pk0 pk1 last frozen tsoff0 tsoff1 fin_seq0 fin_seq1 tsl0 tsl1 fin0 fin1
         # fa0 fa1 rst engaged reported ring gen pad2
         return cls((f[0], f[1]), (f[2], f[3]), f[4], f[5], (f[12], f[13]), (f[14], f[15]),
-                   bool(f[16]), bool(f[17]), bool(f[18]), f[20], (f[22], f[23]))
+                   bool(f[16]), bool(f[17]), bool(f[18]), f[20], (f[22], f[23]),
+                   f[16] - 1 if f[16] else None)
 
 
 def new_flow_value(ring: int, gen: int, nxt: tuple[int, int] = (0, 0)) -> bytes:

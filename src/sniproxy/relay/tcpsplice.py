@@ -102,10 +102,22 @@ class TcpSpliceRelay:
 
     # --- events ---------------------------------------------------------------------------
     def on_end(self, why: int) -> None:
-        if why == ts.EV_RST:
-            self._finish("reset", "a RST went through the spliced flow", linger=True)
-        else:
+        if why != ts.EV_RST:
             self._finish("ok", linger=True)
+            return
+        try:
+            st = self.worker.dp.flow(self.slot)
+        except (BpfError, OSError):
+            st = None
+        side = st.rst_from if st is not None else None
+        if side is not None and st.fin[side] and st.fin_acked[side]:
+            # That side had ended (its FIN acknowledged: every byte it sent arrived), then
+            # reset: a late write reached its closed socket, e.g. the TLS close_notify a
+            # client sends after the server closed. As the other relays, a normal end.
+            name = "client" if side == ts.C2B else "backend"
+            self._finish("ok", f"the {name} reset after its end", linger=True)
+            return
+        self._finish("reset", "a RST went through the spliced flow", linger=True)
 
     def _check_idle(self) -> None:
         if self.finished.done():

@@ -367,8 +367,8 @@ static __always_inline int splice(struct __sk_buff *skb, struct parsed *p,
 	}
 	if ((p->flags & TH_ACK) && f->fin[other] && (__s32)(ack - f->fin_seq[other]) >= 0)
 		f->fin_acked[other] = 1;
-	if (p->flags & TH_RST)
-		f->rst = 1;
+	if ((p->flags & TH_RST) && !f->rst)
+		f->rst = 1 + dir;	/* who reset first: a reset after its own FIN is a normal end */
 	/* Plain max (two CPUs may race; the counts are for accounting only). Data only: an ACK
 	 * sent after a FIN carries the FIN's sequence number + 1. */
 	if (payload && (__s32)(nseq + payload - f->nxt[dir]) > 0)

@@ -66,7 +66,7 @@ struct sni_proxy_ts_flow {
 	__u8 ts_learned[2];
 	__u8 fin[2];		/* a FIN went this way */
 	__u8 fin_acked[2];	/* ... and was acknowledged by the other side */
-	__u8 rst;
+	__u8 rst;		/* 0, or 1 + the direction of the first RST */
 	__u8 engaged;		/* the backend sent data/FIN/RST or acked past the hand-over */
 	__u8 reported;		/* the end event was sent */
 	__u8 pad[3];
