@@ -18,6 +18,7 @@ attempt in /metrics (sniproxy_otlp_exports_total) and /status ("otlp").
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -63,6 +64,9 @@ class MetricSpec:
     derived: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
     #: a prom label whose value becomes `error.type` unless it is one of these "no error" values
     error_from: tuple[str, tuple[str, ...]] | None = None
+    #: prom labels holding a "host:port" (`listener`, `backend`): they become the semantic
+    #: attributes `server.address`, `server.port` and, for an IP address, `network.type`
+    address_from: tuple[str, ...] = ()
 
 
 #: The proxy's own families, named by hand. Everything else goes through generic_spec().
@@ -70,21 +74,23 @@ KNOWN: dict[str, MetricSpec] = {
     "sniproxy_connections": MetricSpec(
         "sniproxy.connections", "{connection}", COUNTER,
         {"route": "sniproxy.route", "outcome": "sniproxy.outcome"}, _TCP,
-        error_from=("outcome", ("ok",))),
+        error_from=("outcome", ("ok",)), address_from=("listener",)),
     "sniproxy_active_connections": MetricSpec(
-        "sniproxy.connection.active", "{connection}", UPDOWN, {}, _TCP),
+        "sniproxy.connection.active", "{connection}", UPDOWN, {}, _TCP, address_from=("listener",)),
     "sniproxy_bytes": MetricSpec(
         "sniproxy.io", "By", COUNTER, {"direction": "sniproxy.direction"}, _TCP,
         # network.io.direction is seen from the client's side of the proxy
         derived=(("direction", "network.io.direction",
-                  (("client_to_backend", "receive"), ("backend_to_client", "transmit"))),)),
+                  (("client_to_backend", "receive"), ("backend_to_client", "transmit"))),),
+        address_from=("listener",)),
     "sniproxy_client_hello_failures": MetricSpec(
         "sniproxy.client_hello.failures", "{failure}", COUNTER, {"reason": "error.type"}, _TCP),
     "sniproxy_upstream_connect_seconds": MetricSpec(
-        "sniproxy.upstream.connect.duration", "s", HISTOGRAM, {"upstream": "sniproxy.upstream"}, _TCP),
+        "sniproxy.upstream.connect.duration", "s", HISTOGRAM, {"upstream": "sniproxy.upstream"}, _TCP,
+        address_from=("backend",)),
     "sniproxy_upstream_connect_failures": MetricSpec(
         "sniproxy.upstream.connect.failures", "{failure}", COUNTER,
-        {"upstream": "sniproxy.upstream", "kind": "error.type"}, _TCP),
+        {"upstream": "sniproxy.upstream", "kind": "error.type"}, _TCP, address_from=("backend",)),
     "sniproxy_connection_limit_reached": MetricSpec(
         "sniproxy.connection.limit_reached", "{event}", COUNTER),
     "sniproxy_accept_errors": MetricSpec(
@@ -144,10 +150,43 @@ def spec_for(family_name: str, family_type: str) -> MetricSpec | None:
     return generic_spec(family_name, family_type)
 
 
-def attributes_of(spec: MetricSpec, labels: dict[str, str]) -> dict[str, str]:
-    out = dict(spec.constant)
+#: The configured-backend placeholder of a dynamic route ("$sni:443"): the host is the client's
+#: SNI, which never becomes an attribute.
+_DYNAMIC_HOST = "$sni"
+
+
+def address_attributes(value: str) -> dict[str, object]:
+    """"host:port" (IPv6 in brackets) -> server.address, server.port, network.type.
+
+    network.type only for an IP address (a host name may resolve to either family); no
+    server.address for a dynamic backend ("$sni:443"): its host is client-chosen."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return {"server.address": value}
+    out: dict[str, object] = {}
+    try:
+        out["server.port"] = int(port)
+    except ValueError:
+        return {"server.address": value}
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == _DYNAMIC_HOST:
+        return out
+    out["server.address"] = host
+    try:
+        out["network.type"] = f"ipv{ipaddress.ip_address(host).version}"
+    except ValueError:
+        pass
+    return out
+
+
+def attributes_of(spec: MetricSpec, labels: dict[str, str]) -> dict[str, object]:
+    out: dict[str, object] = dict(spec.constant)
     for label, value in labels.items():
         if label in ("le", "pid"):
+            continue
+        if label in spec.address_from:
+            out.update(address_attributes(value))
             continue
         key = spec.attributes.get(label) or _GENERIC_LABELS.get(label) or f"sniproxy.{label}"
         out[key] = value
