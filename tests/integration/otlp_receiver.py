@@ -34,13 +34,19 @@ class _Store:
     def __init__(self) -> None:
         self.items: list[Received] = []
         self.cond = threading.Condition()
-        self.delay_s = 0.0            # a slow collector
+        self.delay_s = 0.0            # a slow (or, with a long delay, stalled) collector
+        self._closing = threading.Event()     # cuts every delay short when the receiver stops
         self.fail_with: grpc.StatusCode | int | None = None
 
     def add(self, item: Received) -> None:
         with self.cond:
             self.items.append(item)
             self.cond.notify_all()
+
+    def stall(self) -> None:
+        """Hold a request for delay_s (or until the receiver stops)."""
+        if self.delay_s:
+            self._closing.wait(self.delay_s)
 
     def of(self, kind: str) -> list[Received]:
         with self.cond:
@@ -66,8 +72,7 @@ class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.store = store
 
     def Export(self, request, context):  # noqa: N802 - the generated name
-        if self.store.delay_s:
-            time.sleep(self.store.delay_s)
+        self.store.stall()
         if isinstance(self.store.fail_with, grpc.StatusCode):
             context.abort(self.store.fail_with, "test receiver refuses")
         self.store.add(Received("metrics", request, dict(context.invocation_metadata())))
@@ -105,6 +110,7 @@ class GrpcReceiver(_Store):
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self.server.stop(grace=None)
 
 
@@ -129,8 +135,7 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
         kind, request_type, response_type = route
         request = request_type()
         request.ParseFromString(body)
-        if store.delay_s:
-            time.sleep(store.delay_s)
+        store.stall()
         if isinstance(store.fail_with, int):
             self.send_response(store.fail_with)
             self.send_header("Content-Length", "0")
@@ -165,6 +170,7 @@ class HttpReceiver(_Store):
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -333,6 +333,31 @@ def test_slow_collector_does_not_slow_proxying(proxies, pki, backend):
         receiver.wait_for(lambda items: items, 15, "the slow export to land")
 
 
+@pytest.mark.parametrize("protocol, variable, value", [
+    ("grpc", "OTEL_METRIC_EXPORT_TIMEOUT", "500"),                   # milliseconds (the SDK's reader)
+    ("http/protobuf", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "0.5"),  # seconds (the Python exporters)
+])
+def test_stalled_collector_export_gives_up_at_the_env_timeout(proxies, pki, backend, protocol, variable, value):
+    receiver_type = GrpcReceiver if protocol == "grpc" else HttpReceiver
+    with receiver_type() as receiver:
+        receiver.delay_s = 120.0          # takes the request, never answers (until the test ends)
+        # otlp.timeout_s says 30 s: only the variable can make three attempts fit in 10 s
+        # (interval 0.2 s, doubled after each failure: about 0.7 + 1.1 + 1.5 s with a 0.5 s timeout).
+        p = proxies({"enabled": True, "endpoint": f"http://127.0.0.1:{receiver.port}", "protocol": protocol,
+                     "interval_s": 0.2, "timeout_s": 30}, env=otlp_env(**{variable: value}),
+                    workers=2, backend_port=backend)
+        wait_until(lambda: p.status()["otlp"]["exports_failed"] >= 3, 10,
+                   f"three exports given up after {variable}={value}")
+        latencies = [request(p, pki) for _ in range(10)]     # proxying is not held up meanwhile
+        status = p.status()["otlp"]
+        assert status["timeout_s"] == 0.5 and status["sources"]["timeout_s"] == variable, status
+        assert status["last_success"] is None and status["failure_streak"] >= 3 and status["last_error"]
+        assert p.metric("sniproxy_otlp_exports_total", signal="metrics", result="failure") >= 3
+        assert p.log().count("OTLP metrics export to") == 1, p.log()   # one line per failure streak
+        assert max(latencies) < 1.0, latencies
+        assert not receiver.of("metrics")
+
+
 def test_bad_environment_disables_otlp_but_not_the_proxy(proxies, pki, backend):
     p = proxies({"enabled": True}, env=otlp_env(OTEL_EXPORTER_OTLP_PROTOCOL="http/json"), backend_port=backend)
     request(p, pki)

@@ -122,3 +122,19 @@ def test_listener_and_backend_labels_become_semconv_server_attributes():
     assert fail.attributes == {"sniproxy.upstream": "direct", "error.type": "refused",
                                "network.transport": "tcp", "server.address": "10.0.0.5",
                                "server.port": 443, "network.type": "ipv4"}
+
+
+def test_metric_export_timeout_bounds_the_exporter_timeout():
+    from sniproxy.telemetry.otlp_metrics import apply_export_timeout
+    cfg = otlp_cfg(timeout_s=3)
+    base = resolve_signal("metrics", cfg, {})
+    shorter = apply_export_timeout(base, {"OTEL_METRIC_EXPORT_TIMEOUT": "250"})        # milliseconds
+    assert shorter.timeout_s == shorter.effective_timeout_s == 0.25
+    assert shorter.sources["timeout_s"] == "OTEL_METRIC_EXPORT_TIMEOUT"
+    assert apply_export_timeout(base, {"OTEL_METRIC_EXPORT_TIMEOUT": "30000"}) is base   # the SDK default
+    env = {"OTEL_EXPORTER_OTLP_METRICS_TIMEOUT": "2", "OTEL_METRIC_EXPORT_TIMEOUT": "1000"}
+    both = apply_export_timeout(resolve_signal("metrics", cfg, env), env)
+    assert both.effective_timeout_s == 1 and both.timeout_s == 1     # passed to the SDK: the shorter
+    for bad in ("soon", "0"):
+        with pytest.raises(OtlpSetupError, match="OTEL_METRIC_EXPORT_TIMEOUT"):
+            apply_export_timeout(base, {"OTEL_METRIC_EXPORT_TIMEOUT": bad})

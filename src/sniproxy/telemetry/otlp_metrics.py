@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sniproxy import __version__
 
@@ -337,6 +337,7 @@ class OtlpMetricsExporter:
             settings.sources["interval_s"] = interval_name
         else:
             settings.sources["interval_s"] = "config otlp.interval_s"
+        settings = apply_export_timeout(settings, environ)
         pref_env, pref_name = env_value(environ, "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE")
         temporality = (pref_env or cfg.temporality).lower()
         source = pref_name or "config otlp.temporality"
@@ -481,9 +482,35 @@ class OtlpMetricsExporter:
     def status(self) -> dict:
         s = self.settings
         return {"enabled": True, "protocol": s.protocol, "interval_s": self.interval_s,
+                "timeout_s": s.effective_timeout_s,
                 "temporality": self.temporality, "headers": list(s.header_names),
                 "sources": dict(s.sources), **self.state.status()}
 
+
+
+def apply_export_timeout(settings: SignalSettings, environ) -> SignalSettings:
+    """OTEL_METRIC_EXPORT_TIMEOUT (milliseconds, the SDK's "maximum allowed time to export
+    data", read by its PeriodicExportingMetricReader): the export gives up after the shorter of
+    it and the exporter's own timeout (OTEL_EXPORTER_OTLP_[METRICS_]TIMEOUT / otlp.timeout_s).
+
+    The SDK's OTLP exporters ignore the `timeout_millis` given to export() (their deadline is
+    the constructor's `timeout`, retries included), so the shorter bound is what we hand the
+    constructor: a stalled collector then costs at most that much per attempt."""
+    value, name = env_value(environ, "OTEL_METRIC_EXPORT_TIMEOUT")
+    if value is None:
+        return settings
+    try:
+        export_timeout_s = float(value) / 1000.0
+    except ValueError:
+        raise OtlpSetupError(f"{name}={value!r}: expected milliseconds, e.g. 30000") from None
+    if export_timeout_s <= 0:
+        raise OtlpSetupError(f"{name}={value!r}: must be more than 0 ms")
+    sources = dict(settings.sources)
+    if export_timeout_s < settings.effective_timeout_s:
+        sources["timeout_s"] = name
+        return replace(settings, timeout_s=export_timeout_s, effective_timeout_s=export_timeout_s,
+                       sources=sources)
+    return settings
 
 
 def _number(value: float) -> int | float:
