@@ -37,10 +37,16 @@ class _Store:
         self.delay_s = 0.0            # a slow (or, with a long delay, stalled) collector
         self._closing = threading.Event()     # cuts every delay short when the receiver stops
         self.fail_with: grpc.StatusCode | int | None = None
+        self.refused: list[Received] = []     # requests answered with fail_with
 
     def add(self, item: Received) -> None:
         with self.cond:
             self.items.append(item)
+            self.cond.notify_all()
+
+    def refuse(self, item: Received) -> None:
+        with self.cond:
+            self.refused.append(item)
             self.cond.notify_all()
 
     def stall(self) -> None:
@@ -74,6 +80,7 @@ class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
     def Export(self, request, context):  # noqa: N802 - the generated name
         self.store.stall()
         if isinstance(self.store.fail_with, grpc.StatusCode):
+            self.store.refuse(Received("metrics", request, dict(context.invocation_metadata())))
             context.abort(self.store.fail_with, "test receiver refuses")
         self.store.add(Received("metrics", request, dict(context.invocation_metadata())))
         return metrics_service_pb2.ExportMetricsServiceResponse()
@@ -84,6 +91,10 @@ class _ProfilesServicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
         self.store = store
 
     def Export(self, request, context):  # noqa: N802
+        self.store.stall()
+        if isinstance(self.store.fail_with, grpc.StatusCode):
+            self.store.refuse(Received("profiles", request, dict(context.invocation_metadata())))
+            context.abort(self.store.fail_with, "test receiver refuses")
         self.store.add(Received("profiles", request, dict(context.invocation_metadata())))
         return profiles_service_pb2.ExportProfilesServiceResponse()
 
@@ -137,6 +148,7 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
         request.ParseFromString(body)
         store.stall()
         if isinstance(store.fail_with, int):
+            store.refuse(Received(kind, request, {k.lower(): v for k, v in self.headers.items()}))
             self.send_response(store.fail_with)
             self.send_header("Content-Length", "0")
             self.end_headers()
