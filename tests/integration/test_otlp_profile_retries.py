@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 
 import grpc
@@ -119,24 +120,34 @@ def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"), [NAME])
 
 
-def start_proxy(tmp_path, backend: int, target: int, endpoint: str, protocol: str = "grpc") -> ProxyProcess:
-    """A proxy profiling `target` (a burner: every interval has samples) to `endpoint`."""
-    cfg = base_config(*free_ports(2), profiling={"enabled": True, "environment": "production",
-                                                 "export_interval_s": 1, "targets": [target],
+def start_proxy(tmp_path, backend: int, target: int | None, endpoint: str, protocol: str = "grpc") -> ProxyProcess:
+    """A proxy profiling `target` (a burner: every interval has samples), or itself, to `endpoint`."""
+    cfg = base_config(*free_ports(2), workers=2,
+                      profiling={"enabled": True, "environment": "production", "export_interval_s": 1,
+                                 "targets": [target] if target else "self",
                                                  "export_queue": 8, "export_attempts": 50},
                       otlp={"endpoint": endpoint, "protocol": protocol, "timeout_s": 2},
                       routes=[{"match": NAME, "backend": f"127.0.0.1:{backend}"}])
     return ProxyProcess(cfg, tmp_path, env=otlp_env()).start()
 
 
-def test_proxy_profiles_queued_while_the_collector_is_down_arrive_once_it_is_up(ebpf, burns, pki, tmp_path):
+def test_proxy_profiles_queued_while_the_collector_is_down_arrive_once_it_is_up(ebpf, pki, tmp_path):
+    """The proxy profiles itself (targets "self", the default) under a steady load of requests."""
     port = free_port()
-    burner = burns("ratio", 60)
+    stop = threading.Event()
     with tls_backend(pki, [NAME], "A") as backend:
-        p = start_proxy(tmp_path, backend, burner.pid, f"http://127.0.0.1:{port}")
+        p = start_proxy(tmp_path, backend, None, f"http://127.0.0.1:{port}")
+        latencies: list[float] = []
+
+        def load():      # keeps the workers on a CPU so every interval has samples (bounded)
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline:
+                latencies.append(request(p, pki))
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
         try:
             wait_until(lambda: p.status()["profiling"]["otlp"]["exports_failed"] >= 2, 20, "two failures")
-            request(p, pki)                              # proxying is not affected
             status = p.status()["profiling"]["otlp"]
             assert status["queued"] >= 1 and status["last_success"] is None, status
             assert p.metric("sniproxy_otlp_exports_total", signal="profiles", result="failure") >= 2
@@ -150,10 +161,21 @@ def test_proxy_profiles_queued_while_the_collector_is_down_arrive_once_it_is_up(
             assert first.time_unix_nano == min(start_of(r) for r in got)
             assert first.time_unix_nano + first.duration_nano < up_at_ns
             assert p.metric("sniproxy_otlp_dropped_total", signal="profiles") == 0
+            own = {p.status()["pid"]} | {w["pid"] for w in p.status()["workers"]}
+            for r in got:
+                for rp in r.request.resource_profiles:
+                    res = {kv.key: kv.value for kv in rp.resource.attributes}
+                    assert res["process.pid"].int_value in own
+                    assert res["service.name"].string_value == "sni-proxy"
+            stop.set()
+            loader.join(30)
+            assert latencies and max(latencies) < 1.0, latencies      # proxying is not held up
             log = p.log().splitlines()
             assert sum("OTLP profiles export to" in line and "failed:" in line for line in log) == 1
             assert sum("OTLP profiles export to" in line and "works again (after" in line for line in log) == 1
         finally:
+            stop.set()
+            loader.join(30)
             p.stop()
 
 
