@@ -106,6 +106,10 @@ KNOWN: dict[str, MetricSpec] = {
     "sniproxy_otlp_exports": MetricSpec(
         "sniproxy.otlp.exports", "{export}", COUNTER,
         {"signal": "sniproxy.otlp.signal", "result": "sniproxy.result"}),
+    "sniproxy_otlp_queued": MetricSpec(
+        "sniproxy.otlp.queued", "1", GAUGE, {"signal": "sniproxy.otlp.signal"}),
+    "sniproxy_otlp_dropped": MetricSpec(
+        "sniproxy.otlp.dropped", "{count}", COUNTER, {"signal": "sniproxy.otlp.signal", "reason": "error.type"}),
     "sniproxy_otlp_last_success_timestamp_seconds": MetricSpec(
         "sniproxy.otlp.last_success_time", "s", GAUGE, {"signal": "sniproxy.otlp.signal"}),
     "ebpf_active_connections": MetricSpec(
