@@ -106,9 +106,10 @@ def test_continuous_profiling_30s_at_19hz(ebpf, proxy, burns, pki, tmp_path):
     # They cover the run without gap or overlap: each interval's profile starts where the last ended.
     for a, b in zip(profiles, profiles[1:]):
         assert b.time_unix_nano == a.time_unix_nano + a.duration_nano
+    # Each full one spans the interval (plus the drain's own time: symbolizing, on a loaded machine).
     full = profiles[:expected]
-    assert all(abs(x.duration_nano / 1e9 - INTERVAL_S) < 1.0 for x in full), [x.duration_nano for x in full]
-    assert abs(sum(x.duration_nano for x in full) / 1e9 - RUN_S) < 3.0
+    assert all(INTERVAL_S - 0.1 < x.duration_nano / 1e9 < INTERVAL_S + 2 for x in full), \
+        [x.duration_nano / 1e9 for x in full]
     for r in received:
         check_dictionary(r.request)
         for rp in r.request.resource_profiles:
