@@ -301,6 +301,11 @@ class OtlpProfileExporter:
             response = self._stub.Export(request, metadata=tuple(self.headers.items()),
                                          timeout=self.settings.effective_timeout_s)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                # A new channel next time: gRPC's own reconnect backoff grows to 2 minutes while
+                # a collector is down, and would keep failing fast for that long once it is up
+                # (the SDK's exporters do the same).
+                self.close()
             raise ProfileExportError(
                 f"gRPC {exc.code().name} from {self.settings.endpoint}: {exc.details()} "
                 "(is the collector up, with OTLP profiles enabled: --feature-gates=+service.profilesSupport?)",
