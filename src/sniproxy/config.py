@@ -597,6 +597,10 @@ class ProfilingConfig(_Model):
     pprof_dir: Annotated[Str, AfterValidator(_check_abs_path)] | None = _hint(
         'an absolute directory path (e.g. "/var/lib/sni-proxy/profiles"), or null', None)
     retention: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 24
+    # OTLP export of profiles: profiles waiting while the collector is down or slow, and how
+    # many times one is sent before it is given up (both counted in sniproxy_otlp_dropped_total).
+    export_queue: Annotated[int, Strict(), Field(ge=1, le=1_000)] = 16
+    export_attempts: Annotated[int, Strict(), Field(ge=1, le=100)] = 8
 
 
 class Socks5Upstream(_Model):

@@ -34,13 +34,25 @@ class _Store:
     def __init__(self) -> None:
         self.items: list[Received] = []
         self.cond = threading.Condition()
-        self.delay_s = 0.0            # a slow collector
+        self.delay_s = 0.0            # a slow (or, with a long delay, stalled) collector
+        self._closing = threading.Event()     # cuts every delay short when the receiver stops
         self.fail_with: grpc.StatusCode | int | None = None
+        self.refused: list[Received] = []     # requests answered with fail_with
 
     def add(self, item: Received) -> None:
         with self.cond:
             self.items.append(item)
             self.cond.notify_all()
+
+    def refuse(self, item: Received) -> None:
+        with self.cond:
+            self.refused.append(item)
+            self.cond.notify_all()
+
+    def stall(self) -> None:
+        """Hold a request for delay_s (or until the receiver stops)."""
+        if self.delay_s:
+            self._closing.wait(self.delay_s)
 
     def of(self, kind: str) -> list[Received]:
         with self.cond:
@@ -66,9 +78,9 @@ class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.store = store
 
     def Export(self, request, context):  # noqa: N802 - the generated name
-        if self.store.delay_s:
-            time.sleep(self.store.delay_s)
+        self.store.stall()
         if isinstance(self.store.fail_with, grpc.StatusCode):
+            self.store.refuse(Received("metrics", request, dict(context.invocation_metadata())))
             context.abort(self.store.fail_with, "test receiver refuses")
         self.store.add(Received("metrics", request, dict(context.invocation_metadata())))
         return metrics_service_pb2.ExportMetricsServiceResponse()
@@ -79,6 +91,10 @@ class _ProfilesServicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
         self.store = store
 
     def Export(self, request, context):  # noqa: N802
+        self.store.stall()
+        if isinstance(self.store.fail_with, grpc.StatusCode):
+            self.store.refuse(Received("profiles", request, dict(context.invocation_metadata())))
+            context.abort(self.store.fail_with, "test receiver refuses")
         self.store.add(Received("profiles", request, dict(context.invocation_metadata())))
         return profiles_service_pb2.ExportProfilesServiceResponse()
 
@@ -105,6 +121,7 @@ class GrpcReceiver(_Store):
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self.server.stop(grace=None)
 
 
@@ -129,9 +146,9 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
         kind, request_type, response_type = route
         request = request_type()
         request.ParseFromString(body)
-        if store.delay_s:
-            time.sleep(store.delay_s)
+        store.stall()
         if isinstance(store.fail_with, int):
+            store.refuse(Received(kind, request, {k.lower(): v for k, v in self.headers.items()}))
             self.send_response(store.fail_with)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -165,6 +182,7 @@ class HttpReceiver(_Store):
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -36,9 +36,12 @@ def proxies(tmp_path):
     started: list[ProxyProcess] = []
 
     def start(otlp: dict, env: dict | None = None, workers: int = 1, backend_port: int = 0,
-              wait: bool = True) -> ProxyProcess:
+              wait: bool = True, listen: list[str] | None = None, routes: list[dict] = ()) -> ProxyProcess:
         cfg = base_config(*free_ports(2), workers=workers, otlp=otlp,
-                          routes=[{"match": NAME, "backend": f"127.0.0.1:{backend_port}", "name": "web"}])
+                          routes=[{"match": NAME, "backend": f"127.0.0.1:{backend_port}", "name": "web"},
+                                  *routes])
+        if listen:
+            cfg["listen_addr"] = listen
         workdir = tmp_path / f"proxy{len(started)}"
         workdir.mkdir()
         p = ProxyProcess(cfg, workdir, env=env)
@@ -50,12 +53,15 @@ def proxies(tmp_path):
         p.stop()
 
 
-def request(p: ProxyProcess, pki) -> float:
-    """One HTTPS request through the proxy; returns its latency in seconds."""
-    port = int(p.config["listen_addr"].rsplit(":", 1)[1])
+def request(p: ProxyProcess, pki, listen: str | None = None) -> float:
+    """One HTTPS request through the proxy (its first listener, or `listen`); returns its latency
+    in seconds."""
+    listen = listen or (p.config["listen_addr"] if isinstance(p.config["listen_addr"], str)
+                        else p.config["listen_addr"][0])
+    host, port = listen.rsplit(":", 1)
     ctx = ssl.create_default_context(cafile=str(pki.ca_path))
     t0 = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname=NAME) as tls:
             tls.sendall(f"GET /whoami HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode())
             data = b""
@@ -113,24 +119,73 @@ def assert_export_equals_metrics(export, series) -> int:
 
 
 # -----------------------------------------------------------------------------------------
+def refused_hello(listen: str, name: str) -> None:
+    """A TLS client whose route's backend refuses: the proxy closes the connection."""
+    host, port = listen.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, OSError)):
+            ctx.wrap_socket(raw, server_hostname=name)
+
+
 def test_grpc_export_equals_metrics_with_two_workers(proxies, pki, backend):
-    n = 20
+    n, n6, refused = 20, 6, 3
     env = otlp_env(OTEL_SERVICE_NAME="edge-proxy",
                    OTEL_RESOURCE_ATTRIBUTES="deployment.environment.name=test,team=net%20ops",
                    OTEL_EXPORTER_OTLP_HEADERS="x-api-key=s3cret,x-tenant=blue")
+    port4, port6, closed = free_ports(3)
+    listen4, listen6 = f"127.0.0.1:{port4}", f"[::1]:{port6}"
     with GrpcReceiver() as receiver:
         p = proxies({"enabled": True, "endpoint": f"http://127.0.0.1:{receiver.port}",
                      "interval_s": 0.3, "resource": {"team": "config-loses", "region": "eu"}},
-                    env=env, workers=2, backend_port=backend)
+                    env=env, workers=2, backend_port=backend, listen=[listen4, listen6],
+                    routes=[{"match": "down.test", "backend": f"127.0.0.1:{closed}", "name": "down"}])
         for _ in range(n):
-            request(p, pki)
-        wait_until(lambda: p.metric("sniproxy_connections_total") == n, 10, "/metrics to count them")
+            request(p, pki, listen4)
+        for _ in range(n6):
+            request(p, pki, listen6)
+        for _ in range(refused):
+            refused_hello(listen6, "down.test")
+        total = n + n6 + refused
+        wait_until(lambda: p.metric("sniproxy_connections_total") == total, 10, "/metrics to count them")
         mark = time.monotonic()
         export = receiver.wait_for(
             lambda items: next((i for i in reversed(items) if i.at > mark + 0.05
-                                and connections_in(i) == n), None), 15, f"an export with {n} connections")
-        compared = assert_export_equals_metrics(export, metrics_series(p))
+                                and connections_in(i) == total), None), 15,
+            f"an export with {total} connections")
+        series = metrics_series(p)
+        compared = assert_export_equals_metrics(export, series)
         assert compared >= 8
+    # Prometheus labels (listener, backend) and their OTel attributes, per listener and backend.
+    assert p.metric("sniproxy_connections_total", listener=listen4, outcome="ok") == n
+    assert p.metric("sniproxy_connections_total", listener=listen6, outcome="ok") == n6
+    assert p.metric("sniproxy_upstream_connect_failures_total", backend=f"127.0.0.1:{closed}",
+                    kind="refused") == refused
+    assert p.metric("sniproxy_upstream_connect_seconds_count", backend=f"127.0.0.1:{backend}") == n + n6
+    server4 = {"server.address": "127.0.0.1", "server.port": port4, "network.type": "ipv4"}
+    server6 = {"server.address": "::1", "server.port": port6, "network.type": "ipv6"}
+    to_backend = {"server.address": "127.0.0.1", "server.port": backend, "network.type": "ipv4"}
+    m = metrics_of(export.request)
+
+    def points_where(metric: str, **match) -> list:
+        return [pt for pt in points_of(m[metric]) if match.items() <= attrs(pt.attributes).items()]
+
+    assert sum(value_of(pt) for pt in points_where("sniproxy.connections", **server4)) == n
+    assert sum(value_of(pt) for pt in points_where("sniproxy.connections", **server6,
+                                                   **{"sniproxy.outcome": "ok"})) == n6
+    assert sum(value_of(pt) for pt in points_where("sniproxy.connections", **server6,
+                                                   **{"error.type": "connect_failed"})) == refused
+    for server in (server4, server6):
+        assert points_where("sniproxy.io", **server, **{"network.io.direction": "transmit"})
+        assert value_of(points_where("sniproxy.connection.active", **server)[0]) == 0
+    (hist,) = points_of(m["sniproxy.upstream.connect.duration"])
+    assert attrs(hist.attributes) == {"sniproxy.upstream": "direct", "network.transport": "tcp", **to_backend}
+    assert hist.count == n + n6
+    (fail,) = points_of(m["sniproxy.upstream.connect.failures"])
+    assert attrs(fail.attributes) == {"sniproxy.upstream": "direct", "network.transport": "tcp",
+                                      "error.type": "refused", "server.address": "127.0.0.1",
+                                      "server.port": closed, "network.type": "ipv4"}
+    assert value_of(fail) == refused
 
     req = export.request
     assert len(req.resource_metrics) == 1
@@ -145,21 +200,22 @@ def test_grpc_export_equals_metrics_with_two_workers(proxies, pki, backend):
     assert req.resource_metrics[0].scope_metrics[0].scope.name == "sniproxy"
     assert export.headers["x-api-key"] == "s3cret" and export.headers["x-tenant"] == "blue"
 
-    m = metrics_of(req)
     conns = m["sniproxy.connections"]
     assert conns.unit == "{connection}" and conns.sum.is_monotonic
     assert conns.sum.aggregation_temporality == CUMULATIVE
-    point = points_of(conns)[0]
+    point = points_where("sniproxy.connections", **server4)[0]
     a = attrs(point.attributes)
-    assert a == {"sniproxy.route": "web", "sniproxy.outcome": "ok", "network.transport": "tcp"}
+    assert a == {"sniproxy.route": "web", "sniproxy.outcome": "ok", "network.transport": "tcp", **server4}
     assert point.start_time_unix_nano < point.time_unix_nano
-    io = {attrs(pt.attributes)["network.io.direction"]: value_of(pt) for pt in points_of(m["sniproxy.io"])}
+    io = {}
+    for pt in points_of(m["sniproxy.io"]):
+        direction = attrs(pt.attributes)["network.io.direction"]
+        io[direction] = io.get(direction, 0) + value_of(pt)
     assert m["sniproxy.io"].unit == "By" and io["receive"] > 0 and io["transmit"] > 0
     hist = m["sniproxy.upstream.connect.duration"]
     assert hist.unit == "s" and hist.histogram.aggregation_temporality == CUMULATIVE
-    assert sum(pt.count for pt in points_of(hist)) == n
     active = m["sniproxy.connection.active"]
-    assert not active.sum.is_monotonic and value_of(points_of(active)[0]) == 0
+    assert not active.sum.is_monotonic
     assert m["sniproxy.relay.connections"].unit == "{connection}"
     # No SNI anywhere: route names only.
     for metric in m.values():
@@ -275,6 +331,31 @@ def test_slow_collector_does_not_slow_proxying(proxies, pki, backend):
         assert p.get("/metrics")[0] == 200 and p.status()["otlp"]["enabled"]
         receiver.delay_s = 0
         receiver.wait_for(lambda items: items, 15, "the slow export to land")
+
+
+@pytest.mark.parametrize("protocol, variable, value", [
+    ("grpc", "OTEL_METRIC_EXPORT_TIMEOUT", "500"),                   # milliseconds (the SDK's reader)
+    ("http/protobuf", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "0.5"),  # seconds (the Python exporters)
+])
+def test_stalled_collector_export_gives_up_at_the_env_timeout(proxies, pki, backend, protocol, variable, value):
+    receiver_type = GrpcReceiver if protocol == "grpc" else HttpReceiver
+    with receiver_type() as receiver:
+        receiver.delay_s = 120.0          # takes the request, never answers (until the test ends)
+        # otlp.timeout_s says 30 s: only the variable can make three attempts fit in 10 s
+        # (interval 0.2 s, doubled after each failure: about 0.7 + 1.1 + 1.5 s with a 0.5 s timeout).
+        p = proxies({"enabled": True, "endpoint": f"http://127.0.0.1:{receiver.port}", "protocol": protocol,
+                     "interval_s": 0.2, "timeout_s": 30}, env=otlp_env(**{variable: value}),
+                    workers=2, backend_port=backend)
+        wait_until(lambda: p.status()["otlp"]["exports_failed"] >= 3, 10,
+                   f"three exports given up after {variable}={value}")
+        latencies = [request(p, pki) for _ in range(10)]     # proxying is not held up meanwhile
+        status = p.status()["otlp"]
+        assert status["timeout_s"] == 0.5 and status["sources"]["timeout_s"] == variable, status
+        assert status["last_success"] is None and status["failure_streak"] >= 3 and status["last_error"]
+        assert p.metric("sniproxy_otlp_exports_total", signal="metrics", result="failure") >= 3
+        assert p.log().count("OTLP metrics export to") == 1, p.log()   # one line per failure streak
+        assert max(latencies) < 1.0, latencies
+        assert not receiver.of("metrics")
 
 
 def test_bad_environment_disables_otlp_but_not_the_proxy(proxies, pki, backend):

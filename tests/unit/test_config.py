@@ -202,6 +202,8 @@ BAD_VALUES: list[tuple[str, Any, list[str]]] = [
     ("profiling.otlp", "no", ["true or false"]),
     ("profiling.pprof_dir", "profiles", ["absolute"]),
     ("profiling.retention", 0, ["from 1 to 10000"]),
+    ("profiling.export_queue", 0, ["from 1 to 1000"]),
+    ("profiling.export_attempts", 101, ["from 1 to 100"]),
 ]
 
 

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent("""
     directory = sys.argv[1]
     metrics.enable_multiprocess(directory)
     m = metrics.ProxyMetrics()
-    m.connections.labels("a.test", "ok").inc(3)
+    m.connections.labels("a.test", "ok", "127.0.0.1:8443").inc(3)
     # What a worker's file looks like between its creation and its sizing
     # (prometheus_client issue #1199): the moment a worker starts.
     open(os.path.join(directory, "counter_4242.db"), "wb").close()

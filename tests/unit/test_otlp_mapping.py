@@ -95,3 +95,46 @@ def test_backoff_doubles_and_is_bounded():
     assert waits[:4] == [2, 4, 8, 16] and max(waits) == 300
     state.success()
     assert state.next_wait() == 2.0 and state.status()["failure_streak"] == 0
+
+
+def test_listener_and_backend_labels_become_semconv_server_attributes():
+    from sniproxy.telemetry.otlp_metrics import address_attributes
+    assert address_attributes("127.0.0.1:8443") == {"server.address": "127.0.0.1", "server.port": 8443,
+                                                    "network.type": "ipv4"}
+    assert address_attributes("[::1]:443") == {"server.address": "::1", "server.port": 443,
+                                               "network.type": "ipv6"}
+    # A host name may resolve to either family: no network.type rather than a guess.
+    assert address_attributes("backend.internal:443") == {"server.address": "backend.internal",
+                                                          "server.port": 443}
+    # A dynamic route's host is the client's SNI: never an attribute (cardinality).
+    assert address_attributes("$sni:443") == {"server.port": 443}
+
+    r = CollectorRegistry()
+    conns = Counter("sniproxy_connections", "c", ["route", "outcome", "listener"], registry=r)
+    conns.labels("web", "ok", "[::1]:8443").inc(3)
+    fails = Counter("sniproxy_upstream_connect_failures", "f", ["upstream", "backend", "kind"], registry=r)
+    fails.labels("direct", "10.0.0.5:443", "refused").inc()
+    s = series_of(r.collect())
+    (conn,) = [x for (name, _), x in s.items() if name == "sniproxy.connections"]
+    assert conn.attributes == {"sniproxy.route": "web", "sniproxy.outcome": "ok", "network.transport": "tcp",
+                               "server.address": "::1", "server.port": 8443, "network.type": "ipv6"}
+    (fail,) = [x for (name, _), x in s.items() if name == "sniproxy.upstream.connect.failures"]
+    assert fail.attributes == {"sniproxy.upstream": "direct", "error.type": "refused",
+                               "network.transport": "tcp", "server.address": "10.0.0.5",
+                               "server.port": 443, "network.type": "ipv4"}
+
+
+def test_metric_export_timeout_bounds_the_exporter_timeout():
+    from sniproxy.telemetry.otlp_metrics import apply_export_timeout
+    cfg = otlp_cfg(timeout_s=3)
+    base = resolve_signal("metrics", cfg, {})
+    shorter = apply_export_timeout(base, {"OTEL_METRIC_EXPORT_TIMEOUT": "250"})        # milliseconds
+    assert shorter.timeout_s == shorter.effective_timeout_s == 0.25
+    assert shorter.sources["timeout_s"] == "OTEL_METRIC_EXPORT_TIMEOUT"
+    assert apply_export_timeout(base, {"OTEL_METRIC_EXPORT_TIMEOUT": "30000"}) is base   # the SDK default
+    env = {"OTEL_EXPORTER_OTLP_METRICS_TIMEOUT": "2", "OTEL_METRIC_EXPORT_TIMEOUT": "1000"}
+    both = apply_export_timeout(resolve_signal("metrics", cfg, env), env)
+    assert both.effective_timeout_s == 1 and both.timeout_s == 1     # passed to the SDK: the shorter
+    for bad in ("soon", "0"):
+        with pytest.raises(OtlpSetupError, match="OTEL_METRIC_EXPORT_TIMEOUT"):
+            apply_export_timeout(base, {"OTEL_METRIC_EXPORT_TIMEOUT": bad})

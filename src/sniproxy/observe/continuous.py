@@ -75,16 +75,26 @@ class ContinuousProfiler:
                  ", ".join(self.sinks) or "nowhere")
 
     def stop(self) -> None:
-        """Stop the thread, drain the last partial interval to the sinks, release the profiler."""
+        """Stop the thread, drain the last partial interval to the sinks, release the profiler,
+        then close the sinks that have a close() (a queueing sink sends what it holds, bounded)."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(max(30.0, self.interval_s))
-        if self.profiler.running:
-            try:
-                self.drain_once()
-            finally:
-                self.profiler.stop()
+        try:
+            if self.profiler.running:
+                try:
+                    self.drain_once()
+                finally:
+                    self.profiler.stop()
+        finally:
+            for name, sink in self.sinks.items():
+                close = getattr(sink, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception as exc:  # noqa: BLE001 - at stop: note it, never raise
+                        log.debug("continuous profiling: closing the %s sink: %s", name, exc)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -146,6 +156,8 @@ class ContinuousProfiler:
             return 0, 1, 1, 0
         with self._lock:
             export_ns = self._export_cpu_ns
+        # Sinks that work in a thread of their own (the OTLP sender) report its CPU time.
+        export_ns += sum(getattr(sink, "cpu_ns", 0) for sink in self.sinks.values())
         busy = o.bpf_run_time_ns + o.user_cpu_ns - o.setup_cpu_ns + export_ns
         return busy, o.wall_ns, o.cpus, o.memory_bytes
 

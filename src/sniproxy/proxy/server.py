@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 import time
@@ -35,6 +36,7 @@ class ConnectionInfo:
     backend: str = "-"
     upstream: str = "-"
     relay: str = "-"
+    listener: str = "-"
     started: float = field(default_factory=time.monotonic)
 
 
@@ -87,6 +89,15 @@ def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool,
     return sock
 
 
+def configured_backend(decision) -> str:
+    """The route's backend as configured: "$sni:443" for a dynamic route, never the SNI itself
+    (a metric label: its values are bounded by the config)."""
+    if decision.dynamic:
+        return f"$sni:{decision.port}"
+    host = decision.host
+    return f"[{host}]:{decision.port}" if ":" in host else f"{host}:{decision.port}"
+
+
 def _fmt_addr(addr) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = addr[0]
@@ -102,6 +113,11 @@ class Worker:
     def __init__(self, app, listeners: list[socket.socket]):
         self.app = app                      # sniproxy.proxy.app.ProxyApp: config, routes, connector, metrics
         self.listeners = listeners
+        # Metric label of each listener: the address as bound (bounded by listen_addr).
+        self.listener_names = {lsock: _fmt_addr(lsock.getsockname()) for lsock in listeners}
+        for name in self.listener_names.values():
+            app.hot.opened(name)
+            app.hot.closed(name)         # present at 0 before the first client
         self.loop = asyncio.get_running_loop()
         self.active: set[asyncio.Task] = set()
         self.relays: set[Relay] = set()
@@ -161,14 +177,15 @@ class Worker:
                     continue
                 raise
             conn.setblocking(False)
-            task = self.loop.create_task(self._serve(conn, addr))
+            listener = self.listener_names[lsock]
+            task = self.loop.create_task(self._serve(conn, addr, listener))
             self.active.add(task)
-            task.add_done_callback(self._connection_done)
-            self.app.hot.active += 1
+            task.add_done_callback(functools.partial(self._connection_done, listener))
+            self.app.hot.opened(listener)
 
-    def _connection_done(self, task: asyncio.Task) -> None:
+    def _connection_done(self, listener: str, task: asyncio.Task) -> None:
         self.active.discard(task)
-        self.app.hot.active -= 1
+        self.app.hot.closed(listener)
         if not task.cancelled() and task.exception() is not None:
             log.error("internal error in a connection handler: %r", task.exception(),
                       exc_info=task.exception())
@@ -203,9 +220,9 @@ class Worker:
                 await asyncio.gather(*self.active, return_exceptions=True)
 
     # ---------------- one connection ----------------
-    async def _serve(self, client: socket.socket, addr) -> None:
+    async def _serve(self, client: socket.socket, addr, listener: str = "-") -> None:
         app = self.app
-        info = ConnectionInfo(client=_fmt_addr(addr))
+        info = ConnectionInfo(client=_fmt_addr(addr), listener=listener)
         backend: socket.socket | None = None
         result = RelayResult(0, 0, "error")
         try:
@@ -256,11 +273,12 @@ class Worker:
                 kind = getattr(exc, "kind", "error")
                 result.outcome = "forbidden" if kind == "forbidden" else "connect_failed"
                 result.detail = str(exc)
-                app.metrics.connect_failures.labels(decision.upstream, kind).inc()
+                app.metrics.connect_failures.labels(decision.upstream, configured_backend(decision),
+                                                    kind).inc()
                 return
             backend = connected.sock
             info.backend = connected.backend_addr
-            app.hot.connect_time(decision.upstream, connected.connect_seconds)
+            app.hot.connect_time(decision.upstream, configured_backend(decision), connected.connect_seconds)
             if connected.leftover:
                 # Bytes the backend sent right after the SOCKS reply: they come first.
                 await self.loop.sock_sendall(client, connected.leftover)
@@ -348,7 +366,8 @@ class Worker:
     def _account(self, info: ConnectionInfo, result: RelayResult) -> None:
         app = self.app
         duration = time.monotonic() - info.started
-        app.hot.connection_done(info.route, result.outcome, result.bytes_up, result.bytes_down)
+        app.hot.connection_done(info.route, result.outcome, result.bytes_up, result.bytes_down,
+                                info.listener)
         if app.config.log.access_log:
             app.access_logger(info, result, duration)
 

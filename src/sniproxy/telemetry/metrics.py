@@ -121,25 +121,29 @@ class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = registry or CollectorRegistry()
         self.registry = r
+        # `listener` is the listen address the client reached (host:port as bound, one per
+        # listen_addr); `backend` is the route's *configured* backend ("10.0.0.5:443",
+        # "$sni:443"): both bounded by the config, never by what clients send.
         self.connections = Counter(
-            "sniproxy_connections", "Connections handled, by route and outcome",
-            ["route", "outcome"], registry=r)
+            "sniproxy_connections", "Connections handled, by route, outcome and listener",
+            ["route", "outcome", "listener"], registry=r)
         self.active = Gauge(
-            "sniproxy_active_connections", "Connections open now (all workers)",
-            registry=r, multiprocess_mode="livesum")
+            "sniproxy_active_connections", "Connections open now (all workers), by listener",
+            ["listener"], registry=r, multiprocess_mode="livesum")
         self.bytes = Counter(
             "sniproxy_bytes", "Bytes relayed, counted when a connection ends",
-            ["direction"], registry=r)
+            ["direction", "listener"], registry=r)
         self.hello_failures = Counter(
             "sniproxy_client_hello_failures", "ClientHellos that could not be routed, by reason",
             ["reason"], registry=r)
         self.connect_seconds = Histogram(
             "sniproxy_upstream_connect_seconds",
             "Time to connect to the backend (incl. DNS and SOCKS5 negotiation)",
-            ["upstream"], buckets=CONNECT_BUCKETS, registry=r)
+            ["upstream", "backend"], buckets=CONNECT_BUCKETS, registry=r)
         self.connect_failures = Counter(
-            "sniproxy_upstream_connect_failures", "Failed backend connections, by upstream and kind",
-            ["upstream", "kind"], registry=r)
+            "sniproxy_upstream_connect_failures",
+            "Failed backend connections, by upstream, configured backend and kind",
+            ["upstream", "backend", "kind"], registry=r)
         self.limit_reached = Counter(
             "sniproxy_connection_limit_reached",
             "Times max_connections was reached and accepting paused", registry=r)
@@ -168,51 +172,59 @@ class HotPath:
 
     def __init__(self, metrics: ProxyMetrics):
         self.metrics = metrics
-        self.active = 0
-        self._active_published = 0
-        self._connections: dict[tuple[str, str], int] = defaultdict(int)
+        #: open connections by listener (a listener stays once seen: its gauge reads 0, not absent)
+        self.active: dict[str, int] = defaultdict(int)
+        self._active_published: dict[str, int] = {}
+        self._connections: dict[tuple[str, str, str], int] = defaultdict(int)
         self._relays: dict[str, int] = defaultdict(int)
-        self._bytes_up = 0
-        self._bytes_down = 0
+        self._bytes: dict[tuple[str, str], int] = defaultdict(int)
         bounds = list(CONNECT_BUCKETS) + [float("inf")]
         self._bounds = bounds
-        self._connect: dict[str, list] = {}
+        self._connect: dict[tuple[str, str], list] = {}
 
-    def connection_done(self, route: str, outcome: str, bytes_up: int, bytes_down: int) -> None:
-        self._connections[(route, outcome)] += 1
-        self._bytes_up += bytes_up
-        self._bytes_down += bytes_down
+    def opened(self, listener: str) -> None:
+        self.active[listener] += 1
+
+    def closed(self, listener: str) -> None:
+        self.active[listener] -= 1
+
+    def connection_done(self, route: str, outcome: str, bytes_up: int, bytes_down: int,
+                        listener: str) -> None:
+        self._connections[(route, outcome, listener)] += 1
+        if bytes_up:
+            self._bytes[("client_to_backend", listener)] += bytes_up
+        if bytes_down:
+            self._bytes[("backend_to_client", listener)] += bytes_down
 
     def relay_chosen(self, kind: str) -> None:
         self._relays[kind] += 1
 
-    def connect_time(self, upstream: str, seconds: float) -> None:
-        entry = self._connect.get(upstream)
+    def connect_time(self, upstream: str, backend: str, seconds: float) -> None:
+        key = (upstream, backend)
+        entry = self._connect.get(key)
         if entry is None:
-            entry = self._connect[upstream] = [[0] * len(self._bounds), 0.0]
+            entry = self._connect[key] = [[0] * len(self._bounds), 0.0]
         entry[0][bisect.bisect_left(self._bounds, seconds)] += 1
         entry[1] += seconds
 
     def flush(self) -> None:
         m = self.metrics
-        if self.active != self._active_published:
-            m.active.set(self.active)
-            self._active_published = self.active
+        for listener, n in self.active.items():
+            if self._active_published.get(listener) != n:
+                m.active.labels(listener).set(n)
+                self._active_published[listener] = n
         if self._connections:
-            for (route, outcome), n in self._connections.items():
-                m.connections.labels(route, outcome).inc(n)
+            for (route, outcome, listener), n in self._connections.items():
+                m.connections.labels(route, outcome, listener).inc(n)
             self._connections.clear()
         for kind, n in self._relays.items():
             m.relay_mode.labels(kind).inc(n)
         self._relays.clear()
-        if self._bytes_up:
-            m.bytes.labels("client_to_backend").inc(self._bytes_up)
-            self._bytes_up = 0
-        if self._bytes_down:
-            m.bytes.labels("backend_to_client").inc(self._bytes_down)
-            self._bytes_down = 0
-        for upstream, (counts, total) in self._connect.items():
-            hist = m.connect_seconds.labels(upstream)
+        for (direction, listener), n in self._bytes.items():
+            m.bytes.labels(direction, listener).inc(n)
+        self._bytes.clear()
+        for (upstream, backend), (counts, total) in self._connect.items():
+            hist = m.connect_seconds.labels(upstream, backend)
             buckets = getattr(hist, "_buckets", None)
             if buckets is not None and len(buckets) == len(counts):
                 # Histogram stores per-bucket (non-cumulative) counts: add ours in one go.

@@ -28,6 +28,8 @@ DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
 HTTP_PATHS = {"metrics": "/v1/metrics", "profiles": "/v1development/profiles"}
 #: Longest wait between two attempts while the collector keeps failing.
 MAX_BACKOFF_S = 300.0
+#: Why a queued item was given up (label values of sniproxy_otlp_dropped_total).
+DROP_REASONS = ("queue_full", "retries_exhausted", "rejected", "shutdown")
 #: One id per proxy run, shared by both signals so a backend can join them.
 INSTANCE_ID = str(uuid.uuid4())
 
@@ -182,11 +184,18 @@ class ExportState:
     Thread-safe: the exporter thread writes, /status and /metrics read.
     """
 
-    def __init__(self, signal: str, endpoint: str, interval_s: float, log_failures: bool = True):
+    def __init__(self, signal: str, endpoint: str, interval_s: float, log_failures: bool = True, *,
+                 status_path: str = '"otlp"', max_backoff_s: float | None = None):
         self.signal = signal
         self.log_failures = log_failures
         self.endpoint = endpoint
         self.interval_s = interval_s
+        self.status_path = status_path            # where /status shows this state (for the log line)
+        self.max_backoff_s = max(interval_s, MAX_BACKOFF_S) if max_backoff_s is None else max_backoff_s
+        #: items waiting to be sent (a signal with a queue: profiles), None for one without
+        self.queued: int | None = None
+        #: items given up, by reason (queue_full, retries_exhausted, rejected, shutdown)
+        self.dropped: dict[str, int] = {}
         self.successes = 0
         self.failures = 0
         self.streak = 0
@@ -217,8 +226,8 @@ class ExportState:
         if first and self.log_failures:   # one line per streak; /status and /metrics count the rest
             log.warning("OTLP %s export to %s failed: %s; retrying with backoff (up to %.0f s), "
                         "proxying is not affected; logged once until it works again, see /status "
-                        "\"otlp\" and sniproxy_otlp_exports_total", self.signal, self.endpoint,
-                        error, max(self.interval_s, MAX_BACKOFF_S))
+                        "%s and sniproxy_otlp_exports_total", self.signal, self.endpoint,
+                        error, self.max_backoff_s, self.status_path)
 
     def next_wait(self) -> float:
         """Seconds until the next attempt: the interval, doubled per failure in a row, bounded."""
@@ -226,11 +235,20 @@ class ExportState:
             streak = self.streak
         if streak == 0:
             return self.interval_s
-        return min(self.interval_s * 2 ** min(streak - 1, 16), max(self.interval_s, MAX_BACKOFF_S))
+        return min(self.interval_s * 2 ** min(streak - 1, 16), self.max_backoff_s)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def set_queued(self, n: int) -> None:
+        with self._lock:
+            self.queued = n
 
     def status(self) -> dict:
         with self._lock:
-            return {
+            extra = {} if self.queued is None else {"queued": self.queued, "dropped": dict(self.dropped)}
+            return {**extra,
                 "endpoint": self.endpoint,
                 "exports_ok": self.successes,
                 "exports_failed": self.failures,
@@ -255,13 +273,25 @@ class ExportStateCollector:
         last = GaugeMetricFamily("sniproxy_otlp_last_success_timestamp_seconds",
                                  "Unix time of the last successful OTLP export, by signal",
                                  labels=["signal"])
+        queued = GaugeMetricFamily("sniproxy_otlp_queued", "Items waiting to be exported (profiles), "
+                                   "by signal", labels=["signal"])
+        dropped = CounterMetricFamily("sniproxy_otlp_dropped", "Items given up by the OTLP exporter, by "
+                                      "signal and reason (queue_full, retries_exhausted, rejected, "
+                                      "shutdown)", labels=["signal", "reason"])
         for state in self.states:
             s = state.status()
             exports.add_metric([state.signal, "success"], s["exports_ok"])
             exports.add_metric([state.signal, "failure"], s["exports_failed"])
             last.add_metric([state.signal], state.last_success or 0.0)
+            if "queued" in s:
+                queued.add_metric([state.signal], s["queued"])
+                for reason in DROP_REASONS:
+                    dropped.add_metric([state.signal, reason], s["dropped"].get(reason, 0))
         yield exports
         yield last
+        if queued.samples:
+            yield queued
+            yield dropped
 
 
 class SdkLogCapture(logging.Handler):

@@ -18,12 +18,13 @@ attempt in /metrics (sniproxy_otlp_exports_total) and /status ("otlp").
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sniproxy import __version__
 
@@ -63,6 +64,9 @@ class MetricSpec:
     derived: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
     #: a prom label whose value becomes `error.type` unless it is one of these "no error" values
     error_from: tuple[str, tuple[str, ...]] | None = None
+    #: prom labels holding a "host:port" (`listener`, `backend`): they become the semantic
+    #: attributes `server.address`, `server.port` and, for an IP address, `network.type`
+    address_from: tuple[str, ...] = ()
 
 
 #: The proxy's own families, named by hand. Everything else goes through generic_spec().
@@ -70,21 +74,23 @@ KNOWN: dict[str, MetricSpec] = {
     "sniproxy_connections": MetricSpec(
         "sniproxy.connections", "{connection}", COUNTER,
         {"route": "sniproxy.route", "outcome": "sniproxy.outcome"}, _TCP,
-        error_from=("outcome", ("ok",))),
+        error_from=("outcome", ("ok",)), address_from=("listener",)),
     "sniproxy_active_connections": MetricSpec(
-        "sniproxy.connection.active", "{connection}", UPDOWN, {}, _TCP),
+        "sniproxy.connection.active", "{connection}", UPDOWN, {}, _TCP, address_from=("listener",)),
     "sniproxy_bytes": MetricSpec(
         "sniproxy.io", "By", COUNTER, {"direction": "sniproxy.direction"}, _TCP,
         # network.io.direction is seen from the client's side of the proxy
         derived=(("direction", "network.io.direction",
-                  (("client_to_backend", "receive"), ("backend_to_client", "transmit"))),)),
+                  (("client_to_backend", "receive"), ("backend_to_client", "transmit"))),),
+        address_from=("listener",)),
     "sniproxy_client_hello_failures": MetricSpec(
         "sniproxy.client_hello.failures", "{failure}", COUNTER, {"reason": "error.type"}, _TCP),
     "sniproxy_upstream_connect_seconds": MetricSpec(
-        "sniproxy.upstream.connect.duration", "s", HISTOGRAM, {"upstream": "sniproxy.upstream"}, _TCP),
+        "sniproxy.upstream.connect.duration", "s", HISTOGRAM, {"upstream": "sniproxy.upstream"}, _TCP,
+        address_from=("backend",)),
     "sniproxy_upstream_connect_failures": MetricSpec(
         "sniproxy.upstream.connect.failures", "{failure}", COUNTER,
-        {"upstream": "sniproxy.upstream", "kind": "error.type"}, _TCP),
+        {"upstream": "sniproxy.upstream", "kind": "error.type"}, _TCP, address_from=("backend",)),
     "sniproxy_connection_limit_reached": MetricSpec(
         "sniproxy.connection.limit_reached", "{event}", COUNTER),
     "sniproxy_accept_errors": MetricSpec(
@@ -100,6 +106,10 @@ KNOWN: dict[str, MetricSpec] = {
     "sniproxy_otlp_exports": MetricSpec(
         "sniproxy.otlp.exports", "{export}", COUNTER,
         {"signal": "sniproxy.otlp.signal", "result": "sniproxy.result"}),
+    "sniproxy_otlp_queued": MetricSpec(
+        "sniproxy.otlp.queued", "1", GAUGE, {"signal": "sniproxy.otlp.signal"}),
+    "sniproxy_otlp_dropped": MetricSpec(
+        "sniproxy.otlp.dropped", "{count}", COUNTER, {"signal": "sniproxy.otlp.signal", "reason": "error.type"}),
     "sniproxy_otlp_last_success_timestamp_seconds": MetricSpec(
         "sniproxy.otlp.last_success_time", "s", GAUGE, {"signal": "sniproxy.otlp.signal"}),
     "ebpf_active_connections": MetricSpec(
@@ -144,10 +154,43 @@ def spec_for(family_name: str, family_type: str) -> MetricSpec | None:
     return generic_spec(family_name, family_type)
 
 
-def attributes_of(spec: MetricSpec, labels: dict[str, str]) -> dict[str, str]:
-    out = dict(spec.constant)
+#: The configured-backend placeholder of a dynamic route ("$sni:443"): the host is the client's
+#: SNI, which never becomes an attribute.
+_DYNAMIC_HOST = "$sni"
+
+
+def address_attributes(value: str) -> dict[str, object]:
+    """"host:port" (IPv6 in brackets) -> server.address, server.port, network.type.
+
+    network.type only for an IP address (a host name may resolve to either family); no
+    server.address for a dynamic backend ("$sni:443"): its host is client-chosen."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return {"server.address": value}
+    out: dict[str, object] = {}
+    try:
+        out["server.port"] = int(port)
+    except ValueError:
+        return {"server.address": value}
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == _DYNAMIC_HOST:
+        return out
+    out["server.address"] = host
+    try:
+        out["network.type"] = f"ipv{ipaddress.ip_address(host).version}"
+    except ValueError:
+        pass
+    return out
+
+
+def attributes_of(spec: MetricSpec, labels: dict[str, str]) -> dict[str, object]:
+    out: dict[str, object] = dict(spec.constant)
     for label, value in labels.items():
         if label in ("le", "pid"):
+            continue
+        if label in spec.address_from:
+            out.update(address_attributes(value))
             continue
         key = spec.attributes.get(label) or _GENERIC_LABELS.get(label) or f"sniproxy.{label}"
         out[key] = value
@@ -298,6 +341,7 @@ class OtlpMetricsExporter:
             settings.sources["interval_s"] = interval_name
         else:
             settings.sources["interval_s"] = "config otlp.interval_s"
+        settings = apply_export_timeout(settings, environ)
         pref_env, pref_name = env_value(environ, "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE")
         temporality = (pref_env or cfg.temporality).lower()
         source = pref_name or "config otlp.temporality"
@@ -442,9 +486,35 @@ class OtlpMetricsExporter:
     def status(self) -> dict:
         s = self.settings
         return {"enabled": True, "protocol": s.protocol, "interval_s": self.interval_s,
+                "timeout_s": s.effective_timeout_s,
                 "temporality": self.temporality, "headers": list(s.header_names),
                 "sources": dict(s.sources), **self.state.status()}
 
+
+
+def apply_export_timeout(settings: SignalSettings, environ) -> SignalSettings:
+    """OTEL_METRIC_EXPORT_TIMEOUT (milliseconds, the SDK's "maximum allowed time to export
+    data", read by its PeriodicExportingMetricReader): the export gives up after the shorter of
+    it and the exporter's own timeout (OTEL_EXPORTER_OTLP_[METRICS_]TIMEOUT / otlp.timeout_s).
+
+    The SDK's OTLP exporters ignore the `timeout_millis` given to export() (their deadline is
+    the constructor's `timeout`, retries included), so the shorter bound is what we hand the
+    constructor: a stalled collector then costs at most that much per attempt."""
+    value, name = env_value(environ, "OTEL_METRIC_EXPORT_TIMEOUT")
+    if value is None:
+        return settings
+    try:
+        export_timeout_s = float(value) / 1000.0
+    except ValueError:
+        raise OtlpSetupError(f"{name}={value!r}: expected milliseconds, e.g. 30000") from None
+    if export_timeout_s <= 0:
+        raise OtlpSetupError(f"{name}={value!r}: must be more than 0 ms")
+    sources = dict(settings.sources)
+    if export_timeout_s < settings.effective_timeout_s:
+        sources["timeout_s"] = name
+        return replace(settings, timeout_s=export_timeout_s, effective_timeout_s=export_timeout_s,
+                       sources=sources)
+    return settings
 
 
 def _number(value: float) -> int | float:

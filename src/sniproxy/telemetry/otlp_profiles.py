@@ -38,7 +38,21 @@ CONTENT_TYPE = "application/x-protobuf"
 
 
 class ProfileExportError(Exception):
-    """The collector did not take the profile; the message says what happened and the fix."""
+    """The collector did not take the profile; the message says what happened and the fix.
+
+    `retryable`: the OTLP specification's "may be retried" (the collector is unreachable,
+    overloaded or timed out); False when resending the same request cannot succeed."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+#: gRPC codes OTLP says a client may retry (opentelemetry-proto docs/specification.md, "Failures").
+RETRYABLE_GRPC = frozenset({"CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE",
+                            "UNAVAILABLE", "DATA_LOSS", "RESOURCE_EXHAUSTED"})
+#: HTTP statuses OTLP/HTTP says a client may retry.
+RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
 
 
 class _Table:
@@ -287,10 +301,15 @@ class OtlpProfileExporter:
             response = self._stub.Export(request, metadata=tuple(self.headers.items()),
                                          timeout=self.settings.effective_timeout_s)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                # A new channel next time: gRPC's own reconnect backoff grows to 2 minutes while
+                # a collector is down, and would keep failing fast for that long once it is up
+                # (the SDK's exporters do the same).
+                self.close()
             raise ProfileExportError(
                 f"gRPC {exc.code().name} from {self.settings.endpoint}: {exc.details()} "
-                "(is the collector up, with OTLP profiles enabled: --feature-gates=+service.profilesSupport?)"
-            ) from None
+                "(is the collector up, with OTLP profiles enabled: --feature-gates=+service.profilesSupport?)",
+                retryable=exc.code().name in RETRYABLE_GRPC) from None
         self._check_partial(response)
         return request.ByteSize()
 
@@ -302,12 +321,13 @@ class OtlpProfileExporter:
         try:
             r = requests.post(self.settings.endpoint, data=body, timeout=self.settings.effective_timeout_s,
                               headers={"Content-Type": CONTENT_TYPE, **self.headers}, verify=verify, cert=cert)
-        except requests.RequestException as exc:
-            raise ProfileExportError(f"POST {self.settings.endpoint} failed: {exc}") from None
+        except requests.RequestException as exc:      # unreachable, reset, timed out: transient
+            raise ProfileExportError(f"POST {self.settings.endpoint} failed: {exc}", retryable=True) from None
         if r.status_code != 200:
             raise ProfileExportError(
                 f"POST {self.settings.endpoint} answered {r.status_code} {r.reason}: {r.text[:200]!r} "
-                "(404: the receiver has no OTLP profiles endpoint; enable the profiles feature)")
+                "(404: the receiver has no OTLP profiles endpoint; enable the profiles feature)",
+                retryable=r.status_code in RETRYABLE_HTTP)
         if r.content:
             from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
                 ExportProfilesServiceResponse,
