@@ -144,7 +144,8 @@ class OtlpProfileSink:
         except Exception as exc:  # noqa: BLE001 - the sender thread must survive anything
             self.cpu_ns += time.thread_time_ns() - t0
             retryable = isinstance(exc, ProfileExportError) and exc.retryable
-            self.state.failure(str(exc) if isinstance(exc, ProfileExportError) else repr(exc))
+            self.state.failure(str(exc) if isinstance(exc, ProfileExportError) else repr(exc),
+                               retryable=retryable)
             with self._cond:
                 self._retry_at = time.monotonic() + self.backoff(self.state.streak)
                 if not retryable:

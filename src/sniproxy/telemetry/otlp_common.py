@@ -216,7 +216,7 @@ class ExportState:
             log.info("OTLP %s export to %s works again (after %d failed attempts)",
                      self.signal, self.endpoint, streak)
 
-    def failure(self, error: str) -> None:
+    def failure(self, error: str, *, retryable: bool = True) -> None:
         with self._lock:
             first = self.streak == 0
             self.failures += 1
@@ -224,10 +224,12 @@ class ExportState:
             self.last_error = error
             self.last_error_at = time.time()
         if first and self.log_failures:   # one line per streak; /status and /metrics count the rest
-            log.warning("OTLP %s export to %s failed: %s; retrying with backoff (up to %.0f s), "
-                        "proxying is not affected; logged once until it works again, see /status "
-                        "%s and sniproxy_otlp_exports_total", self.signal, self.endpoint,
-                        error, self.max_backoff_s, self.status_path)
+            then = (f"retrying with backoff (up to {self.max_backoff_s:.0f} s)" if retryable else
+                    "the collector rejected it: not sent again (fix the request or the collector)")
+            log.warning("OTLP %s export to %s failed: %s; %s, proxying is not affected; logged "
+                        "once until it works again, see /status %s and "
+                        "sniproxy_otlp_exports_total", self.signal, self.endpoint, error, then,
+                        self.status_path)
 
     def next_wait(self) -> float:
         """Seconds until the next attempt: the interval, doubled per failure in a row, bounded."""
