@@ -196,3 +196,62 @@ def test_client_unacked_data_socks5_reply_with_backend_bytes(three_ns, tmp_path)
     assert _fallbacks(proxy, "client_unacked_data") == 1
     wait_until(lambda: proxy.access(), 10, "the access line")
     assert "relay=tcp_splice" not in proxy.access()[0], proxy.access()
+
+
+def test_tuple_busy_backend_port_reused_while_the_old_flow_lingers(three_ns, tmp_path):
+    """Two flows on one 4-tuple: a flow ends (a RST from the backend) and lingers, its worker
+    dies (its backend socket dies with it, after its FIN retries), and the next connection to
+    that backend gets the same local port (the proxy's port range is one port wide): its
+    tuple is still in the maps, so the hand-over refuses it (tuple_busy). The old entries go
+    when the successor worker sees the linger over; the new connection, on the next relay
+    kind, then completes byte-exact (its segments dropped meanwhile are retransmitted)."""
+    import os
+    import signal
+    t = three_ns
+    nsexec(t.proxy, "sysctl", "-qw", "net.ipv4.tcp_orphan_retries=1")
+    reset = threading.Event()
+
+    class ResettingBackend(EchoBackend):
+        """The first connection: echo the hello, then reset it."""
+
+        first = True
+
+        def _serve(self, conn):
+            if not ResettingBackend.first:
+                return super()._serve(conn)
+            ResettingBackend.first = False
+            conn.sendall(_recv_exact(conn, len(HELLO)))
+            reset.wait(30)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    be = t.run(t.backend, ResettingBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", tcp_splice={"linger_s": 8.0})
+    first = t.run(t.client, socket.create_connection, (t.proxy_client_ip, proxy.port), 10)
+    first.sendall(HELLO)
+    assert _recv_exact(first, len(HELLO)) == HELLO
+    wait_until(lambda: proxy.ts()["active_flows"] == 1, 10, "the first flow spliced")
+    ss = nsexec(t.proxy, "ss", "-Htan", "dst", f"{t.backend_ip}:{be.port}").stdout.split()
+    port = ss[3].rsplit(":", 1)[1]
+    reset.set()
+    wait_until(lambda: proxy.ts()["lingering_flows"] == 1, 10, "the first flow ended")
+    pid = [w["pid"] for w in proxy.status()["workers"] if w["alive"]][0]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: any(w["alive"] and w["pid"] != pid for w in proxy.status()["workers"]),
+               10, "a new worker")
+    wait_until(lambda: not nsexec(t.proxy, "ss", "-Htan", "sport", f"= :{port}").stdout.strip(),
+               20, "the dead worker's backend socket gone (FIN retries)")
+    assert proxy.ts()["lingering_flows"] == 1, "the old flow should still linger"
+    # From now the proxy's only free local port is the old flow's (no HTTP polling meanwhile:
+    # it would take it).
+    ports = nsexec(t.proxy, "sysctl", "-n", "net.ipv4.ip_local_port_range").stdout.split()
+    nsexec(t.proxy, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={port} {port}")
+    try:
+        got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 256 * 1024)
+    finally:
+        nsexec(t.proxy, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={ports[0]} {ports[1]}")
+    assert got == (len(HELLO) + 256 * 1024, stream_sha(HELLO, 256 * 1024))
+    assert _fallbacks(proxy, "tuple_busy") == 1
+    assert "still spliced" in proxy.log()
+    first.close()
+    proxy.wait_clean()

@@ -47,8 +47,11 @@ ROUTE_CACHE_S = 5.0
 ROUTE_CACHE_MAX = 4096
 # A handover larger than this is not read in one go (the client's receive buffer bounds it).
 READ_CHUNK = 256 * 1024
-# Flows left by a worker that died (SIGKILL, crash) are checked this often by its successor.
+# Flows left by a worker that died (SIGKILL, crash) are checked by its successor when the
+# first of them may be removed (its linger or idle timeout over), at least this often ...
 ORPHAN_CHECK_S = 5.0
+# ... and at most this often (a flow that keeps sending is looked at again and again).
+ORPHAN_CHECK_MIN_S = 0.2
 
 
 def _outq(sock: socket.socket) -> int:
@@ -357,25 +360,32 @@ class WorkerSplice:
                 if row != self.ring_index:
                     _retire_row(self.shared.row(row))
         if self._orphans:
-            self.loop.call_later(ORPHAN_CHECK_S, self._check_orphans)
+            self.loop.call_later(ORPHAN_CHECK_MIN_S, self._check_orphans)
 
     def _check_orphans(self) -> None:
+        next_s = ORPHAN_CHECK_S
         try:
-            self._check_orphans_once()
+            next_s = self._check_orphans_once()
         except Exception:          # a timer callback: log, never lose the rest silently
             log.exception("tcp_splice: checking the flows of a dead worker")
         if self._orphans:
-            self.loop.call_later(ORPHAN_CHECK_S, self._check_orphans)
+            self.loop.call_later(next_s, self._check_orphans)
 
-    def _check_orphans_once(self) -> None:
+    def _check_orphans_once(self) -> float:
+        """Remove the orphans that are over; seconds until the next one may be."""
         now = time.monotonic_ns()
+        next_s = ORPHAN_CHECK_S
         for slot, (keys, counted_ended) in list(self._orphans.items()):
             try:
                 st = self.dp.flow(slot)
             except (BpfError, OSError):
                 continue
             idle_s = (now - st.last_ns) / 1e9
-            if (st.reported and idle_s >= self.linger_s) or idle_s >= self.idle_timeout_s:
+            left_s = min(self.linger_s if st.reported else self.idle_timeout_s,
+                         self.idle_timeout_s) - idle_s
+            if left_s > 0:
+                next_s = min(next_s, max(ORPHAN_CHECK_MIN_S, left_s + 0.01))
+            else:
                 for key in keys:
                     try:
                         self.dp.flows.delete(key)
@@ -389,6 +399,7 @@ class WorkerSplice:
                 if not counted_ended:
                     self.counters.add("ts_ended")
                 self.counters.add("ts_removed")
+        return next_s
 
     # --- teardown -------------------------------------------------------------------------
     def linger(self, relay: TcpSpliceRelay) -> None:
