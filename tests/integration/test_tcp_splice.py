@@ -696,15 +696,29 @@ def test_fallback_map_full_takes_sockmap_losslessly(three_ns, tmp_path):
     proxy.wait_clean()
 
 
-def test_fallback_mss_mismatch_with_different_mtus(tmp_path):
-    with Topology.three(_tag(), mtu_client=1400, mtu_backend=1500) as t:
+@pytest.mark.parametrize("mtu_client,mtu_backend", [(1400, 1500), (1500, 1400)])
+def test_different_mtus_are_clamped_and_spliced(tmp_path, mtu_client, mtu_backend):
+    """A spliced segment keeps its size: the proxy advertises the smallest MTU's MSS on the
+    listener and the backend socket (TCP_MAXSEG), so both ends send segments that fit."""
+    with Topology.three(_tag(), mtu_client=mtu_client, mtu_backend=mtu_backend) as t:
         be = t.run(t.backend, EchoBackend, t.backend_ip)
         proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
         got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 8 * MiB)
         assert got == (len(HELLO) + 8 * MiB, stream_sha(HELLO, 8 * MiB))
-        assert _fallback(proxy, "mss_mismatch") == 1
-        wait_until(lambda: proxy.access(), 10, "access line")
-        assert "relay=sockmap" in proxy.access()[0]
+        assert _fallback(proxy, "mss_mismatch") == 0, proxy.log()
+        spliced(proxy)
+        assert proxy.ts()["clamp_mtu"] == min(mtu_client, mtu_backend)
+
+        def client_mss():
+            # The client's MSS is the smaller of its own and the one the proxy advertised.
+            with connect(t.proxy_client_ip, proxy.port) as s:
+                s.sendall(HELLO)
+                assert _recv_exact(s, len(HELLO)) == HELLO
+                return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+        # (minus 12 bytes of timestamp option in every segment)
+        assert t.run(t.client, client_mss) == min(mtu_client, mtu_backend) - 40 - 12
+        spliced(proxy, 2)
+        proxy.wait_clean()
 
 
 def test_fallback_interface_not_attached(three_ns, tmp_path):

@@ -220,6 +220,14 @@ def _is_loopback(ifindex: int) -> bool:
         return False
 
 
+def _mtu(name: str) -> int | None:
+    try:
+        with open(f"/sys/class/net/{name}/mtu") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
+
+
 def up_interfaces() -> list[str]:
     """Interfaces of this network namespace that are up (the default attach set)."""
     out = []
@@ -380,6 +388,8 @@ class TcpSpliceDataPath:
         self._rings: dict[int, Map] = {}
         self.attached: list[_Attached] = []
         self.stale_replaced = 0          # leftover filters of a killed proxy, replaced
+        # Smallest MTU of the attached interfaces when they differ, else None: see mss_clamp().
+        self.clamp_mtu: int | None = None
 
     @classmethod
     def load(cls, max_flows: int, *, rings: int = MAX_RINGS) -> "TcpSpliceDataPath":
@@ -424,6 +434,25 @@ class TcpSpliceDataPath:
         except Exception:
             self.detach()
             raise
+        mtus = {_mtu(a.name) for a in self.attached} - {None}
+        self.clamp_mtu = min(mtus) if len(mtus) > 1 else None
+
+    def mss_clamp(self, family: int) -> int | None:
+        """The TCP_MAXSEG for a socket of `family` that may be spliced, or None (no clamp).
+
+        A spliced segment keeps its size from one connection to the other, so every segment
+        either end sends must fit the smallest MTU of the interfaces a flow can use: the MSS
+        the proxy advertises (listener, backend socket before connect) is clamped to it."""
+        if self.clamp_mtu is None:
+            return None
+        return self.clamp_mtu - (60 if family == socket.AF_INET6 else 40)
+
+    def clamp(self, sock: socket.socket) -> None:
+        """TCP_MAXSEG before listen() (accepted sockets inherit it and their SYN-ACK advertises
+        it) or before connect() (the SYN does), when the attached interfaces' MTUs differ."""
+        mss = self.mss_clamp(sock.family)
+        if mss is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
 
     @property
     def ifindexes(self) -> set[int]:

@@ -168,6 +168,11 @@ class KernelDataPath:
             log.warning("sockmap: removed %d socket entries (%d connections) left by a worker "
                         "that died", purged, purged // 2)
 
+    def tune_listener(self, sock: socket.socket) -> None:
+        """Before listen(): tcp_splice's MSS clamp (the attached interfaces' MTUs differ)."""
+        if self.tcp_splice is not None:
+            self.tcp_splice.clamp(sock)
+
     # --- views ----------------------------------------------------------------------------
     def status(self) -> dict:
         out = self.modes.status()
@@ -199,6 +204,8 @@ class KernelDataPath:
         if self.tcp_splice is not None:
             out["interfaces"] = [a.name for a in self.tcp_splice.attached]
             out["max_flows"] = self.tcp_splice.max_flows
+            # MSS clamp: the smallest MTU of the attached interfaces when they differ
+            out["clamp_mtu"] = self.tcp_splice.clamp_mtu
             out["active_flows"] = totals["ts_armed"] - totals["ts_ended"]
             out["lingering_flows"] = totals["ts_ended"] - totals["ts_removed"]
             out["engaged_total"] = totals["ts_armed"] - totals["ts_adopted"]

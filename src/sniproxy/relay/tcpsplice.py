@@ -180,6 +180,11 @@ class WorkerSplice:
         except RuntimeError:
             pass                                         # built outside a loop (tests)
 
+    # --- segment sizes --------------------------------------------------------------------
+    def clamp_socket(self, sock: socket.socket) -> None:
+        """TCP_MAXSEG on a backend socket before connect() (see TcpSpliceDataPath.clamp)."""
+        self.dp.clamp(sock)
+
     # --- loop plumbing --------------------------------------------------------------------
     def _ensure_loop(self) -> None:
         if self.loop is not None:
