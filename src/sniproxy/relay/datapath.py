@@ -278,17 +278,34 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
 
     cfg = config.ebpf.tcp_splice
     names = list(cfg.interfaces) if cfg.interfaces else ts.up_interfaces()
+    pin_dir = cfg.pin_path
+    if pin_dir is not None:
+        from sniproxy.ebpf import bpffs
+        problem = bpffs.ensure_mounted(pin_dir, "the tcp_splice flow maps "
+                                                "(ebpf.tcp_splice.pin_path)")
+        if problem:
+            log.warning("tcp_splice: the flow maps are not pinned, so live flows do not survive "
+                        "a restart: %s (ebpf.tcp_splice.pin_path)", problem)
+            pin_dir = None
     try:
-        dp = ts.TcpSpliceDataPath.load(cfg.max_flows, rings=rows)
+        dp = ts.TcpSpliceDataPath.load(cfg.max_flows, rings=rows, pin_dir=pin_dir)
     except (BpfError, OSError) as exc:
         failures["tcp_splice"] = f"loading the tc programs failed: {exc}"
         return None
+    if dp.pin_note:
+        log.warning("tcp_splice: the pinned flow maps of a previous proxy were not reused: %s; "
+                    "its flows end at their next packet", dp.pin_note)
     try:
         dp.attach(names)
+        if dp.inherited:
+            n = dp.orphan_claims(config.workers)
+            log.info("tcp_splice: took over %d live flow(s) of a previous proxy from %s; the "
+                     "workers remove each once it ended or went idle", n, pin_dir)
         if dp.stale_replaced:
-            log.warning("tcp_splice: replaced %d tc filter(s) left by a proxy that was killed; "
-                        "connections it still spliced are reset at their next packet",
-                        dp.stale_replaced)
+            log.warning("tcp_splice: replaced %d tc filter(s) left by a proxy that was killed; %s",
+                        dp.stale_replaced,
+                        "its flows go on (pinned maps)" if dp.inherited else
+                        "connections it still spliced are reset at their next packet")
     except (BpfError, OSError) as exc:
         dp.close()
         failures["tcp_splice"] = (f"attaching the tc programs to {', '.join(names)} failed: "

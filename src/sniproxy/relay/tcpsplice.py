@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import struct
 import logging
 import os
 import socket
@@ -36,7 +37,7 @@ import fcntl
 import time
 
 from sniproxy.ebpf import tcpsplice as ts
-from sniproxy.ebpf.objects import BpfError
+from sniproxy.ebpf.objects import BPF_ANY, BpfError
 from sniproxy.relay.base import RelayResult
 
 log = logging.getLogger("sniproxy")
@@ -345,11 +346,17 @@ class WorkerSplice:
         except (BpfError, OSError):
             return
         dead_rows = set()
+        me = struct.pack("=II", os.getpid(), self.ring_index)
         for slot, (pid, row) in claims.items():
-            if slot in self._orphans or _alive(pid):
+            if slot in self._orphans:
+                continue
+            # pid 0: a previous proxy's flow (pinned maps), for the worker of that ring index
+            if (pid == 0 and row != self.ring_index) or (pid != 0 and _alive(pid)):
                 continue
             try:
                 keys, reported = self.dp.entries_of(slot), self.dp.flow(slot).reported
+                # Ours now: if this worker dies too, its successor takes the flow over.
+                self.dp.claims.update(slot, me, BPF_ANY)
             except (BpfError, OSError):
                 continue
             # The flow moves to this worker's counters (the dead row is retired below).
@@ -358,8 +365,10 @@ class WorkerSplice:
             if reported:
                 self.counters.add("ts_ended")
             self._orphans[slot] = (keys, reported)
-            dead_rows.add(row)
-            log.info("tcp_splice: watching flow slot %d of dead process %d", slot, pid)
+            if pid:
+                dead_rows.add(row)
+            log.info("tcp_splice: watching flow slot %d of %s", slot,
+                     f"dead process {pid}" if pid else "a previous proxy")
         if self.shared is not None:
             for row in dead_rows:
                 if row != self.ring_index:
