@@ -521,7 +521,7 @@ def _lossy_object(tmp_path) -> str:
 
 def test_loss_and_duplicates_stay_exact(three_ns, tmp_path):
     """1% loss and 2% duplicated packets on both far ends (a tc program: this kernel has no
-    sch_netem, so delay and reordering are not injected): TCP recovers end to end."""
+    sch_netem; delay and reordering: test_tcp_splice_impair.py): TCP recovers end to end."""
     t = three_ns
     obj = _lossy_object(tmp_path)
     for side in ("c", "b"):
