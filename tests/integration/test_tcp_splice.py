@@ -59,15 +59,16 @@ class Proxy:
 
     def __init__(self, t: Topology, tmp, backend: str, *, v6: bool = False, workers: int = 1,
                  tcp_splice: dict | None = None, idle_s: float = 60, routes=None,
-                 upstreams=None, max_connections: int = 1000, **ebpf):
+                 upstreams=None, max_connections: int = 1000, listen: str | None = None,
+                 **ebpf):
         self.t = t
         self.port, mport = 8443, 9100
-        listen = f"[{t.proxy_client_ip6}]:{self.port}" if v6 else f"{t.proxy_client_ip}:{self.port}"
+        host = listen or (f"[{t.proxy_client_ip6}]" if v6 else t.proxy_client_ip)
         cfg = base_config(self.port, mport, workers=workers, default_backend=backend,
                           max_connections=max_connections,
                           ebpf={"enabled": True, "dns_cache": {"pin_path": None},
                                 "tcp_splice": {"linger_s": 0.5, **(tcp_splice or {})}, **ebpf})
-        cfg["listen_addr"] = listen
+        cfg["listen_addr"] = f"{host}:{self.port}"
         cfg["metrics_addr"] = f"127.0.0.1:{mport}"
         cfg["timeouts"]["idle_s"] = idle_s
         if routes is not None:
@@ -845,3 +846,25 @@ def test_backend_that_speaks_first_is_exact_whichever_way_the_race_goes(three_ns
     wait_until(lambda: len(proxy.access()) == 5, 10, "five access lines")
     kinds = [line.split("relay=")[1].split()[0] for line in proxy.access()]
     assert kinds.count("tcp_splice") + _fallback(proxy, "backend_data_queued") == 5, kinds
+
+
+def test_default_interfaces_follow_the_listen_address_and_the_backend_routes(three_ns, tmp_path):
+    """An interface neither the listen address nor a backend route uses gets no tc program;
+    a wildcard listen address takes every interface that is up."""
+    t = three_ns
+    extra = f"te{t.tag}a"
+    nsexec(t.proxy, "ip", "link", "add", extra, "type", "veth", "peer", "name", f"te{t.tag}b")
+    nsexec(t.proxy, "ip", "link", "set", extra, "up")
+    nsexec(t.proxy, "ip", "link", "set", f"te{t.tag}b", "up")
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    assert set(proxy.ts()["interfaces"]) == {"lo", f"tc{t.tag}p", f"tb{t.tag}p"}
+    assert "listen addresses' interfaces" in proxy.log()
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, MiB)
+    assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
+    spliced(proxy)
+    assert proxy.stop() == 0
+    assert t.tc_state() == ""
+    wild = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", listen="0.0.0.0")
+    assert extra in wild.ts()["interfaces"]
+    assert wild.stop() == 0

@@ -200,6 +200,49 @@ def route_oif(address: str) -> int:
     raise OSError(errno.ENETUNREACH, f"the route to {address} names no interface")
 
 
+_RTM_GETADDR = 22
+_NLM_F_REQUEST, _NLM_F_DUMP = 1, 0x300
+_NLMSG_DONE = 3
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+
+
+def address_interface(address: str) -> str | None:
+    """The name of the interface that holds local address `address` (RTM_GETADDR dump), or
+    None. (A route lookup would answer `lo` for every local address.)"""
+    ip = ipaddress.ip_address(address)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    want = ip.packed
+    msg = struct.pack("=IHHII", 16 + 8, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+    msg += struct.pack("=BBBBI", family, 0, 0, 0, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(1.0)
+        nl.send(msg)
+        found = None
+        # Bounded: a dump ends with NLMSG_DONE; each recv is at most one buffer of addresses.
+        for _ in range(4096):
+            data = nl.recv(65536)
+            pos = 0
+            while pos + 16 <= len(data):
+                length, mtype = struct.unpack_from("=IH", data, pos)
+                if mtype in (_NLMSG_DONE, _NLMSG_ERROR) or length < 16:
+                    return found
+                _, _, _, _, index = struct.unpack_from("=BBBBI", data, pos + 16)
+                apos = pos + 16 + 8
+                while apos + 4 <= pos + length:
+                    alen, atype = struct.unpack_from("=HH", data, apos)
+                    if alen < 4:
+                        break
+                    if atype in (_IFA_ADDRESS, _IFA_LOCAL) and \
+                            data[apos + 4:apos + alen] == want and found is None:
+                        try:
+                            found = socket.if_indextoname(index)
+                        except OSError:
+                            pass
+                    apos += (alen + 3) & ~3
+                pos += (length + 3) & ~3
+    return found
+
+
 _LOOPBACK: dict[int, bool] = {}
 
 

@@ -277,7 +277,12 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
     from sniproxy.ebpf import tcpsplice as ts
 
     cfg = config.ebpf.tcp_splice
-    names = list(cfg.interfaces) if cfg.interfaces else ts.up_interfaces()
+    if cfg.interfaces:
+        names = list(cfg.interfaces)
+    else:
+        names, how = default_splice_interfaces(config)
+        log.info("tcp_splice: attaching to %s (%s; set ebpf.tcp_splice.interfaces to choose)",
+                 ", ".join(names), how)
     pin_dir = cfg.pin_path
     if pin_dir is not None:
         from sniproxy.ebpf import bpffs
@@ -313,6 +318,64 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
                                   "CAP_NET_ADMIN is granted")
         return None
     return dp
+
+
+# Addresses in the documentation ranges (RFC 5737, RFC 3849): their route is the default one.
+_DEFAULT_ROUTE_PROBES = ("192.0.2.1", "2001:db8::1")
+
+
+def default_splice_interfaces(config) -> tuple[list[str], str]:
+    """The interfaces tcp_splice attaches to when ebpf.tcp_splice.interfaces is null, and how
+    they were found: `lo`, the interfaces holding the listen addresses (all that are up for a
+    wildcard address: clients may come through any), and the interfaces of the routes to
+    the backends and SOCKS5 servers (the default route's when a backend is a name, which
+    resolves at connect time). A flow that uses another one takes the next relay kind
+    (`interface_not_attached`, logged with the fix)."""
+    import ipaddress
+    from sniproxy.config import DIRECT
+    from sniproxy.ebpf import tcpsplice as ts
+
+    up = ts.up_interfaces()
+    want = {"lo"}
+    for addr in config.listen:
+        try:
+            ip = ipaddress.ip_address(addr.host)
+        except ValueError:
+            return up, f"listen address {addr.host} is a name: every interface that is up"
+        if ip.is_unspecified:
+            return up, f"listen address {addr.host} is a wildcard: every interface that is up"
+        try:
+            name = ts.address_interface(addr.host)
+        except OSError:
+            name = None
+        if name is None:
+            return up, f"no interface holds listen address {addr.host}: every interface that is up"
+        want.add(name)
+    hosts, by_name = [], False
+    targets = [(r.upstream, r.target.host) for r in config.routes]
+    if config.default_backend is not None:
+        from sniproxy.config import parse_backend
+        targets.append((DIRECT, parse_backend(config.default_backend).host))
+    for upstream, host in targets:
+        if upstream != DIRECT and upstream in config.upstreams:
+            host = config.upstreams[upstream].address.host
+        if host is None:
+            by_name = True                 # "$sni:port": the client's name
+            continue
+        try:
+            ipaddress.ip_address(host)
+            hosts.append(host)
+        except ValueError:
+            by_name = True
+    if by_name:
+        hosts.extend(_DEFAULT_ROUTE_PROBES)
+    for host in dict.fromkeys(hosts):
+        try:
+            want.add(socket.if_indextoname(ts.route_oif(host)))
+        except OSError:
+            pass                          # no route (yet): that backend falls back, counted
+    return ([n for n in up if n in want],
+            "lo, the listen addresses' interfaces and the routes to the backends")
 
 
 _FALLBACK_TEXT = {
