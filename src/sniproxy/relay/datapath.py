@@ -332,7 +332,6 @@ def default_splice_interfaces(config) -> tuple[list[str], str]:
     resolves at connect time). A flow that uses another one takes the next relay kind
     (`interface_not_attached`, logged with the fix)."""
     import ipaddress
-    from sniproxy.config import DIRECT
     from sniproxy.ebpf import tcpsplice as ts
 
     up = ts.up_interfaces()
@@ -354,10 +353,11 @@ def default_splice_interfaces(config) -> tuple[list[str], str]:
     hosts, by_name = [], False
     targets = [(r.upstream, r.target.host) for r in config.routes]
     if config.default_backend is not None:
-        from sniproxy.config import parse_backend
-        targets.append((DIRECT, parse_backend(config.default_backend).host))
+        # validated "host:port" / "[v6]:port" / "$sni:port" (relay/ does not import config)
+        host = config.default_backend.rsplit(":", 1)[0].strip("[]")
+        targets.append(("direct", None if host.lower() == "$sni" else host))
     for upstream, host in targets:
-        if upstream != DIRECT and upstream in config.upstreams:
+        if upstream != "direct" and upstream in config.upstreams:
             host = config.upstreams[upstream].address.host
         if host is None:
             by_name = True                 # "$sni:port": the client's name
