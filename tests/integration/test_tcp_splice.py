@@ -868,3 +868,54 @@ def test_default_interfaces_follow_the_listen_address_and_the_backend_routes(thr
     wild = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", listen="0.0.0.0")
     assert extra in wild.ts()["interfaces"]
     assert wild.stop() == 0
+
+
+def test_client_port_reused_while_the_old_flow_lingers(three_ns, tmp_path):
+    """A client reconnects from the same port (TIME_WAIT reuse) while its finished flow's
+    entries linger: the SYN clears them (BPF), the new connection is spliced on the same
+    4-tuple, and the old flow's late removal leaves the new flow's entries alone."""
+    t = three_ns
+    nsexec(t.client, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", tcp_splice={"linger_s": 3.0})
+
+    def first():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((t.client_ip, 0))
+        s.connect((t.proxy_client_ip, proxy.port))
+        port = s.getsockname()[1]
+        s.sendall(HELLO)
+        assert _recv_exact(s, len(HELLO)) == HELLO
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+        s.close()                        # TIME_WAIT on this side
+        return port
+    port = t.run(t.client, first)
+    wait_until(lambda: proxy.ts()["lingering_flows"] == 1, 10, "the first flow lingering")
+
+    def second():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((t.client_ip, port))
+        # TIME_WAIT reuse needs a timestamp at least a second newer than the old one's
+        wait_until(lambda: s.connect_ex((t.proxy_client_ip, proxy.port)) == 0, 5,
+                   "the port reused", interval=0.2)
+        s.settimeout(30)
+        s.sendall(HELLO)
+        assert _recv_exact(s, len(HELLO)) == HELLO
+        return s
+    s = t.run(t.client, second)
+    try:
+        wait_until(lambda: proxy.ts()["active_flows"] == 1 and proxy.ts()["lingering_flows"] == 0,
+                   15, "the old flow removed, the new one live")
+
+        def rest():
+            send_pattern(s, MiB)
+            s.shutdown(socket.SHUT_WR)
+            return read_to_eof(s)
+        assert t.run(t.client, rest) == (MiB, stream_sha(b"", MiB))
+    finally:
+        s.close()
+    spliced(proxy, 2)
+    proxy.wait_clean()

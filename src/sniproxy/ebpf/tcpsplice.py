@@ -642,9 +642,27 @@ class TcpSpliceDataPath:
     def update(self, slot: int, gen: int, entry: DirEntry) -> None:
         self.flows.update(entry.key, entry.pack(slot, gen), BPF_ANY)
 
-    def remove(self, entries: tuple[DirEntry, ...]) -> None:
-        for entry in entries:
-            self.flows.delete(entry.key)
+    def remove(self, entries: tuple[DirEntry, ...], slot: int | None = None,
+               gen: int | None = None) -> None:
+        """Delete the entries; with slot and gen, only those still of that flow (see
+        delete_keys)."""
+        if slot is None:
+            for entry in entries:
+                self.flows.delete(entry.key)
+        else:
+            self.delete_keys([e.key for e in entries], slot, gen)
+
+    def delete_keys(self, keys: list[bytes], slot: int, gen: int) -> None:
+        """Delete the flow-map keys that still point at (slot, gen): the BPF program deletes
+        a finished flow's entries when a SYN reuses its tuple, and the new connection may be
+        spliced on the same keys before the old flow's linger is over."""
+        for key in keys:
+            raw = self.flows.lookup(key)
+            if raw is None:
+                continue
+            f = _DIR.unpack(raw)
+            if (f[7], f[14]) == (slot, gen):
+                self.flows.delete(key)
 
     def claimed(self) -> dict[int, tuple[int, int]]:
         """slot -> (pid, counter row) of every claimed flow slot (O(n): at worker start)."""

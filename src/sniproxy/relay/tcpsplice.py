@@ -400,11 +400,10 @@ class WorkerSplice:
             if left_s > 0:
                 next_s = min(next_s, max(ORPHAN_CHECK_MIN_S, left_s + 0.01))
             else:
-                for key in keys:
-                    try:
-                        self.dp.flows.delete(key)
-                    except (BpfError, OSError):
-                        pass
+                try:
+                    self.dp.delete_keys(keys, slot, st.gen)
+                except (BpfError, OSError):
+                    pass
                 try:
                     self.dp.release_slot(slot)
                 except (BpfError, OSError):
@@ -424,7 +423,7 @@ class WorkerSplice:
             return
         relay.removed = True
         try:
-            self.dp.remove(relay.entries)
+            self.dp.remove(relay.entries, relay.slot, relay.gen)
         except (BpfError, OSError) as exc:
             log.warning("tcp_splice: removing flow %d: %s", relay.slot, exc)
         if relay.backend_fd >= 0:
