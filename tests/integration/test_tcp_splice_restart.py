@@ -125,3 +125,31 @@ def test_sigkill_of_the_whole_proxy_pinned_flows_survive_and_a_new_proxy_takes_o
     assert not os.path.exists(pin), os.listdir(pin)
     assert "tcx" not in nsexec(t.proxy, "bpftool", "net").stdout
     assert "sni_proxy" not in nsexec(t.proxy, "bpftool", "net").stdout
+
+
+def test_a_second_proxy_on_the_same_pins_leaves_the_running_one_alone(three_ns, tmp_path, bpffs):
+    t = three_ns
+    pin = str(bpffs / "tcp_splice")
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", tcp_splice={"pin_path": pin})
+    s = t.run(t.client, socket.create_connection, (t.proxy_client_ip, proxy.port), 10)
+    try:
+        s.sendall(HELLO)
+        assert _recv_exact(s, len(HELLO)) == HELLO
+        wait_until(lambda: proxy.ts()["active_flows"] == 1, 10, "the flow spliced")
+        # The same pin directory from another namespace (a copy-pasted config):
+        second = Proxy(Topology(tag=t.tag, client=t.client, proxy=t.client, backend=t.backend,
+                                proxy_client_ip="127.0.0.1"),
+                       tmp_path, f"{t.backend_ip}:{be.port}", tcp_splice={"pin_path": pin})
+        st = second.status()["ebpf"]
+        assert st["tcp_splice"] == "disabled"
+        assert "belong to running process" in st["reasons"]["tcp_splice"], st["reasons"]
+        assert second.stop() == 0
+        assert sorted(os.listdir(pin)) == ["claims", "flows", "state"]
+        s.sendall(b"still spliced")
+        assert _recv_exact(s, 13) == b"still spliced"
+    finally:
+        s.close()
+    proxy.wait_clean()
+    assert proxy.stop() == 0
+    assert not os.path.exists(pin)

@@ -699,6 +699,23 @@ class TcpSpliceDataPath:
             self.obj.close()
 
 
+def pid_alive(pid: int) -> bool:
+    """The process that claimed a flow slot still runs (a zombie does not: a killed proxy's
+    workers may wait a while for a parent to reap them)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            # "pid (comm) S ...": the state follows the last ')' (comm may hold one)
+            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
 # Pinned under ebpf.tcp_splice.pin_path: file name -> what
 PIN_FLOWS, PIN_STATE, PIN_CLAIMS = "flows", "state", "claims"
 

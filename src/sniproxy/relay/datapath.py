@@ -297,6 +297,17 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
     except (BpfError, OSError) as exc:
         failures["tcp_splice"] = f"loading the tc programs failed: {exc}"
         return None
+    owners = _live_owners(dp) if dp.inherited else []
+    if owners:
+        # Another running proxy uses these pins: taking its flows over would break it.
+        dp.pins.clear()
+        dp.pin_dir = None
+        dp.close()
+        failures["tcp_splice"] = (
+            f"the flow maps pinned at {pin_dir} belong to running process(es) "
+            f"{', '.join(map(str, owners))} (another sni-proxy?); fix: give each proxy its own "
+            "ebpf.tcp_splice.pin_path")
+        return None
     if dp.pin_note:
         log.warning("tcp_splice: the pinned flow maps of a previous proxy were not reused: %s; "
                     "its flows end at their next packet", dp.pin_note)
@@ -318,6 +329,14 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
                                   "CAP_NET_ADMIN is granted")
         return None
     return dp
+
+
+def _live_owners(dp) -> list[int]:
+    """Processes that still claim flows in pinned maps (none after a SIGKILL of the proxy)."""
+    import os
+    from sniproxy.ebpf.tcpsplice import pid_alive
+    return sorted({pid for pid, _ in dp.claimed().values()
+                   if pid not in (0, os.getpid()) and pid_alive(pid)})
 
 
 # Addresses in the documentation ranges (RFC 5737, RFC 3849): their route is the default one.

@@ -464,14 +464,7 @@ def _retire_row(row) -> None:
     row.add("ts_removed", armed - row.get("ts_removed"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+_alive = ts.pid_alive
 
 
 def _read_queued(sock: socket.socket) -> bytes:
