@@ -100,6 +100,7 @@ def test_sigkill_of_the_whole_proxy_pinned_flows_survive_and_a_new_proxy_takes_o
         wait_until(lambda: progress["n"] >= phase, 30, "the first half echoed with no proxy")
         again = Proxy(t, tmp_path, backend, workers=2, tcp_splice={"pin_path": pin})
         assert "took over 1 live flow" in again.log(), again.log()
+        assert (again.ts()["pin_path"], again.ts()["inherited_flows"]) == (pin, 1)
         assert "its flows go on" in again.log()
         wait_until(lambda: "watching flow slot" in again.log(), 10, "the flow adopted")
         go.set()                       # the second half goes through the new proxy's programs

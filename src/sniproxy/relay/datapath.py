@@ -206,6 +206,10 @@ class KernelDataPath:
             out["max_flows"] = self.tcp_splice.max_flows
             # MSS clamp: the smallest MTU of the attached interfaces when they differ
             out["clamp_mtu"] = self.tcp_splice.clamp_mtu
+            # restart survival: where the flow maps are pinned (null: not), and how many live
+            # flows this proxy took over from its predecessor at start
+            out["pin_path"] = self.tcp_splice.pin_dir
+            out["inherited_flows"] = self.tcp_splice.inherited
             out["active_flows"] = totals["ts_armed"] - totals["ts_ended"]
             out["lingering_flows"] = totals["ts_ended"] - totals["ts_removed"]
             out["engaged_total"] = totals["ts_armed"] - totals["ts_adopted"]
