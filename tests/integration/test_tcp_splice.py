@@ -585,11 +585,10 @@ def test_proxy_protocol_v2_route_is_spliced(three_ns, tmp_path):
 
 def test_socks5_route_is_spliced(three_ns, tmp_path):
     """pproxy (SOCKS5) runs on the proxy host's lo: the backend connection is to 127.0.0.1,
-    so spliced packets cross from a veth to lo and back (lo's MTU set to the veth's: segment
-    sizes must match, see test_fallback_mss_mismatch_with_different_mtus)."""
+    so spliced packets cross from a veth to lo and back (lo's 64 KiB MTU: the MSS clamp
+    makes both sides' segments fit the veth, see test_different_mtus_are_clamped_and_spliced)."""
     from tests.integration.socks_servers import start_pproxy
     t = three_ns
-    nsexec(t.proxy, "ip", "link", "set", "lo", "mtu", "1500")
     be = t.run(t.backend, EchoBackend, t.backend_ip)
     socks = start_pproxy(log_dir=tmp_path)
     server = run_in(t.proxy, socks.__enter__)

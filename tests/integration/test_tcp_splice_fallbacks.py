@@ -140,7 +140,6 @@ def test_client_unacked_data_socks5_reply_with_backend_bytes(three_ns, tmp_path)
     first): the proxy writes them to the client before the relay starts, and the client's
     delayed ACK has not come back at the hand-over."""
     t = three_ns
-    nsexec(t.proxy, "ip", "link", "set", "lo", "mtu", "1500")   # segment sizes: see test_socks5
     banner = b"220 backend ready\r\n"
     got: dict = {}
 
