@@ -472,6 +472,11 @@ class TcpSpliceConfig(_Model):
     # How long a finished flow's entries stay (TIME_WAIT-like): retransmitted FINs and the
     # last ACK must still be translated. Linux's TIME_WAIT is 60 s.
     linger_s: Annotated[float, Strict(), Field(ge=0, le=600)] = 60.0
+    # A directory on bpffs where the flow maps are pinned: a proxy started after the previous
+    # one was killed (SIGKILL, crash) takes over its live flows instead of resetting them.
+    # null: not pinned. bpffs is one per host, not per network namespace: one directory per
+    # proxy instance.
+    pin_path: Annotated[Str, AfterValidator(_check_abs_path)] | None = None
 
 
 class EbpfConfig(_Model):

@@ -59,15 +59,16 @@ class Proxy:
 
     def __init__(self, t: Topology, tmp, backend: str, *, v6: bool = False, workers: int = 1,
                  tcp_splice: dict | None = None, idle_s: float = 60, routes=None,
-                 upstreams=None, max_connections: int = 1000, **ebpf):
+                 upstreams=None, max_connections: int = 1000, listen: str | None = None,
+                 **ebpf):
         self.t = t
         self.port, mport = 8443, 9100
-        listen = f"[{t.proxy_client_ip6}]:{self.port}" if v6 else f"{t.proxy_client_ip}:{self.port}"
+        host = listen or (f"[{t.proxy_client_ip6}]" if v6 else t.proxy_client_ip)
         cfg = base_config(self.port, mport, workers=workers, default_backend=backend,
                           max_connections=max_connections,
                           ebpf={"enabled": True, "dns_cache": {"pin_path": None},
                                 "tcp_splice": {"linger_s": 0.5, **(tcp_splice or {})}, **ebpf})
-        cfg["listen_addr"] = listen
+        cfg["listen_addr"] = f"{host}:{self.port}"
         cfg["metrics_addr"] = f"127.0.0.1:{mport}"
         cfg["timeouts"]["idle_s"] = idle_s
         if routes is not None:
@@ -521,7 +522,7 @@ def _lossy_object(tmp_path) -> str:
 
 def test_loss_and_duplicates_stay_exact(three_ns, tmp_path):
     """1% loss and 2% duplicated packets on both far ends (a tc program: this kernel has no
-    sch_netem, so delay and reordering are not injected): TCP recovers end to end."""
+    sch_netem; delay and reordering: test_tcp_splice_impair.py): TCP recovers end to end."""
     t = three_ns
     obj = _lossy_object(tmp_path)
     for side in ("c", "b"):
@@ -584,11 +585,10 @@ def test_proxy_protocol_v2_route_is_spliced(three_ns, tmp_path):
 
 def test_socks5_route_is_spliced(three_ns, tmp_path):
     """pproxy (SOCKS5) runs on the proxy host's lo: the backend connection is to 127.0.0.1,
-    so spliced packets cross from a veth to lo and back (lo's MTU set to the veth's: segment
-    sizes must match, see test_fallback_mss_mismatch_with_different_mtus)."""
+    so spliced packets cross from a veth to lo and back (lo's 64 KiB MTU: the MSS clamp
+    makes both sides' segments fit the veth, see test_different_mtus_are_clamped_and_spliced)."""
     from tests.integration.socks_servers import start_pproxy
     t = three_ns
-    nsexec(t.proxy, "ip", "link", "set", "lo", "mtu", "1500")
     be = t.run(t.backend, EchoBackend, t.backend_ip)
     socks = start_pproxy(log_dir=tmp_path)
     server = run_in(t.proxy, socks.__enter__)
@@ -696,15 +696,29 @@ def test_fallback_map_full_takes_sockmap_losslessly(three_ns, tmp_path):
     proxy.wait_clean()
 
 
-def test_fallback_mss_mismatch_with_different_mtus(tmp_path):
-    with Topology.three(_tag(), mtu_client=1400, mtu_backend=1500) as t:
+@pytest.mark.parametrize("mtu_client,mtu_backend", [(1400, 1500), (1500, 1400)])
+def test_different_mtus_are_clamped_and_spliced(tmp_path, mtu_client, mtu_backend):
+    """A spliced segment keeps its size: the proxy advertises the smallest MTU's MSS on the
+    listener and the backend socket (TCP_MAXSEG), so both ends send segments that fit."""
+    with Topology.three(_tag(), mtu_client=mtu_client, mtu_backend=mtu_backend) as t:
         be = t.run(t.backend, EchoBackend, t.backend_ip)
         proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
         got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 8 * MiB)
         assert got == (len(HELLO) + 8 * MiB, stream_sha(HELLO, 8 * MiB))
-        assert _fallback(proxy, "mss_mismatch") == 1
-        wait_until(lambda: proxy.access(), 10, "access line")
-        assert "relay=sockmap" in proxy.access()[0]
+        assert _fallback(proxy, "mss_mismatch") == 0, proxy.log()
+        spliced(proxy)
+        assert proxy.ts()["clamp_mtu"] == min(mtu_client, mtu_backend)
+
+        def client_mss():
+            # The client's MSS is the smaller of its own and the one the proxy advertised.
+            with connect(t.proxy_client_ip, proxy.port) as s:
+                s.sendall(HELLO)
+                assert _recv_exact(s, len(HELLO)) == HELLO
+                return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+        # (minus 12 bytes of timestamp option in every segment)
+        assert t.run(t.client, client_mss) == min(mtu_client, mtu_backend) - 40 - 12
+        spliced(proxy, 2)
+        proxy.wait_clean()
 
 
 def test_fallback_interface_not_attached(three_ns, tmp_path):
@@ -831,3 +845,76 @@ def test_backend_that_speaks_first_is_exact_whichever_way_the_race_goes(three_ns
     wait_until(lambda: len(proxy.access()) == 5, 10, "five access lines")
     kinds = [line.split("relay=")[1].split()[0] for line in proxy.access()]
     assert kinds.count("tcp_splice") + _fallback(proxy, "backend_data_queued") == 5, kinds
+
+
+def test_default_interfaces_follow_the_listen_address_and_the_backend_routes(three_ns, tmp_path):
+    """An interface neither the listen address nor a backend route uses gets no tc program;
+    a wildcard listen address takes every interface that is up."""
+    t = three_ns
+    extra = f"te{t.tag}a"
+    nsexec(t.proxy, "ip", "link", "add", extra, "type", "veth", "peer", "name", f"te{t.tag}b")
+    nsexec(t.proxy, "ip", "link", "set", extra, "up")
+    nsexec(t.proxy, "ip", "link", "set", f"te{t.tag}b", "up")
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    assert set(proxy.ts()["interfaces"]) == {"lo", f"tc{t.tag}p", f"tb{t.tag}p"}
+    assert "listen addresses' interfaces" in proxy.log()
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, MiB)
+    assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
+    spliced(proxy)
+    assert proxy.stop() == 0
+    assert t.tc_state() == ""
+    wild = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", listen="0.0.0.0")
+    assert extra in wild.ts()["interfaces"]
+    assert wild.stop() == 0
+
+
+def test_client_port_reused_while_the_old_flow_lingers(three_ns, tmp_path):
+    """A client reconnects from the same port (TIME_WAIT reuse) while its finished flow's
+    entries linger: the SYN clears them (BPF), the new connection is spliced on the same
+    4-tuple, and the old flow's late removal leaves the new flow's entries alone."""
+    t = three_ns
+    nsexec(t.client, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", tcp_splice={"linger_s": 3.0})
+
+    def first():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((t.client_ip, 0))
+        s.connect((t.proxy_client_ip, proxy.port))
+        port = s.getsockname()[1]
+        s.sendall(HELLO)
+        assert _recv_exact(s, len(HELLO)) == HELLO
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+        s.close()                        # TIME_WAIT on this side
+        return port
+    port = t.run(t.client, first)
+    wait_until(lambda: proxy.ts()["lingering_flows"] == 1, 10, "the first flow lingering")
+
+    def second():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((t.client_ip, port))
+        # TIME_WAIT reuse needs a timestamp at least a second newer than the old one's
+        wait_until(lambda: s.connect_ex((t.proxy_client_ip, proxy.port)) == 0, 5,
+                   "the port reused", interval=0.2)
+        s.settimeout(30)
+        s.sendall(HELLO)
+        assert _recv_exact(s, len(HELLO)) == HELLO
+        return s
+    s = t.run(t.client, second)
+    try:
+        wait_until(lambda: proxy.ts()["active_flows"] == 1 and proxy.ts()["lingering_flows"] == 0,
+                   15, "the old flow removed, the new one live")
+
+        def rest():
+            send_pattern(s, MiB)
+            s.shutdown(socket.SHUT_WR)
+            return read_to_eof(s)
+        assert t.run(t.client, rest) == (MiB, stream_sha(b"", MiB))
+    finally:
+        s.close()
+    spliced(proxy, 2)
+    proxy.wait_clean()

@@ -1362,6 +1362,22 @@ def tc_detach(ifindex: int, attach_point: int, handle: int, priority: int) -> No
         _check_int(ret, f"detaching a tc program on ifindex {ifindex}", lines)
 
 
+# --- tcp_splice: atomic replacement of a tc filter ------------------------------------------
+BPF_TC_F_REPLACE = 1
+
+
+def tc_replace(ifindex: int, attach_point: int, prog_fd: int, priority: int,
+               handle: int) -> tuple[int, int]:
+    """Put `prog_fd` in the filter at (handle, priority), atomically (no packet meets an
+    empty hook: a restarted tcp_splice keeps its predecessor's live flows); (handle, priority)."""
+    opts = BpfTcOpts(ctypes.sizeof(BpfTcOpts), prog_fd, BPF_TC_F_REPLACE, 0, handle, priority)
+    with capture_libbpf_output() as lines:
+        ret = _require_lib().bpf_tc_attach(ctypes.byref(_tc_hook(ifindex, attach_point)),
+                                           ctypes.byref(opts))
+    _check_int(ret, f"replacing a tc program on ifindex {ifindex}", lines)
+    return opts.handle, opts.priority
+
+
 class BpfTestRunOpts(ctypes.Structure):
     """struct bpf_test_run_opts (libbpf.h, 1.1)."""
 

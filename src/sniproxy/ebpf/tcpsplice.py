@@ -200,6 +200,49 @@ def route_oif(address: str) -> int:
     raise OSError(errno.ENETUNREACH, f"the route to {address} names no interface")
 
 
+_RTM_GETADDR = 22
+_NLM_F_REQUEST, _NLM_F_DUMP = 1, 0x300
+_NLMSG_DONE = 3
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+
+
+def address_interface(address: str) -> str | None:
+    """The name of the interface that holds local address `address` (RTM_GETADDR dump), or
+    None. (A route lookup would answer `lo` for every local address.)"""
+    ip = ipaddress.ip_address(address)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    want = ip.packed
+    msg = struct.pack("=IHHII", 16 + 8, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+    msg += struct.pack("=BBBBI", family, 0, 0, 0, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(1.0)
+        nl.send(msg)
+        found = None
+        # Bounded: a dump ends with NLMSG_DONE; each recv is at most one buffer of addresses.
+        for _ in range(4096):
+            data = nl.recv(65536)
+            pos = 0
+            while pos + 16 <= len(data):
+                length, mtype = struct.unpack_from("=IH", data, pos)
+                if mtype in (_NLMSG_DONE, _NLMSG_ERROR) or length < 16:
+                    return found
+                _, _, _, _, index = struct.unpack_from("=BBBBI", data, pos + 16)
+                apos = pos + 16 + 8
+                while apos + 4 <= pos + length:
+                    alen, atype = struct.unpack_from("=HH", data, apos)
+                    if alen < 4:
+                        break
+                    if atype in (_IFA_ADDRESS, _IFA_LOCAL) and \
+                            data[apos + 4:apos + alen] == want and found is None:
+                        try:
+                            found = socket.if_indextoname(index)
+                        except OSError:
+                            pass
+                    apos += (alen + 3) & ~3
+                pos += (length + 3) & ~3
+    return found
+
+
 _LOOPBACK: dict[int, bool] = {}
 
 
@@ -218,6 +261,14 @@ def _is_loopback(ifindex: int) -> bool:
             return int(fh.read()) == _IFF_LOOPBACK_TYPE
     except OSError:
         return False
+
+
+def _mtu(name: str) -> int | None:
+    try:
+        with open(f"/sys/class/net/{name}/mtu") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
 
 
 def up_interfaces() -> list[str]:
@@ -368,7 +419,7 @@ class _Attached:
 class TcpSpliceDataPath:
     """The loaded object, its tc filters, and the flow maps (fds shared with forked workers)."""
 
-    def __init__(self, obj: BpfObject, max_flows: int):
+    def __init__(self, obj: BpfObject, max_flows: int, claims: Map | None = None):
         self.obj = obj
         self.max_flows = max_flows
         self.flows = obj.map("sni_proxy_tsfw")
@@ -377,23 +428,91 @@ class TcpSpliceDataPath:
         self.stat = obj.map("sni_proxy_tsst")
         # Slot claims shared by every worker: update(slot, pid, BPF_NOEXIST) is atomic
         # across processes, so two workers never arm the same slot.
-        # value: (pid, counter row) of the claiming worker
-        self.claims = Map.create(BPF_MAP_TYPE_HASH, 4, 8, max_flows, "sni_proxy_tscl")
+        # value: (pid, counter row) of the claiming worker; pid 0: a flow of a previous
+        # proxy, for the worker whose ring index is the row (see orphan_claims).
+        self.claims = claims if claims is not None else Map.create(
+            BPF_MAP_TYPE_HASH, 4, 8, max_flows, "sni_proxy_tscl")
+        self.pin_dir: str | None = None
+        self.pins: list[str] = []        # files this data path keeps pinned (removed at close)
+        self.inherited = 0               # flows found in the pinned maps at start
+        self.pin_note = ""               # why pinned maps found at start were not reused
         self._rings: dict[int, Map] = {}
         self.attached: list[_Attached] = []
         self.stale_replaced = 0          # leftover filters of a killed proxy, replaced
+        # Smallest MTU of the attached interfaces when they differ, else None: see mss_clamp().
+        self.clamp_mtu: int | None = None
 
     @classmethod
-    def load(cls, max_flows: int, *, rings: int = MAX_RINGS) -> "TcpSpliceDataPath":
+    def load(cls, max_flows: int, *, rings: int = MAX_RINGS,
+             pin_dir: str | None = None) -> "TcpSpliceDataPath":
+        """Load the object. With `pin_dir`, the flow maps (and the slot claims) pinned there
+        by a previous proxy are reused, so its live flows go on (`inherited`); else new
+        ones are created and pinned there."""
+        old, note = None, ""
+        if pin_dir:
+            try:
+                old = open_pinned(pin_dir, max_flows)
+            except PinnedMismatch as exc:
+                note = str(exc)
         obj = BpfObject(OBJECT, map_sizes={"sni_proxy_tsfw": 2 * max_flows,
                                            "sni_proxy_tsfl": max_flows,
                                            "sni_proxy_tsrg": rings})
-        obj.load()
         try:
-            return cls(obj, max_flows)
+            if old is not None:
+                obj.reuse_map("sni_proxy_tsfw", old[PIN_FLOWS])
+                obj.reuse_map("sni_proxy_tsfl", old[PIN_STATE])
+            obj.load()
+        except Exception:
+            for m in (old or {}).values():
+                m.close()
+            raise
+        try:
+            dp = cls(obj, max_flows, old[PIN_CLAIMS] if old is not None else None)
+            dp.pin_note = note
+            if old is not None:
+                old[PIN_FLOWS].close()             # libbpf holds its own duplicate
+                old[PIN_STATE].close()
+                dp.inherited = len(dp.claimed())
+            if pin_dir:
+                dp._pin(pin_dir, fresh=old is None)
+            return dp
         except Exception:
             obj.close()
             raise
+
+    def _pin(self, pin_dir: str, *, fresh: bool) -> None:
+        os.makedirs(pin_dir, exist_ok=True)
+        self.pin_dir = pin_dir
+        for name, m in ((PIN_FLOWS, self.flows), (PIN_STATE, self.state),
+                        (PIN_CLAIMS, self.claims)):
+            path = os.path.join(pin_dir, name)
+            if fresh:
+                m.pin(path)
+            self.pins.append(path)
+
+    def orphan_claims(self, workers: int) -> int:
+        """Every claimed slot becomes a previous proxy's flow (pid 0), spread over the new
+        workers by ring index (row = slot % workers): each is watched by exactly one of
+        them, which removes it when it ended and lingered or went idle. How many."""
+        n = 0
+        for slot in list(self.claimed()):
+            self.claims.update(slot, struct.pack("=II", 0, slot % max(1, workers)), BPF_ANY)
+            n += 1
+        return n
+
+    def unpin(self) -> None:
+        """Remove the pins (the maps live on while a program or fd holds them)."""
+        for path in self.pins:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.pins.clear()
+        if self.pin_dir:
+            try:
+                os.rmdir(self.pin_dir)
+            except OSError:
+                pass                      # not empty (not only ours) or already gone
 
     # --- interfaces ---------------------------------------------------------------------
     def attach(self, interfaces: list[str]) -> None:
@@ -414,18 +533,37 @@ class TcpSpliceDataPath:
                     except BpfError as exc:
                         if exc.errno != errno.EEXIST:
                             raise
-                        # A killed proxy's filter: its flows end here (their next packet
-                        # meets a stack without their sockets and is answered with a RST).
+                        # A killed proxy's filter, replaced atomically: with pinned maps
+                        # its flows go on in ours; without, they end here (their next
+                        # packet meets a stack without their sockets: a RST).
                         self.stale_replaced += 1
                         # ... and the clsact qdisc it sits on was that proxy's creation too
                         # (the alternative, leaving it, would leave it forever).
                         att.created_qdisc = True
-                        _lb.tc_detach(ifindex, point, TC_HANDLE, TC_PRIORITY)
-                        handle, prio = _lb.tc_attach(ifindex, point, fd, TC_PRIORITY, TC_HANDLE)
+                        handle, prio = _lb.tc_replace(ifindex, point, fd, TC_PRIORITY, TC_HANDLE)
                     att.filters.append((point, handle, prio))
         except Exception:
             self.detach()
             raise
+        mtus = {_mtu(a.name) for a in self.attached} - {None}
+        self.clamp_mtu = min(mtus) if len(mtus) > 1 else None
+
+    def mss_clamp(self, family: int) -> int | None:
+        """The TCP_MAXSEG for a socket of `family` that may be spliced, or None (no clamp).
+
+        A spliced segment keeps its size from one connection to the other, so every segment
+        either end sends must fit the smallest MTU of the interfaces a flow can use: the MSS
+        the proxy advertises (listener, backend socket before connect) is clamped to it."""
+        if self.clamp_mtu is None:
+            return None
+        return self.clamp_mtu - (60 if family == socket.AF_INET6 else 40)
+
+    def clamp(self, sock: socket.socket) -> None:
+        """TCP_MAXSEG before listen() (accepted sockets inherit it and their SYN-ACK advertises
+        it) or before connect() (the SYN does), when the attached interfaces' MTUs differ."""
+        mss = self.mss_clamp(sock.family)
+        if mss is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
 
     @property
     def ifindexes(self) -> set[int]:
@@ -506,9 +644,27 @@ class TcpSpliceDataPath:
     def update(self, slot: int, gen: int, entry: DirEntry) -> None:
         self.flows.update(entry.key, entry.pack(slot, gen), BPF_ANY)
 
-    def remove(self, entries: tuple[DirEntry, ...]) -> None:
-        for entry in entries:
-            self.flows.delete(entry.key)
+    def remove(self, entries: tuple[DirEntry, ...], slot: int | None = None,
+               gen: int | None = None) -> None:
+        """Delete the entries; with slot and gen, only those still of that flow (see
+        delete_keys)."""
+        if slot is None:
+            for entry in entries:
+                self.flows.delete(entry.key)
+        else:
+            self.delete_keys([e.key for e in entries], slot, gen)
+
+    def delete_keys(self, keys: list[bytes], slot: int, gen: int) -> None:
+        """Delete the flow-map keys that still point at (slot, gen): the BPF program deletes
+        a finished flow's entries when a SYN reuses its tuple, and the new connection may be
+        spliced on the same keys before the old flow's linger is over."""
+        for key in keys:
+            raw = self.flows.lookup(key)
+            if raw is None:
+                continue
+            f = _DIR.unpack(raw)
+            if (f[7], f[14]) == (slot, gen):
+                self.flows.delete(key)
 
     def claimed(self) -> dict[int, tuple[int, int]]:
         """slot -> (pid, counter row) of every claimed flow slot (O(n): at worker start)."""
@@ -537,11 +693,75 @@ class TcpSpliceDataPath:
         try:
             self.detach()
         finally:
+            self.unpin()
             for ring in self._rings.values():
                 ring.close()
             self._rings.clear()
             self.claims.close()
             self.obj.close()
+
+
+def pid_alive(pid: int) -> bool:
+    """The process that claimed a flow slot still runs (a zombie does not: a killed proxy's
+    workers may wait a while for a parent to reap them)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            # "pid (comm) S ...": the state follows the last ')' (comm may hold one)
+            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+# Pinned under ebpf.tcp_splice.pin_path: file name -> what
+PIN_FLOWS, PIN_STATE, PIN_CLAIMS = "flows", "state", "claims"
+
+
+def open_pinned(pin_dir: str, max_flows: int) -> dict[str, Map] | None:
+    """The maps a previous proxy pinned in `pin_dir`, if all are there and fit this config;
+    else None (leftovers that do not fit are unpinned: their flows cannot be kept)."""
+    shapes = {PIN_FLOWS: (_KEY.size, _DIR.size, 2 * max_flows),
+              PIN_STATE: (4, _FLOW.size, max_flows),
+              PIN_CLAIMS: (4, 8, max_flows)}
+    paths = {name: os.path.join(pin_dir, name) for name in shapes}
+    present = [name for name, path in paths.items() if os.path.exists(path)]
+    if not present:
+        return None
+    maps: dict[str, Map] = {}
+    why = ""
+    try:
+        if len(present) != len(paths):
+            why = f"only {', '.join(present)} of {', '.join(paths)} are pinned"
+        else:
+            for name, path in paths.items():
+                maps[name] = m = Map.from_pinned(path)
+                if (m.key_size, m.value_size, m.max_entries) != shapes[name]:
+                    why = (f"{path} has {m.max_entries} entries of {m.key_size}/{m.value_size}"
+                           f" bytes, this configuration needs {shapes[name][2]} of "
+                           f"{shapes[name][0]}/{shapes[name][1]} (ebpf.tcp_splice.max_flows "
+                           "changed, or another sni-proxy version)")
+                    break
+    except (BpfError, OSError) as exc:
+        why = f"opening the pinned maps in {pin_dir} failed: {exc}"
+    if not why:
+        return maps
+    for m in maps.values():
+        m.close()
+    for path in paths.values():
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    raise PinnedMismatch(why)
+
+
+class PinnedMismatch(Exception):
+    """The pinned maps of a previous proxy cannot be used (now unpinned); str() says why."""
 
 
 def parse_event(raw: bytes) -> tuple[int, int, int]:

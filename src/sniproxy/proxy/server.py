@@ -58,7 +58,7 @@ ABORT_SETTLE_S = 1.0
 
 
 def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool,
-                    defer_accept: bool = True) -> socket.socket:
+                    defer_accept: bool = True, tune=None) -> socket.socket:
     """A non-blocking listening socket; IPv6 wildcard listens on IPv6 only (list both if wanted).
 
     defer_accept (nginx's `deferred`, HAProxy's `defer-accept`): accept() returns a connection
@@ -80,6 +80,8 @@ def create_listener(host: str, port: int, *, backlog: int, reuse_port: bool,
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if defer_accept:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
+        if tune is not None:          # e.g. tcp_splice's MSS clamp: before the first SYN
+            tune(sock)
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
@@ -263,7 +265,9 @@ class Worker:
             tagger = app.socket_tagger       # ebpf.tracing.network: kernel figures per route
             if tagger is not None:
                 tagger(client, decision.route_name, "client")
-                BACKEND_SOCKET_HOOK.set(lambda sock: tagger(sock, decision.route_name, "backend"))
+                outer = BACKEND_SOCKET_HOOK.get()      # tcp_splice's MSS clamp, if any
+                BACKEND_SOCKET_HOOK.set(lambda sock: (outer and outer(sock),
+                                                      tagger(sock, decision.route_name, "backend")))
             info.upstream = decision.upstream
             info.backend = f"{decision.host}:{decision.port}"
             try:

@@ -169,7 +169,8 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         listeners = [create_listener(a.host, a.port, backlog=self.config.listen_backlog, reuse_port=True,
-                                     defer_accept=self.config.listen_defer_accept)
+                                     defer_accept=self.config.listen_defer_accept,
+                                     tune=self.ebpf.tune_listener if self.ebpf is not None else None)
                      for a in self.config.listen]
         parent_end, child_end = socket.socketpair()
         kernel_factory = self.ebpf.worker_factory() if self.ebpf is not None else None

@@ -14,6 +14,7 @@ import time
 from sniproxy.proxy.app import ProxyApp
 from sniproxy.proxy.resolver import TwoLevelDnsCache
 from sniproxy.proxy.server import Worker
+from sniproxy.proxy.upstream import BACKEND_SOCKET_HOOK
 from sniproxy.telemetry import metrics as metrics_mod
 from sniproxy.telemetry.metrics import ProxyMetrics
 
@@ -122,6 +123,12 @@ async def _run(index, config, listeners, control, kernel_relay_factory, seen: di
                  if shared_dns is not None else None)
     app = ProxyApp(config, metrics, kernel_relay=kernel_relay, dns_cache=dns_cache,
                    socket_tagger=socket_tagger)
+    splice = getattr(kernel_relay, "tcp_splice", None)
+    if splice is not None:
+        # tcp_splice: the MSS a backend socket advertises fits every interface a flow may
+        # use (the listeners were clamped by the supervisor); every connection task
+        # inherits the hook.
+        BACKEND_SOCKET_HOOK.set(splice.clamp_socket)
     worker = Worker(app, listeners)
     worker.start()
     stop = asyncio.Event()

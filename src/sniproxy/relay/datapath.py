@@ -168,6 +168,11 @@ class KernelDataPath:
             log.warning("sockmap: removed %d socket entries (%d connections) left by a worker "
                         "that died", purged, purged // 2)
 
+    def tune_listener(self, sock: socket.socket) -> None:
+        """Before listen(): tcp_splice's MSS clamp (the attached interfaces' MTUs differ)."""
+        if self.tcp_splice is not None:
+            self.tcp_splice.clamp(sock)
+
     # --- views ----------------------------------------------------------------------------
     def status(self) -> dict:
         out = self.modes.status()
@@ -199,6 +204,12 @@ class KernelDataPath:
         if self.tcp_splice is not None:
             out["interfaces"] = [a.name for a in self.tcp_splice.attached]
             out["max_flows"] = self.tcp_splice.max_flows
+            # MSS clamp: the smallest MTU of the attached interfaces when they differ
+            out["clamp_mtu"] = self.tcp_splice.clamp_mtu
+            # restart survival: where the flow maps are pinned (null: not), and how many live
+            # flows this proxy took over from its predecessor at start
+            out["pin_path"] = self.tcp_splice.pin_dir
+            out["inherited_flows"] = self.tcp_splice.inherited
             out["active_flows"] = totals["ts_armed"] - totals["ts_ended"]
             out["lingering_flows"] = totals["ts_ended"] - totals["ts_removed"]
             out["engaged_total"] = totals["ts_armed"] - totals["ts_adopted"]
@@ -270,18 +281,51 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
     from sniproxy.ebpf import tcpsplice as ts
 
     cfg = config.ebpf.tcp_splice
-    names = list(cfg.interfaces) if cfg.interfaces else ts.up_interfaces()
+    if cfg.interfaces:
+        names = list(cfg.interfaces)
+    else:
+        names, how = default_splice_interfaces(config)
+        log.info("tcp_splice: attaching to %s (%s; set ebpf.tcp_splice.interfaces to choose)",
+                 ", ".join(names), how)
+    pin_dir = cfg.pin_path
+    if pin_dir is not None:
+        from sniproxy.ebpf import bpffs
+        problem = bpffs.ensure_mounted(pin_dir, "the tcp_splice flow maps "
+                                                "(ebpf.tcp_splice.pin_path)")
+        if problem:
+            log.warning("tcp_splice: the flow maps are not pinned, so live flows do not survive "
+                        "a restart: %s (ebpf.tcp_splice.pin_path)", problem)
+            pin_dir = None
     try:
-        dp = ts.TcpSpliceDataPath.load(cfg.max_flows, rings=rows)
+        dp = ts.TcpSpliceDataPath.load(cfg.max_flows, rings=rows, pin_dir=pin_dir)
     except (BpfError, OSError) as exc:
         failures["tcp_splice"] = f"loading the tc programs failed: {exc}"
         return None
+    owners = _live_owners(dp) if dp.inherited else []
+    if owners:
+        # Another running proxy uses these pins: taking its flows over would break it.
+        dp.pins.clear()
+        dp.pin_dir = None
+        dp.close()
+        failures["tcp_splice"] = (
+            f"the flow maps pinned at {pin_dir} belong to running process(es) "
+            f"{', '.join(map(str, owners))} (another sni-proxy?); fix: give each proxy its own "
+            "ebpf.tcp_splice.pin_path")
+        return None
+    if dp.pin_note:
+        log.warning("tcp_splice: the pinned flow maps of a previous proxy were not reused: %s; "
+                    "its flows end at their next packet", dp.pin_note)
     try:
         dp.attach(names)
+        if dp.inherited:
+            n = dp.orphan_claims(config.workers)
+            log.info("tcp_splice: took over %d live flow(s) of a previous proxy from %s; the "
+                     "workers remove each once it ended or went idle", n, pin_dir)
         if dp.stale_replaced:
-            log.warning("tcp_splice: replaced %d tc filter(s) left by a proxy that was killed; "
-                        "connections it still spliced are reset at their next packet",
-                        dp.stale_replaced)
+            log.warning("tcp_splice: replaced %d tc filter(s) left by a proxy that was killed; %s",
+                        dp.stale_replaced,
+                        "its flows go on (pinned maps)" if dp.inherited else
+                        "connections it still spliced are reset at their next packet")
     except (BpfError, OSError) as exc:
         dp.close()
         failures["tcp_splice"] = (f"attaching the tc programs to {', '.join(names)} failed: "
@@ -289,6 +333,72 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
                                   "CAP_NET_ADMIN is granted")
         return None
     return dp
+
+
+def _live_owners(dp) -> list[int]:
+    """Processes that still claim flows in pinned maps (none after a SIGKILL of the proxy)."""
+    import os
+    from sniproxy.ebpf.tcpsplice import pid_alive
+    return sorted({pid for pid, _ in dp.claimed().values()
+                   if pid not in (0, os.getpid()) and pid_alive(pid)})
+
+
+# Addresses in the documentation ranges (RFC 5737, RFC 3849): their route is the default one.
+_DEFAULT_ROUTE_PROBES = ("192.0.2.1", "2001:db8::1")
+
+
+def default_splice_interfaces(config) -> tuple[list[str], str]:
+    """The interfaces tcp_splice attaches to when ebpf.tcp_splice.interfaces is null, and how
+    they were found: `lo`, the interfaces holding the listen addresses (all that are up for a
+    wildcard address: clients may come through any), and the interfaces of the routes to
+    the backends and SOCKS5 servers (the default route's when a backend is a name, which
+    resolves at connect time). A flow that uses another one takes the next relay kind
+    (`interface_not_attached`, logged with the fix)."""
+    import ipaddress
+    from sniproxy.ebpf import tcpsplice as ts
+
+    up = ts.up_interfaces()
+    want = {"lo"}
+    for addr in config.listen:
+        try:
+            ip = ipaddress.ip_address(addr.host)
+        except ValueError:
+            return up, f"listen address {addr.host} is a name: every interface that is up"
+        if ip.is_unspecified:
+            return up, f"listen address {addr.host} is a wildcard: every interface that is up"
+        try:
+            name = ts.address_interface(addr.host)
+        except OSError:
+            name = None
+        if name is None:
+            return up, f"no interface holds listen address {addr.host}: every interface that is up"
+        want.add(name)
+    hosts, by_name = [], False
+    targets = [(r.upstream, r.target.host) for r in config.routes]
+    if config.default_backend is not None:
+        # validated "host:port" / "[v6]:port" / "$sni:port" (relay/ does not import config)
+        host = config.default_backend.rsplit(":", 1)[0].strip("[]")
+        targets.append(("direct", None if host.lower() == "$sni" else host))
+    for upstream, host in targets:
+        if upstream != "direct" and upstream in config.upstreams:
+            host = config.upstreams[upstream].address.host
+        if host is None:
+            by_name = True                 # "$sni:port": the client's name
+            continue
+        try:
+            ipaddress.ip_address(host)
+            hosts.append(host)
+        except ValueError:
+            by_name = True
+    if by_name:
+        hosts.extend(_DEFAULT_ROUTE_PROBES)
+    for host in dict.fromkeys(hosts):
+        try:
+            want.add(socket.if_indextoname(ts.route_oif(host)))
+        except OSError:
+            pass                          # no route (yet): that backend falls back, counted
+    return ([n for n in up if n in want],
+            "lo, the listen addresses' interfaces and the routes to the backends")
 
 
 _FALLBACK_TEXT = {

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import struct
 import logging
 import os
 import socket
@@ -36,7 +37,7 @@ import fcntl
 import time
 
 from sniproxy.ebpf import tcpsplice as ts
-from sniproxy.ebpf.objects import BpfError
+from sniproxy.ebpf.objects import BPF_ANY, BpfError
 from sniproxy.relay.base import RelayResult
 
 log = logging.getLogger("sniproxy")
@@ -47,8 +48,11 @@ ROUTE_CACHE_S = 5.0
 ROUTE_CACHE_MAX = 4096
 # A handover larger than this is not read in one go (the client's receive buffer bounds it).
 READ_CHUNK = 256 * 1024
-# Flows left by a worker that died (SIGKILL, crash) are checked this often by its successor.
+# Flows left by a worker that died (SIGKILL, crash) are checked by its successor when the
+# first of them may be removed (its linger or idle timeout over), at least this often ...
 ORPHAN_CHECK_S = 5.0
+# ... and at most this often (a flow that keeps sending is looked at again and again).
+ORPHAN_CHECK_MIN_S = 0.2
 
 
 def _outq(sock: socket.socket) -> int:
@@ -188,6 +192,11 @@ class WorkerSplice:
             asyncio.get_running_loop().call_soon(self._adopt_orphans)
         except RuntimeError:
             pass                                         # built outside a loop (tests)
+
+    # --- segment sizes --------------------------------------------------------------------
+    def clamp_socket(self, sock: socket.socket) -> None:
+        """TCP_MAXSEG on a backend socket before connect() (see TcpSpliceDataPath.clamp)."""
+        self.dp.clamp(sock)
 
     # --- loop plumbing --------------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -349,11 +358,17 @@ class WorkerSplice:
         except (BpfError, OSError):
             return
         dead_rows = set()
+        me = struct.pack("=II", os.getpid(), self.ring_index)
         for slot, (pid, row) in claims.items():
-            if slot in self._orphans or _alive(pid):
+            if slot in self._orphans:
+                continue
+            # pid 0: a previous proxy's flow (pinned maps), for the worker of that ring index
+            if (pid == 0 and row != self.ring_index) or (pid != 0 and _alive(pid)):
                 continue
             try:
                 keys, reported = self.dp.entries_of(slot), self.dp.flow(slot).reported
+                # Ours now: if this worker dies too, its successor takes the flow over.
+                self.dp.claims.update(slot, me, BPF_ANY)
             except (BpfError, OSError):
                 continue
             # The flow moves to this worker's counters (the dead row is retired below).
@@ -362,37 +377,45 @@ class WorkerSplice:
             if reported:
                 self.counters.add("ts_ended")
             self._orphans[slot] = (keys, reported)
-            dead_rows.add(row)
-            log.info("tcp_splice: watching flow slot %d of dead process %d", slot, pid)
+            if pid:
+                dead_rows.add(row)
+            log.info("tcp_splice: watching flow slot %d of %s", slot,
+                     f"dead process {pid}" if pid else "a previous proxy")
         if self.shared is not None:
             for row in dead_rows:
                 if row != self.ring_index:
                     _retire_row(self.shared.row(row))
         if self._orphans:
-            self.loop.call_later(ORPHAN_CHECK_S, self._check_orphans)
+            self.loop.call_later(ORPHAN_CHECK_MIN_S, self._check_orphans)
 
     def _check_orphans(self) -> None:
+        next_s = ORPHAN_CHECK_S
         try:
-            self._check_orphans_once()
+            next_s = self._check_orphans_once()
         except Exception:          # a timer callback: log, never lose the rest silently
             log.exception("tcp_splice: checking the flows of a dead worker")
         if self._orphans:
-            self.loop.call_later(ORPHAN_CHECK_S, self._check_orphans)
+            self.loop.call_later(next_s, self._check_orphans)
 
-    def _check_orphans_once(self) -> None:
+    def _check_orphans_once(self) -> float:
+        """Remove the orphans that are over; seconds until the next one may be."""
         now = time.monotonic_ns()
+        next_s = ORPHAN_CHECK_S
         for slot, (keys, counted_ended) in list(self._orphans.items()):
             try:
                 st = self.dp.flow(slot)
             except (BpfError, OSError):
                 continue
             idle_s = (now - st.last_ns) / 1e9
-            if (st.reported and idle_s >= self.linger_s) or idle_s >= self.idle_timeout_s:
-                for key in keys:
-                    try:
-                        self.dp.flows.delete(key)
-                    except (BpfError, OSError):
-                        pass
+            left_s = min(self.linger_s if st.reported else self.idle_timeout_s,
+                         self.idle_timeout_s) - idle_s
+            if left_s > 0:
+                next_s = min(next_s, max(ORPHAN_CHECK_MIN_S, left_s + 0.01))
+            else:
+                try:
+                    self.dp.delete_keys(keys, slot, st.gen)
+                except (BpfError, OSError):
+                    pass
                 try:
                     self.dp.release_slot(slot)
                 except (BpfError, OSError):
@@ -401,6 +424,7 @@ class WorkerSplice:
                 if not counted_ended:
                     self.counters.add("ts_ended")
                 self.counters.add("ts_removed")
+        return next_s
 
     # --- teardown -------------------------------------------------------------------------
     def linger(self, relay: TcpSpliceRelay) -> None:
@@ -411,7 +435,7 @@ class WorkerSplice:
             return
         relay.removed = True
         try:
-            self.dp.remove(relay.entries)
+            self.dp.remove(relay.entries, relay.slot, relay.gen)
         except (BpfError, OSError) as exc:
             log.warning("tcp_splice: removing flow %d: %s", relay.slot, exc)
         if relay.backend_fd >= 0:
@@ -452,14 +476,7 @@ def _retire_row(row) -> None:
     row.add("ts_removed", armed - row.get("ts_removed"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+_alive = ts.pid_alive
 
 
 def _read_queued(sock: socket.socket) -> bytes:
