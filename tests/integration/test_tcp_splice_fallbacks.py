@@ -254,3 +254,21 @@ def test_tuple_busy_backend_port_reused_while_the_old_flow_lingers(three_ns, tmp
     assert "still spliced" in proxy.log()
     first.close()
     proxy.wait_clean()
+
+
+def test_mss_mismatch_when_the_route_to_the_backend_has_a_smaller_mtu(three_ns, tmp_path):
+    """The clamp follows the interfaces' MTUs; a route with its own, smaller MTU (`ip route
+    ... mtu lock`) makes the backend path narrower than the client's segments: the flow is
+    not spliced, the next relay kind carries it, byte-exact."""
+    t = three_ns
+    outer = t.links["proxy_b"][1]
+    nsexec(t.proxy, "ip", "route", "replace", "10.71.2.0/24", "dev", outer, "proto", "kernel",
+           "scope", "link", "src", "10.71.2.1", "mtu", "lock", "1300")
+    be = t.run(t.backend, EchoBackend, t.backend_ip)
+    proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
+    assert proxy.ts()["clamp_mtu"] == 1500          # the veths (lo is larger)
+    got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 4 * MiB)
+    assert got == (len(HELLO) + 4 * MiB, stream_sha(HELLO, 4 * MiB))
+    assert _fallbacks(proxy, "mss_mismatch") == 1
+    wait_until(lambda: proxy.access(), 10, "access line")
+    assert "relay=sockmap" in proxy.access()[0] and "outcome=ok" in proxy.access()[0]

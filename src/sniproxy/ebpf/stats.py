@@ -19,7 +19,7 @@ FALLBACK_REASONS = ("map_full", "close_wait", "duplicate", "insert_error", "sock
 TCP_SPLICE_FALLBACK_REASONS = (
     "map_full", "tuple_busy", "not_established", "family_mismatch", "mss_mismatch",
     "no_route", "interface_not_attached", "backend_data_queued", "client_unacked_data",
-    "repair_failed", "socket_error",
+    "socket_error",
 )
 
 COUNTER_NAMES = (

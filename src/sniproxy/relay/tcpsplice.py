@@ -262,9 +262,14 @@ class WorkerSplice:
             c_snap = ts.repair_snapshot(client)
             b_snap = ts.repair_snapshot(backend)
         except OSError as exc:
+            # One reason with a socket error: TCP_REPAIR refused (EPERM cannot reach here:
+            # without CAP_NET_ADMIN start-up leaves tcp_splice off) or a receive sequence
+            # that kept moving through every read.
             if exc.errno == errno.EPERM:
-                return self._fallback("repair_failed", "TCP_REPAIR needs CAP_NET_ADMIN")
-            return self._fallback("repair_failed", f"TCP_REPAIR: {exc}")
+                return self._fallback("socket_error", "TCP_REPAIR refused: it needs "
+                                      "CAP_NET_ADMIN")
+            return self._fallback("socket_error", f"reading the sequence numbers (TCP_REPAIR): "
+                                  f"{exc}")
         if b_snap.queued:
             return self._fallback("backend_data_queued", f"the backend sent {b_snap.queued} "
                                   "bytes before the hand-over")
