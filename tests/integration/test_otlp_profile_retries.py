@@ -156,6 +156,8 @@ def test_proxy_profiles_queued_while_the_collector_is_down_arrive_once_it_is_up(
             with GrpcReceiver(port=port) as receiver:
                 got = receiver.wait_for(lambda items: items if len(items) >= 2 else None, 20, "queued profiles")
                 wait_until(lambda: p.status()["profiling"]["otlp"]["failure_streak"] == 0, 10, "recovery")
+                # Read now: once the receiver is gone the next export starts a new streak.
+                log = p.log().splitlines()
             first = got[0].request.resource_profiles[0].scope_profiles[0].profiles[0]
             # The oldest profile comes first, and it was taken while the collector was down.
             assert first.time_unix_nano == min(start_of(r) for r in got)
@@ -170,7 +172,6 @@ def test_proxy_profiles_queued_while_the_collector_is_down_arrive_once_it_is_up(
             stop.set()
             loader.join(30)
             assert latencies and max(latencies) < 1.0, latencies      # proxying is not held up
-            log = p.log().splitlines()
             assert sum("OTLP profiles export to" in line and "failed:" in line for line in log) == 1
             assert sum("OTLP profiles export to" in line and "works again (after" in line for line in log) == 1
         finally:
