@@ -6,18 +6,31 @@ listener -> ClientHello (peeked) -> route -> connect (direct / SOCKS5) -> PROXY 
 The ClientHello is read with MSG_PEEK and stays queued in the client socket: the
 relay forwards it unchanged, and the kernel data path can take the socket over
 without any write from user space (a lossless hand-over).
+
+Two paths, one behaviour. The common connection (its ClientHello complete at accept, which
+TCP_DEFER_ACCEPT makes the rule; a direct route to an IP address) is served by callbacks
+on a small `__slots__` record: peek, route, connect (a wait on the loop only if the backend
+does not answer inside connect()), hand-over, and the relay's run() driven without a Task.
+Everything else (a hello still arriving, DNS, SOCKS5, PROXY protocol, dynamic routes,
+several addresses) takes the coroutine `_serve`, in a Task. Measured in
+docs/benchmarks.md (issue 14): the Task, its coroutine frames and asyncio.timeout were a
+third of a connection's CPU and a fifth of a held connection's memory.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass, field
 
 from sniproxy.proxy import clienthello
-from sniproxy.proxy.upstream import BACKEND_SOCKET_HOOK
+from sniproxy.proxy.resolver import ip_literal
+from sniproxy.proxy.upstream import (
+    BACKEND_SOCKET_HOOK, UpstreamError, _describe_oserror, _raise_connect_failure, format_addr,
+)
 from sniproxy.relay.base import Relay, RelayResult
 
 log = logging.getLogger("sniproxy")
@@ -27,7 +40,7 @@ log = logging.getLogger("sniproxy")
 PEEK_BYTES = clienthello.MAX_CLIENT_HELLO + 4096
 
 
-@dataclass
+@dataclass(slots=True)
 class ConnectionInfo:
     client: str
     sni: str | None = None
@@ -103,8 +116,11 @@ class Worker:
         self.app = app                      # sniproxy.proxy.app.ProxyApp: config, routes, connector, metrics
         self.listeners = listeners
         self.loop = asyncio.get_running_loop()
-        self.active: set[asyncio.Task] = set()
-        self.relays: set[Relay] = set()
+        self.open = 0                       # connections accepted and not yet ended
+        self.active: set[asyncio.Task] = set()      # connections on the coroutine path
+        self.fast: set[_Conn] = set()               # connections on the callback path
+        self.relays: set[Relay] = set()             # relays of the coroutine path
+        self._ip_of: dict[str, str | None] = {}     # route host -> IP literal or None
         self.accepting = False
         self.draining = False
         self.drained = asyncio.Event()
@@ -132,7 +148,7 @@ class Worker:
         limit = self.app.connection_limit
         # Accept in a burst: one wake-up can serve many waiting clients.
         for _ in range(64):
-            if len(self.active) >= limit:
+            if self.open >= limit:
                 # At the limit: stop accepting; clients wait in the listen backlog and
                 # are served as slots free up (like HAProxy's maxconn).
                 self.app.metrics.limit_reached.inc()
@@ -153,7 +169,7 @@ class Worker:
                         self._last_accept_error_log = now
                         log.error("accept failed: %s with %d connections open; pausing accept for "
                                   "100 ms (raise the fd limit: ulimit -n / LimitNOFILE=, or lower "
-                                  "max_connections)", exc.strerror, len(self.active))
+                                  "max_connections)", exc.strerror, self.open)
                     self._pause_accept()
                     self.loop.call_later(0.1, self._resume_accept)
                     return
@@ -161,21 +177,34 @@ class Worker:
                     continue
                 raise
             conn.setblocking(False)
-            task = self.loop.create_task(self._serve(conn, addr))
-            self.active.add(task)
-            task.add_done_callback(self._connection_done)
+            self.open += 1
             self.app.hot.active += 1
+            try:
+                self._begin(conn, addr)
+            except Exception as exc:     # a bug must cost one connection, not the accept loop
+                log.error("internal error in a connection handler: %r", exc, exc_info=exc)
+                conn.close()
+                self._closed_one()
+
+    def _spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self.active.add(task)
+        task.add_done_callback(self._connection_done)
 
     def _connection_done(self, task: asyncio.Task) -> None:
         self.active.discard(task)
-        self.app.hot.active -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("internal error in a connection handler: %r", task.exception(),
                       exc_info=task.exception())
+        self._closed_one()
+
+    def _closed_one(self) -> None:
+        self.open -= 1
+        self.app.hot.active -= 1
         if self.draining:
-            if not self.active:
+            if not self.open:
                 self.drained.set()
-        elif not self.accepting and len(self.active) < self.app.connection_limit:
+        elif not self.accepting and self.open < self.app.connection_limit:
             self._resume_accept()
 
     # ---------------- drain ----------------
@@ -185,70 +214,96 @@ class Worker:
         self.draining = True
         for lsock in self.listeners:
             lsock.close()
-        if self.active:
-            log.info("draining %d connections (grace %ss)", len(self.active), grace_s)
+        if self.open:
+            log.info("draining %d connections (grace %ss)", self.open, grace_s)
             try:
                 await asyncio.wait_for(self.drained.wait(), grace_s)
             except asyncio.TimeoutError:
-                log.warning("shutdown grace over: closing %d connections", len(self.active))
-                for relay in list(self.relays):
+                log.warning("shutdown grace over: closing %d connections", self.open)
+                relays = list(self.relays) + [c.relay for c in self.fast if c.relay is not None]
+                for relay in relays:
                     relay.abort("shutdown", "shutdown grace period over")
                 # An aborted relay has its result (with the bytes it moved) ready: let its
                 # connection account for it. Cancelling at once threw CancelledError into the
                 # task instead, and the connection was counted with 0 bytes.
-                if self.active:
-                    await asyncio.wait(list(self.active), timeout=ABORT_SETTLE_S)
+                await self._until_drained(ABORT_SETTLE_S)
                 for task in list(self.active):
                     task.cancel()
+                for conn in list(self.fast):
+                    self._cancel(conn)
                 await asyncio.gather(*self.active, return_exceptions=True)
+                await self._until_drained(ABORT_SETTLE_S)
+
+    async def _until_drained(self, timeout_s: float) -> None:
+        if self.open:
+            try:
+                await asyncio.wait_for(self.drained.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
 
     # ---------------- one connection ----------------
-    async def _serve(self, client: socket.socket, addr) -> None:
+    def _route(self, client: socket.socket, hello, info: ConnectionInfo, result: RelayResult):
+        """The route of a complete hello (or the reply to a hello that has none): the decision,
+        or None with `result` saying why the connection ends."""
         app = self.app
-        info = ConnectionInfo(client=_fmt_addr(addr))
+        if isinstance(hello, clienthello.Rejected):
+            app.metrics.hello_failures.labels(hello.reason).inc()
+            result.outcome = "bad_hello"
+            result.detail = f"{hello.reason}: {hello.detail}"
+            alert = clienthello.alert_for(hello.reason)
+            if alert is not None:
+                _discard_queued(client)      # FIN after the alert, not RST
+                _send_quietly(client, clienthello.tls_alert(alert))
+                info.relay = "none"
+            return None
+        info.sni = hello.sni
+        routes = app.routes          # a reload swaps the table; this connection keeps its own
+        decision = routes.match(hello.sni)
+        if decision is None:
+            if hello.sni is None:
+                app.metrics.hello_failures.labels("no_sni").inc()
+            result.outcome = "no_route"
+            result.detail = ("no route for this name and no default_backend"
+                             if hello.sni else "ClientHello without SNI and no default_backend")
+            _discard_queued(client)
+            _send_quietly(client, clienthello.tls_alert(clienthello.UNRECOGNIZED_NAME))
+            info.relay = "none"
+            return None
+        info.route = decision.route_name
+        tagger = app.socket_tagger       # ebpf.tracing.network: kernel figures per route
+        if tagger is not None:
+            tagger(client, decision.route_name, "client")
+        info.upstream = decision.upstream
+        info.backend = f"{decision.host}:{decision.port}"
+        return decision
+
+    async def _serve(self, client: socket.socket, addr, info: ConnectionInfo | None = None,
+                     decision=None) -> None:
+        """The coroutine path: everything the callback path does not take (see the module doc).
+        `decision`: routed already by the callback path (with `info` filled in)."""
+        app = self.app
+        if info is None:
+            info = ConnectionInfo(client=_fmt_addr(addr))
         backend: socket.socket | None = None
         result = RelayResult(0, 0, "error")
         try:
-            try:
-                hello = await self._read_hello(client, app.config.timeouts.client_hello_s)
-            except HelloTimeout:
-                result.outcome = "hello_timeout"
-                result.detail = f"no complete ClientHello within {app.config.timeouts.client_hello_s}s"
-                return
-            except ClientGone as exc:
-                result.outcome = "client_closed"
-                result.detail = str(exc)
-                return
-            if isinstance(hello, clienthello.Rejected):
-                app.metrics.hello_failures.labels(hello.reason).inc()
-                result.outcome = "bad_hello"
-                result.detail = f"{hello.reason}: {hello.detail}"
-                alert = clienthello.alert_for(hello.reason)
-                if alert is not None:
-                    _discard_queued(client)      # FIN after the alert, not RST
-                    _send_quietly(client, clienthello.tls_alert(alert))
-                    info.relay = "none"
-                return
-            info.sni = hello.sni
-            routes = app.routes          # a reload swaps the table; this connection keeps its own
-            decision = routes.match(hello.sni)
             if decision is None:
-                if hello.sni is None:
-                    app.metrics.hello_failures.labels("no_sni").inc()
-                result.outcome = "no_route"
-                result.detail = ("no route for this name and no default_backend"
-                                 if hello.sni else "ClientHello without SNI and no default_backend")
-                _discard_queued(client)
-                _send_quietly(client, clienthello.tls_alert(clienthello.UNRECOGNIZED_NAME))
-                info.relay = "none"
-                return
-            info.route = decision.route_name
-            tagger = app.socket_tagger       # ebpf.tracing.network: kernel figures per route
+                try:
+                    hello = await self._read_hello(client, app.config.timeouts.client_hello_s)
+                except HelloTimeout:
+                    result.outcome = "hello_timeout"
+                    result.detail = f"no complete ClientHello within {app.config.timeouts.client_hello_s}s"
+                    return
+                except ClientGone as exc:
+                    result.outcome = "client_closed"
+                    result.detail = str(exc)
+                    return
+                decision = self._route(client, hello, info, result)
+                if decision is None:
+                    return
+            tagger = app.socket_tagger
             if tagger is not None:
-                tagger(client, decision.route_name, "client")
                 BACKEND_SOCKET_HOOK.set(lambda sock: tagger(sock, decision.route_name, "backend"))
-            info.upstream = decision.upstream
-            info.backend = f"{decision.host}:{decision.port}"
             try:
                 connected = await app.connector.connect(
                     decision, addr, client.getsockname() if decision.proxy_protocol else None)
@@ -276,22 +331,180 @@ class Worker:
             result.outcome = "shutdown"
             raise
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                # Most often the relay's pipes (the sockets were open already).
-                result.outcome = "fd_limit"
-                result.detail = (f"{exc.strerror}: out of file descriptors (raise the fd limit: "
-                                 "LimitNOFILE= / ulimit -n, add workers, or lower max_connections)")
-            else:
-                result.outcome = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
-                result.detail = str(exc)
+            _os_outcome(exc, result)
         finally:
-            if info.relay == "-":
-                # Never relayed: consume the peeked bytes so close() sends FIN, not RST.
-                _discard_queued(client)
-            client.close()
-            if backend is not None:
-                backend.close()
-            self._account(info, result)
+            self._close(client, backend, info, result)
+
+    def _close(self, client: socket.socket, backend: socket.socket | None, info: ConnectionInfo,
+               result: RelayResult) -> None:
+        if info.relay == "-":
+            # Never relayed: consume the peeked bytes so close() sends FIN, not RST.
+            _discard_queued(client)
+        client.close()
+        if backend is not None:
+            backend.close()
+        self._account(info, result)
+
+    # ---------------- the callback path ----------------
+    def _begin(self, client: socket.socket, addr) -> None:
+        """Serve a new connection by callbacks if it qualifies, else in a Task (`_serve`)."""
+        try:
+            data = client.recv(PEEK_BYTES, socket.MSG_PEEK)
+        except OSError:
+            data = None                  # not there yet (or an error: _serve says which)
+        hello = clienthello.parse_client_hello(data) if data else None
+        if hello is None or isinstance(hello, clienthello.NeedMore) or len(data) >= PEEK_BYTES:
+            self._spawn(self._serve(client, addr))
+            return
+        info = ConnectionInfo(client=_fmt_addr(addr))
+        result = RelayResult(0, 0, "error")
+        decision = self._route(client, hello, info, result)
+        if decision is None:
+            self._close(client, None, info, result)
+            self._closed_one()
+            return
+        ip = None
+        if decision.upstream == "direct" and not decision.proxy_protocol and not decision.dynamic:
+            ip = self._ip_of.get(decision.host, "")
+            if ip == "":
+                ip = ip_literal(decision.host)
+                if len(self._ip_of) >= IP_CACHE_MAX:
+                    self._ip_of.clear()
+                self._ip_of[decision.host] = ip
+        if ip is None:               # a name to resolve, SOCKS5, PROXY header, $sni
+            self._spawn(self._serve(client, addr, info, decision))
+            return
+        conn = _Conn(self, client, info)
+        self.fast.add(conn)
+        self._connect(conn, ip, decision)
+
+    def _connect(self, conn: "_Conn", ip: str, decision) -> None:
+        """open_direct for one address, without a coroutine: most loopback and LAN backends
+        are connected when connect() returns."""
+        conn.target = (ip, decision.port, decision.upstream)
+        conn.t0 = time.monotonic()
+        try:
+            sock = conn.backend = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                                                socket.SOCK_STREAM)
+            tagger = self.app.socket_tagger
+            if tagger is not None:
+                tagger(sock, decision.route_name, "backend")
+            sock.setblocking(False)
+            # Before connect(): the same one syscall, and the socket never sends without it.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((ip, decision.port, 0, 0) if ":" in ip else (ip, decision.port))
+            if err == errno.EINPROGRESS:
+                if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED:
+                    err = 0                       # ESTABLISHED: no error to ask SO_ERROR for
+                else:
+                    self.loop.add_writer(sock.fileno(), self._on_connect_ready, conn)
+                    conn.timer = self.loop.call_later(self.app.connector.connect_timeout_s,
+                                                      self._on_connect_timeout, conn)
+                    return
+        except OSError as exc:
+            self._connect_failed(conn, exc)
+            return
+        if err:
+            self._connect_failed(conn, OSError(err, os.strerror(err)))
+        else:
+            self._connected(conn)
+
+    def _on_connect_ready(self, conn: "_Conn") -> None:
+        self._stop_waiting(conn)
+        err = conn.backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(conn, OSError(err, os.strerror(err)))
+        else:
+            self._connected(conn)
+
+    def _on_connect_timeout(self, conn: "_Conn") -> None:
+        conn.timer = None
+        self._stop_waiting(conn)
+        self._connect_failed(conn, None)
+
+    def _stop_waiting(self, conn: "_Conn") -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        self.loop.remove_writer(conn.backend.fileno())
+
+    def _connect_failed(self, conn: "_Conn", exc: OSError | None) -> None:
+        """The same UpstreamError (kind, message) as Connector.connect gives."""
+        ip, port, upstream = conn.target
+        errors, fd_limited = {}, []
+        if exc is not None:
+            errors[ip] = _describe_oserror(exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                fd_limited.append(ip)
+        try:
+            _raise_connect_failure([ip], port, self.app.connector.connect_timeout_s, errors, {ip},
+                                   exc is None, fd_limited)
+        except UpstreamError as failure:
+            result = RelayResult(0, 0, "connect_failed", str(failure))
+            self.app.metrics.connect_failures.labels(upstream, failure.kind).inc()
+        self._end(conn, result)
+
+    def _connected(self, conn: "_Conn") -> None:
+        app = self.app
+        ip, port, upstream = conn.target
+        conn.info.backend = format_addr(ip, port)
+        app.hot.connect_time(upstream, time.monotonic() - conn.t0)
+        conn.target = None
+        try:
+            relay = app.relay_factory(conn.client, conn.backend)
+        except OSError as exc:
+            self._end(conn, _os_outcome(exc, RelayResult(0, 0, "error")))
+            return
+        except Exception as exc:
+            log.error("internal error in a connection handler: %r", exc, exc_info=exc)
+            self._end(conn, RelayResult(0, 0, "error", repr(exc)))
+            return
+        conn.info.relay = relay.kind
+        conn.relay = relay
+        conn.coro = relay.run()
+        self._step(conn)
+
+    def _step(self, conn: "_Conn", _fut=None) -> None:
+        """Drive the relay's run() as a Task would, without one: resume it when the future
+        it awaits is done; its return value (or exception) ends the connection."""
+        conn.waiting = None
+        try:
+            awaited = conn.coro.send(None)
+        except StopIteration as stop:
+            self._end(conn, stop.value)
+            return
+        except asyncio.CancelledError:
+            self._end(conn, RelayResult(0, 0, "shutdown"))
+            return
+        except OSError as exc:
+            self._end(conn, _os_outcome(exc, RelayResult(0, 0, "error")))
+            return
+        except Exception as exc:
+            log.error("internal error in a connection handler: %r", exc, exc_info=exc)
+            self._end(conn, RelayResult(0, 0, "error", repr(exc)))
+            return
+        if getattr(awaited, "_asyncio_future_blocking", False):
+            awaited._asyncio_future_blocking = False
+            conn.waiting = awaited
+            awaited.add_done_callback(conn.wake)
+        elif awaited is None:        # a bare yield (asyncio.sleep(0)): next loop turn
+            self.loop.call_soon(self._step, conn)
+        else:
+            conn.coro.throw(RuntimeError(f"a relay awaited {awaited!r}, not an asyncio future"))
+
+    def _cancel(self, conn: "_Conn") -> None:
+        """End of the drain: as Task.cancel() (the relay's coroutine sees CancelledError)."""
+        if conn.waiting is not None:
+            conn.waiting.cancel()
+        elif conn.relay is None and conn.timer is not None:       # still connecting
+            self._stop_waiting(conn)
+            self._end(conn, RelayResult(0, 0, "shutdown"))
+
+    def _end(self, conn: "_Conn", result: RelayResult) -> None:
+        self.fast.discard(conn)
+        conn.coro = conn.relay = None
+        self._close(conn.client, conn.backend, conn.info, result)
+        self._closed_one()
 
     async def _read_hello(self, client: socket.socket, timeout_s: float):
         """Peek until the ClientHello is complete; the bytes stay queued in the socket."""
@@ -352,6 +565,45 @@ class Worker:
         if app.config.log.access_log:
             app.access_logger(info, result, duration)
 
+
+class _Conn:
+    """A connection on the callback path. While it is relayed, only this record, its
+    ConnectionInfo, the relay and the relay's suspended run() are left of it."""
+
+    __slots__ = ("worker", "client", "backend", "info", "relay", "coro", "waiting", "timer",
+                 "target", "t0")
+
+    def __init__(self, worker: Worker, client: socket.socket, info: ConnectionInfo):
+        self.worker = worker
+        self.client = client
+        self.info = info
+        self.backend: socket.socket | None = None
+        self.relay: Relay | None = None
+        self.coro = None                 # the relay's run() coroutine
+        self.waiting: asyncio.Future | None = None     # the future run() awaits
+        self.timer: asyncio.TimerHandle | None = None  # the connect timeout
+        self.target: tuple | None = None               # (ip, port, upstream) while connecting
+        self.t0 = 0.0
+
+    def wake(self, _fut) -> None:
+        self.worker._step(self)
+
+
+def _os_outcome(exc: OSError, result: RelayResult) -> RelayResult:
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        # Most often the relay's pipes (the sockets were open already).
+        result.outcome = "fd_limit"
+        result.detail = (f"{exc.strerror}: out of file descriptors (raise the fd limit: "
+                         "LimitNOFILE= / ulimit -n, add workers, or lower max_connections)")
+    else:
+        result.outcome = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
+        result.detail = str(exc)
+    return result
+
+
+_TCP_ESTABLISHED = 1
+# Route hosts whose IP-literal test is remembered (a reload can bring new ones: bounded).
+IP_CACHE_MAX = 1024
 
 # tcp_info.tcpi_state values in which the client can send nothing more (it sent its FIN).
 _TCP_CLOSE_WAIT, _TCP_LAST_ACK, _TCP_CLOSE, _TCP_CLOSING = 8, 9, 7, 11
