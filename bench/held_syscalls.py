@@ -34,10 +34,13 @@ def _held():
     return module
 
 
-def worker_cpu(pid: int) -> float:
+def worker_cpu(pid: int, part: str = "both") -> float:
+    """utime + stime (or only "user" / "sys") of one process, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]), int(fields[12])
+    ticks = {"user": user, "sys": system}.get(part, user + system)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def one_run(held, exe: Path, workdir: Path, n: int, relay: str, trace: bool,
@@ -58,7 +61,7 @@ def one_run(held, exe: Path, workdir: Path, n: int, relay: str, trace: bool,
             strace = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(worker)],
                                       stderr=subprocess.DEVNULL)
             time.sleep(1)         # strace attaches asynchronously and says nothing when done
-        cpu0 = worker_cpu(worker)
+        cpu0, user0 = worker_cpu(worker), worker_cpu(worker, "user")
         client = subprocess.Popen(
             [sys.executable, str(HERE / "held_connections.py"), "client", "--target",
              f"127.0.0.1:{peer.listen_port}", "--src", "127.0.0.1", "--count", str(n),
@@ -75,8 +78,10 @@ def one_run(held, exe: Path, workdir: Path, n: int, relay: str, trace: bool,
                 last = worker_cpu(worker)
                 time.sleep(0.3)
         cpu = worker_cpu(worker) - cpu0
+        user = worker_cpu(worker, "user") - user0
         result = {"relay": relay, "n": n, "opened": line.strip(), "worker_cpu_s": round(cpu, 3),
-                  "cpu_s_per_10k": round(cpu * 10000 / n, 2)}
+                  "cpu_s_per_10k": round(cpu * 10000 / n, 2),
+                  "user_s_per_10k": round(user * 10000 / n, 2)}
         if strace is not None:
             strace.send_signal(signal.SIGINT)
             strace.wait(30)
@@ -119,10 +124,12 @@ def main() -> int:
                   for _ in range(args.reps)]
         traced = one_run(held, exe, Path(tmp), args.n, args.relay, trace=True, churn=args.churn)
     cpus = sorted(p["cpu_s_per_10k"] for p in plains)
+    users = sorted(p["user_s_per_10k"] for p in plains)
     print(traced["strace"])
     print(f"relay {args.relay}: {traced.get('syscalls_per_connection')} syscalls per connection "
           f"(worker, open phase); worker CPU {cpus[len(cpus) // 2]} s per 10k connections "
-          f"(median of {len(cpus)} untraced runs: {cpus}; {plains[-1]['opened']})")
+          f"(median of {len(cpus)} untraced runs: {cpus}; user part {users[len(users) // 2]}; "
+          f"{plains[-1]['opened']})")
     return 0
 
 

@@ -377,7 +377,11 @@ class Worker:
             return
         conn = _Conn(self, client, info)
         self.fast[conn] = None
-        self._connect(conn, ip, decision)
+        try:
+            self._connect(conn, ip, decision)
+        except Exception as exc:     # a bug (the OS's errors are handled inside): this one ends
+            log.error("internal error in a connection handler: %r", exc, exc_info=exc)
+            self._end(conn, RelayResult(0, 0, "error", repr(exc)))
 
     def _connect(self, conn: "_Conn", ip: str, decision) -> None:
         """open_direct for one address, without a coroutine: most loopback and LAN backends
@@ -490,8 +494,11 @@ class Worker:
             awaited.add_done_callback(conn.wake)
         elif awaited is None:        # a bare yield (asyncio.sleep(0)): next loop turn
             self.loop.call_soon(self._step, conn)
-        else:
-            conn.coro.throw(RuntimeError(f"a relay awaited {awaited!r}, not an asyncio future"))
+        else:                        # not an asyncio future: a bug in the relay
+            conn.coro.close()
+            log.error("internal error in a connection handler: the %s relay awaited %r, not an "
+                      "asyncio future", conn.relay.kind, awaited)
+            self._end(conn, RelayResult(0, 0, "error", "relay awaited a non-future"))
 
     def _cancel(self, conn: "_Conn") -> None:
         """End of the drain: as Task.cancel() (the relay's coroutine sees CancelledError)."""
