@@ -84,6 +84,9 @@ def client_main(argv: list[str]) -> int:
     p.add_argument("--hello-hex", required=True)
     p.add_argument("--inflight", type=int, default=256)
     p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--churn", action="store_true",
+                   help="close each connection as soon as the backend answered (new-connection "
+                        "cost, as wrk's Connection: close; nothing is held)")
     args = p.parse_args(argv)
     host, port = args.target.rsplit(":", 1)
     target = (host, int(port))
@@ -91,7 +94,8 @@ def client_main(argv: list[str]) -> int:
     held: list[socket.socket] = []
     errors: dict[str, int] = {}
     started = time.monotonic()
-    _open_all(target, args.src, args.count, hello, args.inflight, started + args.timeout, held, errors)
+    _open_all(target, args.src, args.count, hello, args.inflight, started + args.timeout, held, errors,
+              churn=args.churn)
     _report({"opened": len(held), "failed": sum(errors.values()), "errors": errors,
              "open_s": round(time.monotonic() - started, 3)})
     for line in sys.stdin:        # EOF (the driver is gone) ends the process too
@@ -119,7 +123,7 @@ def _fail(errors: dict, why: str) -> None:
     errors[why] = errors.get(why, 0) + 1
 
 
-def _open_all(target, src, count, hello, inflight, deadline, held, errors) -> None:
+def _open_all(target, src, count, hello, inflight, deadline, held, errors, churn=False) -> None:
     ep = select.epoll()
     pending: dict[int, list] = {}         # fd -> [socket, state]; state 0 connecting, 1 hello sent
     to_start = count
@@ -167,6 +171,8 @@ def _open_all(target, src, count, hello, inflight, deadline, held, errors) -> No
                 ep.unregister(fd)
                 del pending[fd]
                 held.append(s)
+                if churn:
+                    s.close()
         if to_start or pending:
             errors["open:timeout"] = to_start + len(pending)
         for s, _ in pending.values():
@@ -669,17 +675,20 @@ def _in_root_netns() -> bool:
     try:
         return os.readlink("/proc/self/ns/net") == os.readlink("/proc/1/ns/net")
     except OSError:
-        return True
+        # /proc/1 is not readable in some containers: a namespace with nothing but lo
+        # (what run_in_netns makes) is not the root one.
+        return [name for _, name in socket.if_nameindex()] != ["lo"]
 
 
-def run_in_netns(argv: list[str]) -> int:
-    """Re-run this driver (without --netns) inside a fresh namespace with only lo, then delete it."""
+def run_in_netns(argv: list[str], script: str = __file__) -> int:
+    """Re-run `script` (this driver by default; without --netns) inside a fresh namespace with
+    only lo, then delete it."""
     name = f"held-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
         inner = [a for a in argv if a != "--netns"]
-        return subprocess.run(["ip", "netns", "exec", name, sys.executable, __file__, *inner],
+        return subprocess.run(["ip", "netns", "exec", name, sys.executable, script, *inner],
                               timeout=None).returncode
     finally:
         subprocess.run(["ip", "netns", "delete", name], timeout=30)

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/held_memory_profile.py -n 2000 --relay sockmap   (or userspace)
     .venv/bin/python bench/held_memory_profile.py -n 2000 --relay sockmap --cprofile   (CPU)
+    .venv/bin/python bench/held_memory_profile.py -n 2000 --relay tcp_splice --netns [--cprofile]
 
 Runs the real worker (proxy.server.Worker + ProxyApp, and for `sockmap` the real kernel data
 path) in this process, opens N connections through it with bench/held_connections.py's client
@@ -43,7 +44,8 @@ def anon_kib() -> int:
     return 0
 
 
-async def profile(n: int, relay: str, top: int, max_seconds: int, cpu_profile: bool = False) -> dict:
+async def profile(n: int, relay: str, top: int, max_seconds: int, cpu_profile: bool = False,
+                  churn: bool = False) -> dict:
     from sniproxy.config import parse_config
     from sniproxy.proxy.app import ProxyApp
     from sniproxy.proxy.server import Worker, create_listener
@@ -54,7 +56,7 @@ async def profile(n: int, relay: str, top: int, max_seconds: int, cpu_profile: b
     with tempfile.TemporaryDirectory(prefix="held-prof-") as tmp:
         exe = held.build_backend(Path(tmp))
         backends = held.start_backends(exe, [len(hello)], max_seconds)
-        kdp = None
+        kdp = kernel = None
         try:
             lsock = create_listener("127.0.0.1", 0, backlog=4096, reuse_port=False)
             port = lsock.getsockname()[1]
@@ -64,12 +66,11 @@ async def profile(n: int, relay: str, top: int, max_seconds: int, cpu_profile: b
                 "routes": [{"match": "p.held.test", "backend": f"127.0.0.1:{backends.ports[0]}"}],
                 "log": {"level": "warning", "access_log": False},
                 "timeouts": {"idle_s": 3600.0},
-                "ebpf": {"enabled": relay == "sockmap", "dns_cache": {"enabled": False}},
+                "ebpf": held.RELAY_CONFIG[relay].get("ebpf", {"enabled": False}),
             })
             metrics_mod.enable_multiprocess(tmp)
             metrics = metrics_mod.ProxyMetrics()
-            kernel = None
-            if relay == "sockmap":
+            if relay in ("sockmap", "tcp_splice"):
                 from sniproxy.relay.datapath import KernelDataPath
                 kdp = KernelDataPath.start(config)
                 kernel = kdp.worker_factory()(metrics)
@@ -93,14 +94,17 @@ async def profile(n: int, relay: str, top: int, max_seconds: int, cpu_profile: b
                 import pstats
                 prof = cProfile.Profile()
                 prof.enable()
-                client = await _open(loop, held, port, n, hello)
+                client = await _open(loop, held, port, n, hello, churn, 50 if churn else 256)
+                if churn:
+                    # The last connections' ends (FIN both ways, the end event) still arrive.
+                    await asyncio.sleep(0.5)
                 prof.disable()
                 stats = pstats.Stats(prof)
                 rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
                 for c in (client, untraced, warm):
                     c.stdin.close()
                     c.wait(60)
-                return {"relay": relay, "n": n, "anon_bytes_per_conn":
+                return {"relay": relay, "n": n, "churn": churn, "anon_bytes_per_conn":
                         round((anon_after - anon_before) * 1024 / n),
                         "total_us_per_conn": round(stats.total_tt * 1e6 / n, 1),
                         "top_tottime": [{"function": f"{Path(k[0]).name}:{k[1]}({k[2]})",
@@ -125,15 +129,20 @@ async def profile(n: int, relay: str, top: int, max_seconds: int, cpu_profile: b
         finally:
             tracemalloc.stop()
             backends.stop()
+            if kernel is not None and kernel.tcp_splice is not None:
+                kernel.tcp_splice.close()       # its flows and ring reader before the maps go
             if kdp is not None:
                 kdp.close()
 
 
-async def _open(loop, held, port: int, count: int, hello: bytes) -> subprocess.Popen:
-    """Start a client of `count` connections and wait (on the event loop) until all are open."""
+async def _open(loop, held, port: int, count: int, hello: bytes, churn: bool = False,
+                inflight: int = 256) -> subprocess.Popen:
+    """Start a client of `count` connections and wait (on the event loop) until all are open
+    (with churn: opened and closed again, at most `inflight` at a time)."""
     client = subprocess.Popen(
         [sys.executable, str(HERE / "held_connections.py"), "client", "--target", f"127.0.0.1:{port}",
-         "--src", "127.0.0.1", "--count", str(count), "--hello-hex", hello.hex(), "--timeout", "60"],
+         "--src", "127.0.0.1", "--count", str(count), "--hello-hex", hello.hex(), "--timeout", "60",
+         "--inflight", str(inflight), *(["--churn"] if churn else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = await asyncio.wait_for(loop.run_in_executor(None, client.stdout.readline), 90)
     report = json.loads(line)
@@ -145,13 +154,22 @@ async def _open(loop, held, port: int, count: int, hello: bytes) -> subprocess.P
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-n", type=int, default=2000)
-    p.add_argument("--relay", choices=["userspace", "sockmap"], default="sockmap")
+    p.add_argument("--relay", choices=["userspace", "sockmap", "tcp_splice"], default="sockmap")
+    p.add_argument("--churn", action="store_true", help="with --cprofile: each connection closes "
+                   "as soon as it is open (the whole life of a connection, as the newconn phase)")
+    p.add_argument("--netns", action="store_true", help="run in a network namespace of its own "
+                   "(needed by tcp_splice, which attaches tc programs to lo)")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--max-seconds", type=int, default=300)
     p.add_argument("--cprofile", action="store_true",
                    help="profile CPU (cProfile, self time per connection) instead of memory")
     args = p.parse_args()
-    result = asyncio.run(profile(args.n, args.relay, args.top, args.max_seconds, args.cprofile))
+    if args.netns:
+        return _held().run_in_netns(sys.argv[1:], script=__file__)
+    if args.relay == "tcp_splice" and _held()._in_root_netns():
+        raise SystemExit("tcp_splice attaches tc programs to lo: run with --netns")
+    result = asyncio.run(profile(args.n, args.relay, args.top, args.max_seconds, args.cprofile,
+                                 args.churn))
     print(json.dumps(result, indent=1))
     return 0
 

@@ -211,6 +211,8 @@ class Map:
         self.max_entries = max_entries
         self._owned = owned
         self._batch_supported: bool | None = None
+        # update()'s fast path: a value already in the map's byte layout goes as it is.
+        self._plain_values = map_type not in _lb.PERCPU_MAP_TYPES
 
     # construction ---------------------------------------------------------------------
     @classmethod
@@ -294,7 +296,13 @@ class Map:
         return None if raw is None else self._decode_value(raw)
 
     def update(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
-        _lb.map_update(self.fd, self._key(key), self._encode_value(value), flags)
+        # Keys and values the caller packed already (struct.Struct) skip the generic encoder:
+        # a tcp_splice hand-over makes five updates per connection.
+        if type(key) is not bytes or len(key) != self.key_size:
+            key = self._key(key)
+        if type(value) is not bytes or len(value) != self.value_size or not self._plain_values:
+            value = self._encode_value(value)
+        _lb.map_update(self.fd, key, value, flags)
 
     def delete(self, key: Any) -> bool:
         """True if the key was there."""

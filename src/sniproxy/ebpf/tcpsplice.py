@@ -15,6 +15,7 @@ packed here mirror `bpf/sni_proxy_tcp_splice.h` field by field.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -138,7 +139,8 @@ def repair_snapshot(sock: socket.socket, attempts: int = 8) -> RepairSnapshot:
             raise OSError(errno.EAGAIN, "bytes kept arriving while reading the receive sequence")
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         write_seq = _u32(sock, TCP_QUEUE_SEQ)
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 0)
+        # No TCP_REPAIR_QUEUE 0 before leaving: the kernel reads repair_queue only while
+        # repair is on, and turning repair on again (close_silently) resets it.
         ts = _u32(sock, TCP_TIMESTAMP)
         mono_ms = time.monotonic_ns() // 1_000_000
     finally:
@@ -291,9 +293,11 @@ def up_interfaces() -> list[str]:
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
+@functools.lru_cache(maxsize=4096)
 def _addr16(host: str) -> tuple[int, bytes]:
     """(4 or 6, 16 bytes): IPv4 (and IPv4-mapped IPv6) in the first 4 bytes, zero-padded.
-    inet_pton, not ipaddress: this runs several times per connection."""
+    Fourteen calls per hand-over, over a few distinct hosts (the proxy's own addresses, the
+    backends', the clients'): cached (issue 14)."""
     if ":" in host:
         raw = socket.inet_pton(socket.AF_INET6, host.split("%")[0])
         if raw[:12] == _V4_MAPPED:
@@ -400,6 +404,15 @@ class FlowState:
 def new_flow_value(ring: int, gen: int, nxt: tuple[int, int] = (0, 0)) -> bytes:
     return _FLOW.pack(0, 0, 0, 0, time.monotonic_ns(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                       0, 0, 0, ring, gen, 0, nxt[0] & 0xFFFFFFFF, nxt[1] & 0xFFFFFFFF)
+
+
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
+def _pid() -> int:
+    """os.getpid() without its syscall per hand-over (reset in every forked child)."""
+    return _PID[0]
 
 
 def seq_span(start: int, end: int) -> int:
@@ -602,7 +615,7 @@ class TcpSpliceDataPath:
     # --- flows ----------------------------------------------------------------------------
     def claim_slot(self, start: int, row: int = 0) -> int | None:
         """A free flow slot (claimed for this process), searching from `start`; None: full."""
-        pid = struct.pack("=II", os.getpid(), row)
+        pid = struct.pack("=II", _pid(), row)
         n = self.max_flows
         for i in range(n):
             slot = (start + i) % n

@@ -65,6 +65,11 @@ class TcpSpliceRelay:
     """One spliced connection; same contract as relay.base.Relay."""
 
     kind = "tcp_splice"
+    # Thousands of these live at once (every spliced connection, then its linger): slots,
+    # and only the two flow-map keys of the entries (issue 14: held-connection memory).
+    __slots__ = ("worker", "slot", "gen", "keys", "backend", "backend_fd", "pending",
+                 "handed_over", "idle_timeout_s", "starts", "loop", "finished", "_idle",
+                 "removed")
 
     def __init__(self, worker: "WorkerSplice", slot: int, gen: int,
                  entries: tuple[ts.DirEntry, ts.DirEntry], backend: socket.socket,
@@ -73,7 +78,7 @@ class TcpSpliceRelay:
         self.worker = worker
         self.slot = slot
         self.gen = gen
-        self.entries = entries
+        self.keys = (entries[0].key, entries[1].key)
         self.backend = backend
         self.backend_fd = -1
         self.pending = pending              # hand-over bytes not yet written to the backend
@@ -440,7 +445,8 @@ class WorkerSplice:
             return
         relay.removed = True
         try:
-            self.dp.remove(relay.entries, relay.slot, relay.gen)
+            # Only the keys still of this flow (slot, generation): see delete_keys.
+            self.dp.delete_keys(list(relay.keys), relay.slot, relay.gen)
         except (BpfError, OSError) as exc:
             log.warning("tcp_splice: removing flow %d: %s", relay.slot, exc)
         if relay.backend_fd >= 0:
