@@ -207,3 +207,55 @@ def test_server_closes_first_then_the_clients_close_notify_is_a_normal_end(loop_
         proxy.wait_clean()
     finally:
         run_in(t.backend, backend.__exit__, None, None, None)
+
+
+def _proxy_sockets_to(ns: str, backend_ip: str) -> list[str]:
+    """`ss -tni` lines (state + info) of the proxy's established sockets to the backend."""
+    out = nsexec(ns, "ss", "-tniH", "state", "established", "dst", backend_ip).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("answer", ["at_once", "later"])
+@pytest.mark.parametrize("topology", ["lo", "veth"])
+def test_the_kept_backend_socket_has_its_hand_over_bytes_acknowledged(topology, answer, tmp_path):
+    """A backend that answers the hello at once acknowledges it on its answer, which the splice
+    forwards: the proxy's kept socket gets a copy cut down to that ACK. Without it, it kept
+    the hello unacknowledged, retransmitted it for the flow's life (the client saw each as a
+    D-SACK) and gave up after tcp_retries2, freeing its port while the flow lived."""
+    from tests.integration.netns import Topology
+    from tests.integration.test_tcp_splice import _tag
+    topo = Topology.loopback(_tag()) if topology == "lo" else Topology.three(_tag())
+    with topo as t:
+        backend_ip = BACKEND_IP if topology == "lo" else t.backend_ip
+        proxy_ip = "127.0.0.1" if topology == "lo" else t.proxy_client_ip
+        if answer == "at_once":          # the echo carries the ACK of the hello
+            be = t.run(t.backend, EchoBackend, backend_ip)
+        else:                            # a pure ACK first, the answer after the client's next
+            def script(conn, r):
+                r["hello"] = _recv_exact(conn, len(HELLO))
+                conn.sendall(_recv_exact(conn, 5))
+            be = t.run(t.backend, ScriptedBackend, backend_ip, script)
+        proxy = Proxy(t, tmp_path, f"{backend_ip}:{be.port}")
+
+        def client():
+            s = connect(proxy_ip, proxy.port)
+            s.sendall(HELLO)
+            if answer == "at_once":
+                assert _recv_exact(s, len(HELLO)) == HELLO
+            return s
+        s = t.run(t.client, client)
+        try:
+            def acked():
+                lines = _proxy_sockets_to(t.proxy, backend_ip)
+                return lines and all(line.split()[1] == "0" for line in lines[::2])
+            wait_until(acked, 5, f"the hello acknowledged: {_proxy_sockets_to(t.proxy, backend_ip)}")
+            info = " ".join(_proxy_sockets_to(t.proxy, backend_ip))
+            # acknowledged by the first answer: never retransmitted (ss shows retrans: if so)
+            assert "unacked" not in info and "retrans:" not in info, info
+            assert "bytes_acked:518" in info, info
+            if answer == "later":
+                s.sendall(b"later")
+                assert _recv_exact(s, 5) == b"later"
+        finally:
+            s.close()
+        proxy.wait_clean()

@@ -288,18 +288,35 @@ static __always_inline int splice(struct __sk_buff *skb, struct parsed *p,
 	 * that hit a zero window before the hand-over waits for one). So while the flow is not
 	 * engaged, such an ACK is cloned back to ingress for the proxy's socket (marked, passed
 	 * untouched) and the original is spliced. Data, FIN, RST, an ACK past the hand-over,
-	 * or the ACK of its last byte engage the flow: the proxy's socket needs nothing more. */
+	 * or the ACK of its last byte engage the flow. A packet that engages it with data, a FIN
+	 * or an ACK past the hand-over is usually the only ACK of the hand-over bytes there will
+	 * be (a TLS server answers the hello at once): the proxy's socket gets a copy too, cut
+	 * down to that ACK by the ingress hook (ack_only). Without it the socket retransmitted
+	 * the hello for the flow's whole life (each answered by the backend with a duplicate ACK
+	 * the client saw as a D-SACK) and gave up after tcp_retries2 (about 15 minutes),
+	 * freeing its local port while the flow lived. */
 	if (dir == SNI_PROXY_TS_B2C && !f->engaged) {
+		/* The copy for the proxy's socket: at ingress back to ingress; at lo's egress
+		 * out of lo again (the egress hook lets it through, and it loops back to
+		 * ingress): a redirect to lo's own ingress never arrives on 6.18. */
+		__u64 clone_to = in_place ? 0 : BPF_F_INGRESS;
+
 		if (payload == 0 && !(p->flags & (TH_FIN | TH_RST)) &&
 		    (__s32)(ack - v->handover_end) <= 0) {
 			if (ack == v->handover_end)
 				f->engaged = 1;
 			skb->mark = SNI_PROXY_TS_MARK_PASS;
-			bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS);
+			bpf_clone_redirect(skb, skb->ifindex, clone_to);
 			skb->mark = 0;
 			stat(TS_STAT_TO_PROXY, 1);
 		} else {
 			f->engaged = 1;
+			if ((p->flags & TH_ACK) && !(p->flags & TH_RST)) {
+				skb->mark = SNI_PROXY_TS_MARK_ACK;
+				bpf_clone_redirect(skb, skb->ifindex, clone_to);
+				skb->mark = 0;
+				stat(TS_STAT_TO_PROXY, 1);
+			}
 		}
 	}
 
@@ -427,22 +444,79 @@ static __always_inline int splice(struct __sk_buff *skb, struct parsed *p,
 	return bpf_redirect(v->ifindex, 0);
 }
 
+/* The proxy socket's copy of the backend packet that engaged the flow (see splice()), made
+ * a pure ACK of at most the hand-over bytes: no payload (it would sit in the socket's receive
+ * queue for the flow's life), no FIN (the socket's state stays as it is). Lengths and
+ * checksums follow: the IPv4 header's, and the TCP pseudo-header's length, which is all a
+ * CHECKSUM_PARTIAL skb (loopback, veth) carries; a device that verified the checksum
+ * (CHECKSUM_UNNECESSARY) is not checked again. Other skbs fail the stack's check and the
+ * socket keeps retransmitting, as before. */
+static __always_inline int ack_only(struct __sk_buff *skb, struct parsed *p,
+				    struct sni_proxy_ts_dir *v)
+{
+	__u32 old_len = p->l4_len, new_len = p->hlen, ack, end;
+	__u16 word, nword;
+
+	if (old_len > new_len) {
+		if (bpf_skb_change_tail(skb, p->l4_off + new_len, 0))
+			return TC_ACT_SHOT;
+		if (p->key.family == 4) {
+			__be16 o = bpf_htons(old_len + 20), n = bpf_htons(new_len + 20);
+
+			if (bpf_skb_store_bytes(skb, p->l3_off + 2, &n, 2, 0) ||
+			    bpf_l3_csum_replace(skb, p->l3_off + 10, o, n, 2))
+				return TC_ACT_SHOT;
+		} else {
+			__be16 n = bpf_htons(new_len);
+
+			if (bpf_skb_store_bytes(skb, p->l3_off + 4, &n, 2, 0))
+				return TC_ACT_SHOT;
+		}
+		if (bpf_l4_csum_replace(skb, p->l4_off + 16, bpf_htons(old_len), bpf_htons(new_len),
+					BPF_F_PSEUDO_HDR | 2))
+			return TC_ACT_SHOT;
+	}
+	if (p->flags & TH_FIN) {
+		if (bpf_skb_load_bytes(skb, p->l4_off + 12, &word, 2))
+			return TC_ACT_SHOT;
+		nword = word & ~bpf_htons(TH_FIN);
+		if (bpf_skb_store_bytes(skb, p->l4_off + 12, &nword, 2, 0) ||
+		    bpf_l4_csum_replace(skb, p->l4_off + 16, word, nword, 2))
+			return TC_ACT_SHOT;
+	}
+	if (bpf_skb_load_bytes(skb, p->l4_off + 8, &ack, 4))
+		return TC_ACT_SHOT;
+	if ((__s32)(bpf_ntohl(ack) - v->handover_end) > 0) {
+		/* client bytes spliced after the hand-over: the socket never sent those */
+		end = bpf_htonl(v->handover_end);
+		if (bpf_skb_store_bytes(skb, p->l4_off + 8, &end, 4, 0) ||
+		    bpf_l4_csum_replace(skb, p->l4_off + 16, ack, end, 4))
+			return TC_ACT_SHOT;
+	}
+	return TC_ACT_UNSPEC;
+}
+
 SEC("tc")
 int sni_proxy_tsi(struct __sk_buff *skb)
 {
 	struct parsed p = {};
 	struct sni_proxy_ts_dir *v;
+	bool ack_copy = skb->mark == SNI_PROXY_TS_MARK_ACK;
 
 	/* The proxy socket's copy of a backend ACK (see splice()): for the stack, untouched. */
 	if (skb->mark == SNI_PROXY_TS_MARK_PASS) {
 		skb->mark = 0;
 		return TC_ACT_UNSPEC;
 	}
+	if (ack_copy)
+		skb->mark = 0;
 	if (parse(skb, &p))
 		return TC_ACT_UNSPEC;
 	v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
 	if (!v)
 		return TC_ACT_UNSPEC;
+	if (ack_copy)
+		return ack_only(skb, &p, v);
 	return splice(skb, &p, v, false);
 }
 
@@ -459,6 +533,17 @@ int sni_proxy_tse(struct __sk_buff *skb)
 	if (skb->mark == SNI_PROXY_TS_MARK) {
 		skb->mark = 0;
 		return TC_ACT_UNSPEC;
+	}
+	/* The proxy socket's copy of a backend ACK, cloned here on lo (see splice()): out of lo
+	 * and back in, where the ingress hook lets it through by its mark. */
+	if (skb->mark == SNI_PROXY_TS_MARK_PASS)
+		return TC_ACT_UNSPEC;
+	if (skb->mark == SNI_PROXY_TS_MARK_ACK) {
+		skb->mark = SNI_PROXY_TS_MARK_PASS;
+		if (parse(skb, &p))
+			return TC_ACT_UNSPEC;
+		v = bpf_map_lookup_elem(&sni_proxy_tsfw, &p.key);
+		return v ? ack_only(skb, &p, v) : TC_ACT_SHOT;
 	}
 	if (parse(skb, &p))
 		return TC_ACT_UNSPEC;

@@ -26,6 +26,9 @@
 /* skb->mark of the copy of a backend ACK handed to the proxy's own socket (clone_redirect
  * back to ingress): the ingress program lets it through untouched. */
 #define SNI_PROXY_TS_MARK_PASS 0x5e1f7c01
+/* skb->mark of the copy of the backend packet that engaged the flow: the ingress program cuts
+ * it down to a pure ACK of the hand-over bytes for the proxy's own socket (ack_only). */
+#define SNI_PROXY_TS_MARK_ACK 0x5e1f7c02
 
 struct sni_proxy_ts_key {
 	__u8 family;		/* 4 or 6 */
