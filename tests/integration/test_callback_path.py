@@ -62,8 +62,9 @@ class Proxy:
         return self.records[0]
 
     def connect_failures(self, kind: str) -> float:
-        return self.metrics.registry.get_sample_value(
-            "sniproxy_upstream_connect_failures_total", {"upstream": "direct", "kind": kind}) or 0
+        return sum(s.value for fam in self.metrics.registry.collect() for s in fam.samples
+                   if s.name == "sniproxy_upstream_connect_failures_total"
+                   and s.labels.get("upstream") == "direct" and s.labels.get("kind") == kind)
 
 
 async def _client(port: int) -> socket.socket:
