@@ -390,6 +390,7 @@ class FlowState:
     gen: int
     nxt: tuple[int, int]
     rst_from: int | None = None     # the direction (C2B: the client) whose RST came first
+    fin_seq: tuple[int, int] = (0, 0)   # per direction: sequence number after its FIN
 
     @classmethod
     def unpack(cls, raw: bytes) -> "FlowState":
@@ -398,7 +399,7 @@ class FlowState:
         # fa0 fa1 rst engaged reported ring gen pad2
         return cls((f[0], f[1]), (f[2], f[3]), f[4], f[5], (f[12], f[13]), (f[14], f[15]),
                    bool(f[16]), bool(f[17]), bool(f[18]), f[20], (f[22], f[23]),
-                   f[16] - 1 if f[16] else None)
+                   f[16] - 1 if f[16] else None, (f[8], f[9]))
 
 
 def new_flow_value(ring: int, gen: int, nxt: tuple[int, int] = (0, 0)) -> bytes:

@@ -155,9 +155,12 @@ class TcpSpliceRelay:
         try:
             st = self.worker.dp.flow(self.slot)
             if st.gen == self.gen:
-                # sequence span, not the sum of payloads (that counts retransmissions twice)
-                up = max(self.handed_over, ts.seq_span(self.starts[0], st.nxt[0]))
-                down = ts.seq_span(self.starts[1], st.nxt[1])
+                # Sequence spans, not the sum of payloads (that counts retransmissions twice).
+                # A direction that ended with a FIN ends exactly before it; otherwise the
+                # highest byte seen (a plain max in BPF, which two CPUs can race).
+                up, down = (ts.seq_span(self.starts[d], st.fin_seq[d] - 1) if st.fin[d]
+                            else ts.seq_span(self.starts[d], st.nxt[d]) for d in (0, 1))
+                up = max(self.handed_over, up)
         except (BpfError, OSError):
             pass
         self.worker.counters.add("ts_ended")

@@ -137,7 +137,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct parsed *p)
 		p->key.saddr[0] = ip.saddr;
 		p->key.daddr[0] = ip.daddr;
 		p->l4_off = ETH_HLEN + sizeof(ip);
-		p->l4_len = bpf_ntohs(ip.tot_len) - sizeof(ip);
+		/* 0: an IPv4 BIG TCP GSO packet, longer than 64 KiB (lo sends them on 6.18):
+		 * its length is the skb's */
+		p->l4_len = (ip.tot_len ? bpf_ntohs(ip.tot_len) : skb->len - ETH_HLEN) - sizeof(ip);
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 
@@ -150,7 +152,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct parsed *p)
 		__builtin_memcpy(p->key.saddr, &ip6.saddr, 16);
 		__builtin_memcpy(p->key.daddr, &ip6.daddr, 16);
 		p->l4_off = ETH_HLEN + sizeof(ip6);
-		p->l4_len = bpf_ntohs(ip6.payload_len);
+		/* 0: IPv6 BIG TCP (without the jumbo option) */
+		p->l4_len = ip6.payload_len ? bpf_ntohs(ip6.payload_len) :
+					      skb->len - ETH_HLEN - sizeof(ip6);
 	} else {
 		return -1;
 	}
@@ -461,9 +465,11 @@ static __always_inline int ack_only(struct __sk_buff *skb, struct parsed *p,
 		if (bpf_skb_change_tail(skb, p->l4_off + new_len, 0))
 			return TC_ACT_SHOT;
 		if (p->key.family == 4) {
-			__be16 o = bpf_htons(old_len + 20), n = bpf_htons(new_len + 20);
+			__be16 o, n = bpf_htons(new_len + 20);
 
-			if (bpf_skb_store_bytes(skb, p->l3_off + 2, &n, 2, 0) ||
+			/* the field as it was (0 for a BIG TCP packet) */
+			if (bpf_skb_load_bytes(skb, p->l3_off + 2, &o, 2) ||
+			    bpf_skb_store_bytes(skb, p->l3_off + 2, &n, 2, 0) ||
 			    bpf_l3_csum_replace(skb, p->l3_off + 10, o, n, 2))
 				return TC_ACT_SHOT;
 		} else {
@@ -472,8 +478,10 @@ static __always_inline int ack_only(struct __sk_buff *skb, struct parsed *p,
 			if (bpf_skb_store_bytes(skb, p->l3_off + 4, &n, 2, 0))
 				return TC_ACT_SHOT;
 		}
-		if (bpf_l4_csum_replace(skb, p->l4_off + 16, bpf_htons(old_len), bpf_htons(new_len),
-					BPF_F_PSEUDO_HDR | 2))
+		/* 32-bit: a BIG TCP length does not fit 16 bits; summed as two halves, which is
+		 * how the pseudo-header sum took it */
+		if (bpf_l4_csum_replace(skb, p->l4_off + 16, bpf_htonl(old_len), bpf_htonl(new_len),
+					BPF_F_PSEUDO_HDR | 4))
 			return TC_ACT_SHOT;
 	}
 	if (p->flags & TH_FIN) {
