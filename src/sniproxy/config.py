@@ -477,6 +477,10 @@ class TcpSpliceConfig(_Model):
     # null: not pinned. bpffs is one per host, not per network namespace: one directory per
     # proxy instance.
     pin_path: Annotated[Str, AfterValidator(_check_abs_path)] | None = None
+    # Read each socket's state at the hand-over with a BPF getsockopt program attached to the
+    # proxy's cgroup (one system call per socket) instead of TCP_REPAIR (ten or more); off,
+    # or where it cannot load (kernel < 6.2, no CAP_PERFMON, no cgroup v2): TCP_REPAIR.
+    bpf_socket_state: Bool = True
 
 
 class EbpfConfig(_Model):

@@ -34,6 +34,9 @@ _WHY = {
     ("tcp_splice", "CAP_BPF"): _BPF,
     ("tcp_splice", "CAP_NET_ADMIN"): "attach the tc (clsact) programs and read the sockets' "
                                      "sequence numbers in TCP_REPAIR mode",
+    ("tcp_splice", "CAP_PERFMON"): "the verifier accepts the tc programs' variable-offset reads "
+                                   "of TCP options, and the hand-over's BPF socket reader's "
+                                   "reads of struct tcp_sock, only with CAP_PERFMON",
     ("sockmap", "CAP_BPF"): _BPF,
     ("sockmap", "CAP_NET_ADMIN"): "attach the sk_skb verdict program to the SOCKHASH map",
     ("dns_cache", "CAP_BPF"): _BPF,

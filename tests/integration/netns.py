@@ -28,6 +28,15 @@ def nsexec(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProce
     return sh("ip", "netns", "exec", ns, *argv, check=check)
 
 
+def proxy_prefix(ns: str) -> list[str]:
+    """argv prefix that runs a proxy in netns `ns` as it runs on a host. `ip netns exec`
+    mounts a fresh /sys in a mount namespace of its own, which hides the host's cgroup2
+    mount; the proxy's cgroup BPF program (tcp_splice's socket reader) needs one to attach,
+    so it is mounted again there (private to that mount namespace)."""
+    return ["ip", "netns", "exec", ns, "sh", "-c",
+            'mount -t cgroup2 none /sys/fs/cgroup || exit 97; exec "$@"', "sh"]
+
+
 def run_in(ns: str, fn, *args, timeout: float = 600, **kwargs):
     """fn(*args, **kwargs) in a fresh thread inside netns `ns`; its result or its exception."""
     out: dict = {}

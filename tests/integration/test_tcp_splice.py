@@ -24,7 +24,7 @@ from tests.integration.harness import (
     SNI_PROXY, ProxyProcess, RawBackend, base_config, client_hello_bytes, free_port, make_pki,
     pattern_bytes, pattern_sha256, send_pattern, tls_backend, wait_until,
 )
-from tests.integration.netns import Topology, nsexec, run_in
+from tests.integration.netns import Topology, nsexec, proxy_prefix, run_in
 
 pytestmark = pytest.mark.ebpf
 MiB = 1 << 20
@@ -77,7 +77,7 @@ class Proxy:
             cfg["upstreams"] = upstreams
         d = tmp / f"proxy{_tag()}"
         d.mkdir()
-        self.p = ProxyProcess(cfg, d, argv_prefix=["ip", "netns", "exec", t.proxy])
+        self.p = ProxyProcess(cfg, d, argv_prefix=proxy_prefix(t.proxy))
         run_in(t.proxy, self.p.start)
 
     def status(self) -> dict:
@@ -228,12 +228,16 @@ def spliced(proxy: Proxy, n: int = 1) -> None:
 
 
 # ============================================================================ loopback
-def test_loopback_echo_exact_counted_and_clean(loop_ns, tmp_path):
+@pytest.mark.parametrize("socket_state", ["bpf_getsockopt", "tcp_repair"])
+def test_loopback_echo_exact_counted_and_clean(loop_ns, tmp_path, socket_state):
     t = loop_ns
     be = t.run(t.backend, EchoBackend, "127.0.0.2")
-    proxy = Proxy(t, tmp_path, f"127.0.0.2:{be.port}")
+    proxy = Proxy(t, tmp_path, f"127.0.0.2:{be.port}", tcp_splice={
+        "bpf_socket_state": socket_state == "bpf_getsockopt"})
     assert proxy.status()["ebpf"]["tcp_splice"] == "active", proxy.log()
     assert proxy.ts()["interfaces"] == ["lo"]
+    # how the hand-over reads the sockets: one BPF getsockopt each, or TCP_REPAIR
+    assert proxy.ts()["socket_state"] == socket_state, (proxy.ts(), proxy.log())
     for size in (0, 1, 100_000, 8 * MiB):
         got = t.run(t.client, upload_download, "127.0.0.1", proxy.port, size)
         assert got == (len(HELLO) + size, stream_sha(HELLO, size))
@@ -758,21 +762,23 @@ def test_fallback_family_mismatch(three_ns, tmp_path):
     assert _fallback(proxy, "family_mismatch") == 1
 
 
-def test_without_cap_net_admin_tcp_splice_is_disabled_with_the_fix(three_ns, tmp_path):
+@pytest.mark.parametrize("caps,missing", [("-net_admin", "CAP_NET_ADMIN"),
+                                           ("-perfmon,-sys_admin", "CAP_PERFMON")])
+def test_without_a_capability_tcp_splice_is_disabled_with_the_fix(three_ns, tmp_path, caps,
+                                                                   missing):
     t = three_ns
     be = t.run(t.backend, EchoBackend, t.backend_ip)
-    caps = "-net_admin"
     cfg = base_config(8443, 9100, default_backend=f"{t.backend_ip}:{be.port}",
                       ebpf={"enabled": True, "dns_cache": {"pin_path": None}})
     cfg["listen_addr"] = f"{t.proxy_client_ip}:8443"
     p = ProxyProcess(cfg, tmp_path, argv_prefix=[
-        "ip", "netns", "exec", t.proxy, "setpriv", f"--inh-caps={caps}",
+        *proxy_prefix(t.proxy), "setpriv", f"--inh-caps={caps}",
         f"--ambient-caps={caps}", f"--bounding-set={caps}"])
     run_in(t.proxy, p.start)
     try:
         e = run_in(t.proxy, p.status)["ebpf"]
         assert e["tcp_splice"] == "disabled"
-        assert "CAP_NET_ADMIN" in e["reasons"]["tcp_splice"], e["reasons"]
+        assert missing in e["reasons"]["tcp_splice"], e["reasons"]
         got = t.run(t.client, upload_download, t.proxy_client_ip, 8443, MiB)
         assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
         assert t.tc_state() == ""

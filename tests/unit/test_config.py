@@ -176,6 +176,7 @@ BAD_VALUES: list[tuple[str, Any, list[str]]] = [
     ("ebpf.tcp_splice.max_flows", 0, ["from 1 to 4194304"]),
     ("ebpf.tcp_splice.linger_s", -1.0, ["from 0 to 600"]),
     ("ebpf.tcp_splice.pin_path", "bpf/ts", ["absolute path"]),
+    ("ebpf.tcp_splice.bpf_socket_state", "yes", ["true or false"]),
     ("ebpf.tcp_splice", 1, ["an object with keys: enabled, interfaces, max_flows"]),
     ("ebpf.sockmap", None, ["an object with keys: enabled, max_entries, max_inflight_bytes"]),
     ("ebpf.dns_cache", "on", ["an object with keys: enabled, max_entries, pin_path"]),

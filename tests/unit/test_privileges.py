@@ -28,18 +28,20 @@ def test_no_ebpf_and_a_high_port_need_no_capability():
 def test_each_feature_names_its_capabilities():
     cfg = config(ebpf={"enabled": True})
     needs = required_privileges(cfg)
-    assert capabilities(needs) == ("CAP_BPF", "CAP_NET_ADMIN")
+    assert capabilities(needs) == ("CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON")
     assert {(n.capability, n.feature) for n in needs} == {
         ("CAP_BPF", "ebpf.sockmap"), ("CAP_BPF", "ebpf.dns_cache"), ("CAP_BPF", "ebpf.stats"),
         ("CAP_NET_ADMIN", "ebpf.sockmap"), ("CAP_BPF", "ebpf.tcp_splice"),
-        ("CAP_NET_ADMIN", "ebpf.tcp_splice")}
+        ("CAP_NET_ADMIN", "ebpf.tcp_splice"), ("CAP_PERFMON", "ebpf.tcp_splice")}
+    no_splice = config(ebpf={"enabled": True, "tcp_splice": {"enabled": False}})
+    assert capabilities(required_privileges(no_splice)) == ("CAP_BPF", "CAP_NET_ADMIN")
     dns_only = config(ebpf={"enabled": True, "sockmap": {"enabled": False},
                             "tcp_splice": {"enabled": False}, "stats": {"enabled": False}})
     assert capabilities(required_privileges(dns_only)) == ("CAP_BPF",)
     forced = config(ebpf={"enabled": True, "sockmap": {"sndbuf_bytes": 1 << 22}})
     assert ("CAP_NET_ADMIN", "ebpf.sockmap.sndbuf_bytes") in {
         (n.capability, n.feature) for n in required_privileges(forced)}
-    assert capabilities(required_privileges(forced)) == ("CAP_BPF", "CAP_NET_ADMIN")
+    assert capabilities(required_privileges(forced)) == ("CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON")
 
 
 def test_low_ports_need_net_bind_service():
@@ -73,5 +75,6 @@ def test_pin_path_is_opened_only_when_the_dns_cache_is_on():
 def test_setpriv_grants_the_same_set_and_can_drop_one():
     cfg = config(ebpf={"enabled": True})
     argv = setpriv_argv(cfg, 65534, 65534)
-    assert "--ambient-caps=-all,+bpf,+net_admin" in argv and argv[-1] == "--"
-    assert "--bounding-set=-all,+bpf" in setpriv_argv(cfg, 65534, 65534, drop="CAP_NET_ADMIN")
+    assert "--ambient-caps=-all,+bpf,+net_admin,+perfmon" in argv and argv[-1] == "--"
+    assert "--bounding-set=-all,+bpf,+perfmon" in setpriv_argv(cfg, 65534, 65534,
+                                                             drop="CAP_NET_ADMIN")

@@ -546,6 +546,16 @@ class Program:
         kind = "uretprobe" if retprobe else "uprobe"
         return self._libbpf_link(ptr, f"{self.name} -> {kind} {binary_path}:{func_name}")
 
+    def attach_cgroup(self, cgroup_fd: int, attach_type: int, path: str = "") -> Link:
+        """A cgroup program through a kernel link (BPF_F_ALLOW_MULTI semantics: other programs
+        on the cgroup keep running); detached when the link is closed or its holders exit."""
+        self._loaded()
+        where = path or f"cgroup fd {cgroup_fd}"
+        fd = _lb.link_create(self.fd, cgroup_fd, attach_type, 0,
+                             what=f"attaching cgroup program {self.name} to {where}")
+        return self._owner._track(
+            Link(f"{self.name} -> cgroup {where}", lambda: os.close(fd), fd=fd))
+
     def attach_xdp(self, ifindex: int, flags: int = 0) -> Link:
         """XDP through a kernel link (detached when closed or when the process dies).
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from sniproxy.ebpf import libbpf as _lb
 from sniproxy.ebpf.ringbuf import MmapRingReader
+from sniproxy.ebpf.sockstate import SS_SACK, SS_TIMESTAMPS, SS_WSCALE, SocketState
 from sniproxy.ebpf.sockmap import tcp_inq  # SIOCINQ, one copy for both kernel relays
 from sniproxy.ebpf.objects import (
     BPF_ANY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_RINGBUF, BPF_NOEXIST, BpfError, BpfObject, Map,
@@ -113,6 +114,23 @@ class RepairSnapshot:
     queued: int         # bytes received and not read (SIOCINQ) when copied_seq was taken
     write_seq: int      # next sequence number user space's next write gets
     ts_base: int        # TCP_TIMESTAMP minus CLOCK_MONOTONIC in ms (mod 2**32)
+
+
+def facts_of(state: SocketState) -> TcpFacts:
+    """TcpFacts from a BPF socket-state read (the same fields TCP_INFO gives)."""
+    opts = state.options
+    wscale = state.wscale if opts & SS_WSCALE else 0
+    return TcpFacts(state=state.state, timestamps=bool(opts & SS_TIMESTAMPS),
+                    sack=bool(opts & SS_SACK), snd_wscale=wscale & 0x0f, rcv_wscale=wscale >> 4,
+                    snd_mss=state.snd_mss, advmss=state.advmss, pmtu=state.pmtu)
+
+
+def snapshot_of(state: SocketState) -> RepairSnapshot:
+    """RepairSnapshot from a BPF socket-state read: copied_seq is read directly (under the
+    socket lock), and the timestamp base is the socket's tsoffset itself (TSval = CLOCK_MONOTONIC
+    ms + tsoffset; TCP_TIMESTAMP minus a later clock read, as repair_snapshot computes it, can be
+    1 ms lower)."""
+    return RepairSnapshot(state.copied_seq, state.queued, state.write_seq, state.tsoffset)
 
 
 def _u32(sock: socket.socket, opt: int) -> int:
@@ -455,6 +473,10 @@ class TcpSpliceDataPath:
         self.stale_replaced = 0          # leftover filters of a killed proxy, replaced
         # Smallest MTU of the attached interfaces when they differ, else None: see mss_clamp().
         self.clamp_mtu: int | None = None
+        # ebpf.sockstate.SocketStateReader: the hand-over reads each socket in one getsockopt;
+        # None: with TCP_REPAIR (state_reader_note says why).
+        self.state_reader = None
+        self.state_reader_note = ""
 
     @classmethod
     def load(cls, max_flows: int, *, rings: int = MAX_RINGS,
@@ -712,6 +734,9 @@ class TcpSpliceDataPath:
                 ring.close()
             self._rings.clear()
             self.claims.close()
+            if self.state_reader is not None:
+                self.state_reader.close()
+                self.state_reader = None
             self.obj.close()
 
 

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sniproxy.ebpf.cgroups import cgroup2_mounts  # re-exported: the library API had it here
+
 #: The kernel refuses perf events above this rate; the profiler reads it at validation time.
 PERF_MAX_SAMPLE_RATE_PATH = "/proc/sys/kernel/perf_event_max_sample_rate"
 
@@ -248,20 +250,6 @@ def read_kernel_max_sample_rate(path: str = PERF_MAX_SAMPLE_RATE_PATH) -> int | 
         return int(Path(path).read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def cgroup2_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
-    """Mount points of cgroup v2 hierarchies (there may be one at /sys/fs/cgroup/unified)."""
-    points = []
-    try:
-        lines = Path(mountinfo).read_text().splitlines()
-    except OSError:
-        return points
-    for line in lines:
-        pre, _, post = line.partition(" - ")
-        if post.split(" ", 1)[0] == "cgroup2":
-            points.append(pre.split(" ")[4])
-    return points
 
 
 def cgroup_id_of(path: str) -> int:

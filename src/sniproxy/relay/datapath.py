@@ -210,6 +210,10 @@ class KernelDataPath:
             # flows this proxy took over from its predecessor at start
             out["pin_path"] = self.tcp_splice.pin_dir
             out["inherited_flows"] = self.tcp_splice.inherited
+            reader = self.tcp_splice.state_reader
+            out["socket_state"] = "bpf_getsockopt" if reader is not None else "tcp_repair"
+            if reader is None and self.tcp_splice.state_reader_note:
+                out["socket_state_detail"] = self.tcp_splice.state_reader_note
             out["active_flows"] = totals["ts_armed"] - totals["ts_ended"]
             out["lingering_flows"] = totals["ts_ended"] - totals["ts_removed"]
             out["engaged_total"] = totals["ts_armed"] - totals["ts_adopted"]
@@ -326,6 +330,7 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
                         dp.stale_replaced,
                         "its flows go on (pinned maps)" if dp.inherited else
                         "connections it still spliced are reset at their next packet")
+        _start_state_reader(dp, cfg.bpf_socket_state)
     except (BpfError, OSError) as exc:
         dp.close()
         failures["tcp_splice"] = (f"attaching the tc programs to {', '.join(names)} failed: "
@@ -333,6 +338,26 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
                                   "CAP_NET_ADMIN is granted")
         return None
     return dp
+
+
+def _start_state_reader(dp, wanted: bool) -> None:
+    """The hand-over's one-call socket reader (ebpf/sockstate.py); without it, TCP_REPAIR."""
+    if not wanted:
+        dp.state_reader_note = "off in the config (ebpf.tcp_splice.bpf_socket_state)"
+        log.info("tcp_splice: socket state read with TCP_REPAIR (%s)", dp.state_reader_note)
+        return
+    from sniproxy.ebpf.sockstate import SocketStateReader
+    try:
+        dp.state_reader = SocketStateReader.open()
+    except (BpfError, OSError) as exc:
+        dp.state_reader_note = str(exc)
+        log.info("tcp_splice: socket state read with TCP_REPAIR, 10 system calls more per "
+                 "connection: the BPF getsockopt reader is unavailable: %s (it needs kernel "
+                 "6.2+, CAP_PERFMON and a cgroup v2 hierarchy)", exc)
+        return
+    log.info("tcp_splice: socket state read by a BPF getsockopt program attached to cgroup %s "
+             "(set ebpf.tcp_splice.bpf_socket_state false to use TCP_REPAIR instead)",
+             dp.state_reader.cgroup)
 
 
 def _live_owners(dp) -> list[int]:

@@ -38,11 +38,13 @@ import time
 
 from sniproxy.ebpf import tcpsplice as ts
 from sniproxy.ebpf.objects import BPF_ANY, BpfError
+from sniproxy.ebpf.sockstate import SS_USEC_TS
 from sniproxy.relay.base import RelayResult
 
 log = logging.getLogger("sniproxy")
 
 _TCP_ESTABLISHED = 1
+_UNACKED = "bytes the proxy sent to the client are not acknowledged yet"
 # Route lookups are cached this long per destination address (one netlink round trip each).
 ROUTE_CACHE_S = 5.0
 ROUTE_CACHE_MAX = 4096
@@ -231,58 +233,13 @@ class WorkerSplice:
             return self._fallback("map_full", f"{active} flows use all {self.max_flows} slots "
                                   "(raise ebpf.tcp_splice.max_flows)")
         try:
-            cf, bf = ts.tcp_facts(client), ts.tcp_facts(backend)
-            c_local, c_peer = client.getsockname(), client.getpeername()
-            b_local, b_peer = backend.getsockname(), backend.getpeername()
-        except OSError as exc:
-            return self._fallback("socket_error", f"reading the socket state: {exc}")
-        if cf.state != _TCP_ESTABLISHED or bf.state != _TCP_ESTABLISHED:
-            return self._fallback("not_established", "a socket is no longer ESTABLISHED "
-                                  "(a FIN arrived before the hand-over)")
-        try:
-            c_key = ts.pack_key(c_peer, c_local)
-            if c_key[0] != ts.pack_key(b_peer, b_local)[0]:
-                raise ts.ArmError("family_mismatch", f"client {c_peer[0]} and backend "
-                                  f"{b_peer[0]} use different IP versions")
+            c_side, b_side, c_out, b_out = self._read_sides(client, backend)
         except ts.ArmError as exc:
             return self._fallback(exc.reason, str(exc))
-        hdr = 40 if c_key[0] == 4 else 60
-        # Segments keep their size across the splice: each side's largest segment must fit
-        # the other side's path (client -> us sizes by our advertised MSS).
-        if cf.advmss + hdr > bf.pmtu or bf.advmss + hdr > cf.pmtu:
-            return self._fallback("mss_mismatch", f"segment sizes differ: client side MSS "
-                                  f"{cf.advmss}/PMTU {cf.pmtu}, backend side MSS {bf.advmss}/"
-                                  f"PMTU {bf.pmtu}")
-        try:
-            c_out, b_out = self._oif(c_peer[0]), self._oif(b_peer[0])
-        except OSError as exc:
-            return self._fallback("no_route", f"route lookup: {exc}")
-        attached = self.dp.ifindexes
-        for name, idx in (("client", c_out), ("backend", b_out)):
-            if idx not in attached:
-                return self._fallback("interface_not_attached", f"the {name} is reached through "
-                                      f"{_ifname(idx)}, where the tc programs are not attached "
-                                      "(add it to ebpf.tcp_splice.interfaces)")
-        try:
-            if _outq(client):
-                return self._fallback("client_unacked_data", "bytes the proxy sent to the "
-                                      "client are not acknowledged yet")
-            c_snap = ts.repair_snapshot(client)
-            b_snap = ts.repair_snapshot(backend)
-        except OSError as exc:
-            # One reason with a socket error: TCP_REPAIR refused (EPERM cannot reach here:
-            # without CAP_NET_ADMIN start-up leaves tcp_splice off) or a receive sequence
-            # that kept moving through every read.
-            if exc.errno == errno.EPERM:
-                return self._fallback("socket_error", "TCP_REPAIR refused: it needs "
-                                      "CAP_NET_ADMIN")
-            return self._fallback("socket_error", f"reading the sequence numbers (TCP_REPAIR): "
-                                  f"{exc}")
+        c_snap, b_snap = c_side.snap, b_side.snap
         if b_snap.queued:
             return self._fallback("backend_data_queued", f"the backend sent {b_snap.queued} "
                                   "bytes before the hand-over")
-        c_side = ts.SpliceSide(c_local, c_peer, c_snap, cf)
-        b_side = ts.SpliceSide(b_local, b_peer, b_snap, bf)
         entries = ts.flow_entries(c_side, b_side, c_out=c_out, b_out=b_out,
                                   c_neigh=not ts.is_loopback(c_out),
                                   b_neigh=not ts.is_loopback(b_out))
@@ -339,6 +296,78 @@ class WorkerSplice:
         self._by_slot[slot] = relay
         self.counters.add("ts_armed")
         return relay
+
+    def _read_sides(self, client: socket.socket, backend: socket.socket):
+        """(client SpliceSide, backend SpliceSide, ifindex towards the client, towards the
+        backend), or ArmError with the fallback reason. One getsockopt per socket with the
+        BPF reader; else TCP_INFO, the addresses and a TCP_REPAIR session per socket, taken
+        after the checks that need no repair mode (it refuses a socket past ESTABLISHED)."""
+        reader = self.dp.state_reader
+        if reader is not None:
+            try:
+                cs, bs = reader.read(client), reader.read(backend)
+            except OSError as exc:
+                raise ts.ArmError("socket_error", f"reading the socket state: {exc}") from None
+            if cs is not None and bs is not None and not (cs.options | bs.options) & SS_USEC_TS:
+                cf, bf = ts.facts_of(cs), ts.facts_of(bs)
+                c_local, c_peer, b_local, b_peer = cs.local, cs.peer, bs.local, bs.peer
+                c_out, b_out = self._check_pair(cf, bf, c_local, c_peer, b_local, b_peer)
+                if cs.unacked:
+                    raise ts.ArmError("client_unacked_data", _UNACKED)
+                return (ts.SpliceSide(c_local, c_peer, ts.snapshot_of(cs), cf),
+                        ts.SpliceSide(b_local, b_peer, ts.snapshot_of(bs), bf), c_out, b_out)
+            # Not answered (a socket of another cgroup) or microsecond timestamps (TCP_REPAIR
+            # reads them in the units the splice translates): the path below.
+        try:
+            cf, bf = ts.tcp_facts(client), ts.tcp_facts(backend)
+            c_local, c_peer = client.getsockname(), client.getpeername()
+            b_local, b_peer = backend.getsockname(), backend.getpeername()
+        except OSError as exc:
+            raise ts.ArmError("socket_error", f"reading the socket state: {exc}") from None
+        c_out, b_out = self._check_pair(cf, bf, c_local, c_peer, b_local, b_peer)
+        try:
+            if _outq(client):
+                raise ts.ArmError("client_unacked_data", _UNACKED)
+            c_snap = ts.repair_snapshot(client)
+            b_snap = ts.repair_snapshot(backend)
+        except OSError as exc:
+            # TCP_REPAIR refused (EPERM cannot reach here: without CAP_NET_ADMIN start-up
+            # leaves tcp_splice off) or a receive sequence that kept moving through every read.
+            if exc.errno == errno.EPERM:
+                raise ts.ArmError("socket_error", "TCP_REPAIR refused: it needs "
+                                  "CAP_NET_ADMIN") from None
+            raise ts.ArmError("socket_error", f"reading the sequence numbers (TCP_REPAIR): "
+                              f"{exc}") from None
+        return (ts.SpliceSide(c_local, c_peer, c_snap, cf),
+                ts.SpliceSide(b_local, b_peer, b_snap, bf), c_out, b_out)
+
+    def _check_pair(self, cf, bf, c_local, c_peer, b_local, b_peer) -> tuple[int, int]:
+        """The checks that need no change to anything; the two out interfaces, or ArmError."""
+        if cf.state != _TCP_ESTABLISHED or bf.state != _TCP_ESTABLISHED:
+            raise ts.ArmError("not_established", "a socket is no longer ESTABLISHED "
+                              "(a FIN arrived before the hand-over)")
+        c_key = ts.pack_key(c_peer, c_local)
+        if c_key[0] != ts.pack_key(b_peer, b_local)[0]:
+            raise ts.ArmError("family_mismatch", f"client {c_peer[0]} and backend "
+                              f"{b_peer[0]} use different IP versions")
+        hdr = 40 if c_key[0] == 4 else 60
+        # Segments keep their size across the splice: each side's largest segment must fit
+        # the other side's path (client -> us sizes by our advertised MSS).
+        if cf.advmss + hdr > bf.pmtu or bf.advmss + hdr > cf.pmtu:
+            raise ts.ArmError("mss_mismatch", f"segment sizes differ: client side MSS "
+                              f"{cf.advmss}/PMTU {cf.pmtu}, backend side MSS {bf.advmss}/"
+                              f"PMTU {bf.pmtu}")
+        try:
+            c_out, b_out = self._oif(c_peer[0]), self._oif(b_peer[0])
+        except OSError as exc:
+            raise ts.ArmError("no_route", f"route lookup: {exc}") from None
+        attached = self.dp.ifindexes
+        for name, idx in (("client", c_out), ("backend", b_out)):
+            if idx not in attached:
+                raise ts.ArmError("interface_not_attached", f"the {name} is reached through "
+                                  f"{_ifname(idx)}, where the tc programs are not attached "
+                                  "(add it to ebpf.tcp_splice.interfaces)")
+        return c_out, b_out
 
     def _oif(self, address: str) -> int:
         now = time.monotonic()
