@@ -688,8 +688,12 @@ def run_in_netns(argv: list[str], script: str = __file__) -> int:
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
         inner = [a for a in argv if a != "--netns"]
-        return subprocess.run(["ip", "netns", "exec", name, sys.executable, script, *inner],
-                              timeout=None).returncode
+        # `ip netns exec` mounts a fresh /sys, hiding the host's cgroup2 mount that the
+        # proxy's cgroup BPF program (tcp_splice's socket reader) attaches through: mount it
+        # again in that private mount namespace, as the host has it.
+        return subprocess.run(["ip", "netns", "exec", name, "sh", "-c",
+                               'mount -t cgroup2 none /sys/fs/cgroup; exec "$@"', "sh",
+                               sys.executable, script, *inner], timeout=None).returncode
     finally:
         subprocess.run(["ip", "netns", "delete", name], timeout=30)
 

@@ -44,6 +44,7 @@ from sniproxy.relay.base import RelayResult
 log = logging.getLogger("sniproxy")
 
 _TCP_ESTABLISHED = 1
+_TCP_CLOSE = 7
 _UNACKED = "bytes the proxy sent to the client are not acknowledged yet"
 # Route lookups are cached this long per destination address (one netlink round trip each).
 ROUTE_CACHE_S = 5.0
@@ -309,6 +310,11 @@ class WorkerSplice:
             except OSError as exc:
                 raise ts.ArmError("socket_error", f"reading the socket state: {exc}") from None
             if cs is not None and bs is not None and not (cs.options | bs.options) & SS_USEC_TS:
+                if _TCP_CLOSE in (cs.state, bs.state):
+                    # As getpeername's ENOTCONN on the path below: reset (or aborted).
+                    raise ts.ArmError("socket_error", "reading the socket state: the "
+                                      f"{'client' if cs.state == _TCP_CLOSE else 'backend'} "
+                                      "connection was reset")
                 cf, bf = ts.facts_of(cs), ts.facts_of(bs)
                 c_local, c_peer, b_local, b_peer = cs.local, cs.peer, bs.local, bs.peer
                 c_out, b_out = self._check_pair(cf, bf, c_local, c_peer, b_local, b_peer)
