@@ -59,6 +59,7 @@ def _time_calls(owner, name: str) -> None:
 async def breakdown(n: int) -> None:
     from sniproxy.config import parse_config
     from sniproxy.ebpf import tcpsplice as ets
+    from sniproxy.ebpf.sockstate import SocketStateReader
     from sniproxy.proxy import clienthello
     from sniproxy.proxy import server
     from sniproxy.proxy.app import ProxyApp
@@ -67,9 +68,12 @@ async def breakdown(n: int) -> None:
     from sniproxy.telemetry import metrics as metrics_mod
 
     for owner, names in ((server.Worker, ("_on_acceptable", "_connect", "_connected", "_step")),
-                         (rts.WorkerSplice, ("try_relay", "_on_events")),
+                         (rts.WorkerSplice, ("try_relay", "_on_events", "_read_sides",
+                                             "_check_pair", "_oif")),
                          (rts, ("_read_queued",)),
-                         (ets, ("repair_snapshot", "tcp_facts", "flow_entries", "close_silently")),
+                         (SocketStateReader, ("read",)),
+                         (ets, ("repair_snapshot", "tcp_facts", "flow_entries", "close_silently",
+                                "facts_of", "snapshot_of", "pack_key")),
                          (ets.TcpSpliceDataPath, ("insert", "claim_slot", "update")),
                          (clienthello, ("parse_client_hello",))):
         for name in names:
