@@ -162,3 +162,32 @@ def test_dnspython_is_preloaded_only_for_configs_that_resolve_names():
     assert config_needs_dns(parse_config({"routes": [{"match": "*.a.com", "backend": "$sni:443"}]}))
     assert config_needs_dns(parse_config({"routes": [{"match": "a.com", "backend": "b.lan:443"}]}))
     assert not config_needs_dns(parse_config({"routes": [{"match": "a.com", "backend": "[::1]:443"}]}))
+
+
+def test_tcp_splice_flows_sized_from_max_connections_or_checked():
+    cfg = config(workers="auto", max_connections=100_000, ebpf={"enabled": True})
+    plan = plan_capacity(cfg, HOST)
+    assert plan.tcp_splice_flows == 125_000 and plan.tcp_splice_auto and plan.ok
+    resolved = resolve(cfg, plan)
+    assert resolved.ebpf.tcp_splice.max_flows == 125_000
+    assert "max_flows" not in resolved.ebpf.tcp_splice.model_fields_set
+    again = resolve(resolved, plan_capacity(resolved, HOST))
+    assert again.ebpf.tcp_splice.max_flows == 125_000
+    # Below the default: the default.
+    assert plan_capacity(config(max_connections=1000, ebpf={"enabled": True}),
+                         HOST).tcp_splice_flows == capacity.TCP_SPLICE_DEFAULT_FLOWS
+    # Set by the user: kept, and a problem when it cannot hold max_connections.
+    small = plan_capacity(config(max_connections=50_000, workers=8,
+                                 ebpf={"enabled": True, "tcp_splice": {"max_flows": 20_000}}),
+                          HOST)
+    assert small.tcp_splice_flows == 20_000 and not small.tcp_splice_auto
+    (problem,) = small.problems
+    assert "max_flows=20000" in problem and "set it to 62500" in problem
+    report = capacity_report(config(max_connections=50_000, workers=8,
+                                    ebpf={"enabled": True, "tcp_splice": {"max_flows": 20_000}}),
+                             HOST)
+    (item,) = [i for i in report.items if i.name == "tcp_splice flow slots"]
+    assert not item.ok and "62500" in item.fix
+    # Not asked for: no slots planned.
+    off = plan_capacity(config(ebpf={"enabled": True, "tcp_splice": {"enabled": False}}), HOST)
+    assert off.tcp_splice_flows is None

@@ -31,6 +31,10 @@ MAX_AUTO_WORKERS = 256
 # The sockmap maps hold one entry per socket: two per connection (relay.sockmap.try_relay).
 SOCKMAP_ENTRIES_PER_CONNECTION = 2
 SOCKMAP_DEFAULT_ENTRIES = 65536
+# tcp_splice holds one flow slot per spliced connection, plus the finished ones still lingering
+# (ebpf.tcp_splice.linger_s, like TIME_WAIT): room for a quarter more than max_connections.
+TCP_SPLICE_DEFAULT_FLOWS = 16384
+TCP_SPLICE_FLOWS_HEADROOM = 4          # max_connections / 4 more slots for lingering flows
 # Memory estimates for the report, measured with bench/held_connections.py at 10,000-100,000
 # held connections on kernel 6.18 (docs/benchmarks.md, "Held connections and memory"): kernel
 # memory of the proxy's side of a connection (two sockets, files, epoll entries; the psock and
@@ -121,6 +125,8 @@ class CapacityPlan:
     fd_limit: int                           # per process (the soft limit after raising it)
     sockmap_entries: int | None             # None: the sockmap is not asked for
     sockmap_auto: bool = False
+    tcp_splice_flows: int | None = None     # None: tcp_splice is not asked for
+    tcp_splice_auto: bool = False
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -144,7 +150,9 @@ class CapacityPlan:
                 f"{self.per_worker_connections} connections, {self.fds_per_connection} fds each "
                 f"({self.relay}) = {self.fds_per_worker} fds per worker (limit {self.fd_limit})"
                 + (f"; sockmap maps {self.sockmap_entries} entries"
-                   + (" (auto)" if self.sockmap_auto else "") if self.sockmap_entries else ""))
+                   + (" (auto)" if self.sockmap_auto else "") if self.sockmap_entries else "")
+                + (f"; tcp_splice {self.tcp_splice_flows} flows"
+                   + (" (auto)" if self.tcp_splice_auto else "") if self.tcp_splice_flows else ""))
 
 
 def relay_fds(config, *, kernel_relay: bool | None = None) -> tuple[int, str]:
@@ -178,8 +186,16 @@ def plan_capacity(config, host: HostLimits, *, kernel_relay: bool | None = None)
         else:
             sockmap_entries = max(SOCKMAP_DEFAULT_ENTRIES, want)
             sockmap_auto = True
+    tcp_splice_flows = None
+    tcp_splice_auto = False
+    if config.ebpf_requested()["tcp_splice"]:
+        if "max_flows" in config.ebpf.tcp_splice.model_fields_set:
+            tcp_splice_flows = config.ebpf.tcp_splice.max_flows
+        else:
+            tcp_splice_flows = max(TCP_SPLICE_DEFAULT_FLOWS, tcp_splice_flows_wanted(config))
+            tcp_splice_auto = True
     plan = CapacityPlan(config.max_connections, workers, auto, fds, relay, fd_limit,
-                        sockmap_entries, sockmap_auto)
+                        sockmap_entries, sockmap_auto, tcp_splice_flows, tcp_splice_auto)
     if plan.fds_per_worker > fd_limit:
         reach = plan.connections_per_worker_possible * workers
         need_workers = -(-config.max_connections // per_worker_cap) if per_worker_cap else None
@@ -200,7 +216,17 @@ def plan_capacity(config, host: HostLimits, *, kernel_relay: bool | None = None)
             f"(2 sockets each), fewer than max_connections={config.max_connections}: the rest use "
             f"the user-space relay (counted as map_full); fix: set ebpf.sockmap.max_entries to "
             f"{SOCKMAP_ENTRIES_PER_CONNECTION * config.max_connections} or remove it (auto)")
+    if tcp_splice_flows is not None and tcp_splice_flows < config.max_connections:
+        plan.problems.append(
+            f"ebpf.tcp_splice.max_flows={tcp_splice_flows} splices fewer connections than "
+            f"max_connections={config.max_connections}: the rest take the next relay kind "
+            f"(counted as map_full); fix: set it to {tcp_splice_flows_wanted(config)} or remove "
+            "it (sized automatically)")
     return plan
+
+
+def tcp_splice_flows_wanted(config) -> int:
+    return config.max_connections + config.max_connections // TCP_SPLICE_FLOWS_HEADROOM
 
 
 def resolve(config, plan: CapacityPlan):
@@ -214,6 +240,11 @@ def resolve(config, plan: CapacityPlan):
         # second plan) still sees "not set by the user" and sizes it the same way.
         sockmap.model_fields_set.discard("max_entries")
         update["ebpf"] = config.ebpf.model_copy(update={"sockmap": sockmap})
+    if plan.tcp_splice_auto and config.ebpf.tcp_splice.max_flows != plan.tcp_splice_flows:
+        ts = config.ebpf.tcp_splice.model_copy(update={"max_flows": plan.tcp_splice_flows})
+        ts.model_fields_set.discard("max_flows")        # still "not set by the user" (as above)
+        ebpf = update.get("ebpf", config.ebpf)
+        update["ebpf"] = ebpf.model_copy(update={"tcp_splice": ts})
     return config.model_copy(update=update) if update else config
 
 
@@ -250,6 +281,7 @@ class CapacityReport:
             "connections_per_worker": p.per_worker_connections,
             "fds_per_worker": p.fds_per_worker, "fd_limit": p.fd_limit,
             "sockmap_entries": p.sockmap_entries,
+            "tcp_splice_flows": p.tcp_splice_flows,
             "items": [{"name": i.name, "ok": i.ok, "detail": i.detail, "fix": i.fix,
                        "sysctl": i.sysctl, "warn_only": i.warn_only} for i in self.items],
             "sysctl": self.sysctl_lines(),
@@ -282,6 +314,14 @@ def capacity_report(config, host: HostLimits, *, kernel_relay: bool | None = Non
             f"{plan.sockmap_entries} entries{' (auto)' if plan.sockmap_auto else ''} for "
             f"{n} connections x 2 sockets = {need}",
             f"set ebpf.sockmap.max_entries to {need} or remove it (sized automatically)"))
+    if plan.tcp_splice_flows is not None:
+        items.append(Item(
+            "tcp_splice flow slots", plan.tcp_splice_flows >= n,
+            f"{plan.tcp_splice_flows} flows{' (auto)' if plan.tcp_splice_auto else ''} for "
+            f"{n} connections (and the finished ones lingering "
+            f"{config.ebpf.tcp_splice.linger_s:g} s)",
+            f"set ebpf.tcp_splice.max_flows to {tcp_splice_flows_wanted(config)} or remove it "
+            "(sized automatically)"))
     backlog = config.listen_backlog
     items.append(Item("net.core.somaxconn", host.somaxconn >= backlog,
                       f"{host.somaxconn} (listen_backlog {backlog}: the kernel caps it here)",
