@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from sniproxy.ebpf import libbpf as _lb
+from sniproxy.ebpf.layout import StructLayout
 from sniproxy.ebpf.ringbuf import MmapRingReader
 from sniproxy.ebpf.sockmap import tcp_inq  # SIOCINQ, one copy for both kernel relays
 from sniproxy.ebpf.objects import (
@@ -47,13 +48,28 @@ TC_PRIORITY = 0x5e1
 # that was killed (tc filters outlive their process) and is replaced.
 TC_HANDLE = 0x5e1
 
-_KEY = struct.Struct("=B3x16s16sHH")                     # sni_proxy_ts_key (40)
-_DIR = struct.Struct("=16s16sHHIIIIIIBBBBI")             # sni_proxy_ts_dir (68)
-_FLOW = struct.Struct("=QQQQQQIIII2B2B2BBBB3xIIIII")     # sni_proxy_ts_flow (96)
-_EVENT = struct.Struct("=IIII")
+# The structs of bpf/sni_proxy_tcp_splice.h, checked against the object's BTF at open
+# (ebpf/layout.py): a field changed on one side only fails the load, naming it.
+KEY_LAYOUT = StructLayout("sni_proxy_ts_key", (
+    ("family", "B"), ("pad", "3x"), ("saddr", "16s"), ("daddr", "16s"), ("sport", "H"),
+    ("dport", "H")))
+DIR_LAYOUT = StructLayout("sni_proxy_ts_dir", (
+    ("saddr", "16s"), ("daddr", "16s"), ("sport", "H"), ("dport", "H"), ("seq_delta", "I"),
+    ("ack_delta", "I"), ("handover_end", "I"), ("flow", "I"), ("ifindex", "I"),
+    ("ts_base", "I"), ("dir", "B"), ("flags", "B"), ("win_shift_in", "B"),
+    ("win_shift_out", "B"), ("gen", "I")))
+FLOW_LAYOUT = StructLayout("sni_proxy_ts_flow", (
+    ("bytes", "2Q"), ("packets", "2Q"), ("last_ns", "Q"), ("frozen", "Q"), ("ts_off", "2I"),
+    ("fin_seq", "2I"), ("ts_learned", "2B"), ("fin", "2B"), ("fin_acked", "2B"), ("rst", "B"),
+    ("engaged", "B"), ("reported", "B"), ("pad", "3x"), ("ring", "I"), ("gen", "I"),
+    ("pad2", "I"), ("nxt", "2I")))
+LAYOUTS = (KEY_LAYOUT, DIR_LAYOUT, FLOW_LAYOUT)
+_KEY, _DIR, _FLOW = KEY_LAYOUT.struct, DIR_LAYOUT.struct, FLOW_LAYOUT.struct
+# Not in the object's BTF (only used through sizeof / the enum's values in the C file): these
+# two stay unchecked until the C side anchors them (see docs/architecture.md, layouts).
+_EVENT = struct.Struct("=IIII")                          # struct sni_proxy_ts_event
 _STAT_NAMES = ("c2b_packets", "c2b_bytes", "b2c_packets", "b2c_bytes", "frozen", "to_proxy",
-               "no_flow", "events", "events_lost", "redirect_fail")
-assert _KEY.size == 40 and _DIR.size == 68 and _FLOW.size == 96
+               "no_flow", "events", "events_lost", "redirect_fail")   # enum sni_proxy_ts_stat
 
 # setsockopt numbers (linux/tcp.h)
 TCP_REPAIR = 19
@@ -470,7 +486,7 @@ class TcpSpliceDataPath:
                 note = str(exc)
         obj = BpfObject(OBJECT, map_sizes={"sni_proxy_tsfw": 2 * max_flows,
                                            "sni_proxy_tsfl": max_flows,
-                                           "sni_proxy_tsrg": rings})
+                                           "sni_proxy_tsrg": rings}, layouts=LAYOUTS)
         try:
             if old is not None:
                 obj.reuse_map("sni_proxy_tsfw", old[PIN_FLOWS])

@@ -88,6 +88,9 @@ class BaseTracer:
 
     NAME = "tracer"
     OBJECT = ""
+    #: ebpf.layout StructLayout / EnumLayout this tracer reads, checked against OBJECT's BTF
+    #: when it is opened (a C change not mirrored in Python fails start() naming it).
+    LAYOUTS: tuple = ()
     #: hook kind -> programs to load for it; the first kind that loads wins.
     PROGRAMS: dict[str, tuple[str, ...]] = {}
 
@@ -172,7 +175,8 @@ class BaseTracer:
                 p for progs in self.PROGRAMS.values() for p in progs}
             obj = objects.BpfObject(self.OBJECT, rodata=self._rodata(),
                                     map_sizes=self._map_sizes(),
-                                    autoload={p: p in wanted for p in every})
+                                    autoload={p: p in wanted for p in every},
+                                    layouts=self.LAYOUTS)
             try:
                 obj.load()
                 links = self._attach(obj, wanted)
