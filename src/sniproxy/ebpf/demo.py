@@ -131,12 +131,21 @@ def _demo_xdp(obj_path: Path, out: Callable[[str], None]) -> None:
         receiver.close()
 
 
-def cli_demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
         prog="sni-proxy demo",
         description="Load every BPF object of sni-proxy for real, attach it to traffic this "
-                    "command generates, show what it counted and detach.")
-    parser.parse_args(argv)
+                    "command generates, show what it counted and detach.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  sudo sni-proxy demo          every object: loaded, attached, counted, detached
+  sni-proxy check              the same host facts without loading the proxy's programs
+
+Needs CAP_BPF and CAP_NET_ADMIN (or root); the XDP object attaches to `lo` for a moment.""")
+
+
+def cli_demo(argv: list[str]) -> int:
+    build_parser().parse_args(argv)
     out = print
 
     out("===== sni-proxy eBPF demo =====")

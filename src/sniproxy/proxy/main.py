@@ -14,7 +14,17 @@ log = logging.getLogger("sniproxy")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sni-proxy", description="TLS SNI proxy (reads the SNI, never terminates TLS)")
+    p = argparse.ArgumentParser(
+        prog="sni-proxy [run]", description="TLS SNI proxy (reads the SNI, never terminates TLS)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  sni-proxy --config /etc/sni-proxy/config.json          run (run is the default command)
+  sni-proxy run -c config.json --log-level debug         the same, with debug logs
+  sni-proxy --config config.json --check-config          validate only: exit 0 valid, 2 not
+  kill -HUP <pid>     reload the config (workers drain, new ones start)
+  kill -TERM <pid>    drain and stop
+
+Config reference: docs/configuration.md; what the host must allow: `sni-proxy check`.""")
     p.add_argument("--config", "-c", required=True, help="path to config.json")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit (0 = valid)")
     p.add_argument("--log-level", help="debug, info, warning, error (overrides SNI_PROXY_LOG and log.level)")
