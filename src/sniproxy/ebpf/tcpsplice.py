@@ -776,7 +776,7 @@ def open_pinned(pin_dir: str, max_flows: int) -> dict[str, Map] | None:
                            f"{shapes[name][0]}/{shapes[name][1]} (ebpf.tcp_splice.max_flows "
                            "changed, or another sni-proxy version)")
                     break
-    except (BpfError, OSError) as exc:
+    except OSError as exc:              # BpfError is an OSError
         why = f"opening the pinned maps in {pin_dir} failed: {exc}"
     if not why:
         return maps

@@ -246,15 +246,19 @@ class Overhead:
 
 # -- checks -------------------------------------------------------------------------------
 def check_profiler_support() -> None:
-    """Raise the ProfilerError subclass for the first missing requirement."""
-    from sniproxy.ebpf.support import kernel_release
-    release, version = kernel_release()
-    if version < MIN_KERNEL:
+    """Raise the ProfilerError subclass for the first missing requirement.
+
+    Reads the process's one support report (`ebpf.support.check_system_support()`, measured
+    once and cached), the same facts `sni-proxy check` prints and start-up decides on.
+    """
+    from sniproxy.ebpf.support import check_system_support
+    report = check_system_support()
+    if report.kernel_version < MIN_KERNEL:
         raise KernelTooOld(
-            f"kernel {release} is too old for the eBPF profiler: needs Linux >= "
+            f"kernel {report.kernel} is too old for the eBPF profiler: needs Linux >= "
             f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]} (CAP_BPF, BPF statistics); 5.15+ recommended. "
             "Check with `uname -r` and upgrade the kernel")
-    if not os.path.exists(BTF_PATH):
+    if not report.btf:
         raise BtfMissing(
             f"{BTF_PATH} is missing: the kernel was built without BTF (CONFIG_DEBUG_INFO_BTF=y), "
             "which the CO-RE profiler program needs; use a kernel with BTF (most distribution "

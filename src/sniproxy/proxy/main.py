@@ -136,7 +136,7 @@ def probe_support_in_child():
     import os
     import pickle
 
-    from sniproxy.ebpf.support import check_system_support
+    from sniproxy.ebpf.support import adopt_report, check_system_support
 
     r, w = os.pipe()
     try:
@@ -161,7 +161,7 @@ def probe_support_in_child():
     _, status = os.waitpid(pid, 0)
     if status == 0 and data:
         try:
-            return pickle.loads(data)
+            return adopt_report(pickle.loads(data))
         except Exception:  # noqa: BLE001 - any bad answer: probe here instead
             pass
     return check_system_support()

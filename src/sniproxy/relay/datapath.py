@@ -298,7 +298,7 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
             pin_dir = None
     try:
         dp = ts.TcpSpliceDataPath.load(cfg.max_flows, rings=rows, pin_dir=pin_dir)
-    except (BpfError, OSError) as exc:
+    except OSError as exc:          # BpfError is an OSError
         failures["tcp_splice"] = f"loading the tc programs failed: {exc}"
         return None
     owners = _live_owners(dp) if dp.inherited else []
@@ -326,7 +326,7 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
                         dp.stale_replaced,
                         "its flows go on (pinned maps)" if dp.inherited else
                         "connections it still spliced are reset at their next packet")
-    except (BpfError, OSError) as exc:
+    except OSError as exc:          # BpfError is an OSError
         dp.close()
         failures["tcp_splice"] = (f"attaching the tc programs to {', '.join(names)} failed: "
                                   f"{exc}; fix: check ebpf.tcp_splice.interfaces and that "
