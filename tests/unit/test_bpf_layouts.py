@@ -84,24 +84,16 @@ def test_padding_the_compiler_adds_is_described_where_c_puts_it():
     assert dict(EVENT_LAYOUT.offsets())["ts_ns"] == 56 and EVENT_LAYOUT.size == 128
     wrong = StructLayout("tcp_event", tuple(
         (n, "Q" if n == "ts_ns" else c) for n, c in EVENT_LAYOUT.members))
-    obj = _open("sni_proxy_trace_tcp")
-    try:
-        with pytest.raises(LayoutMismatch, match="struct tcp_event: BTF has size 128"):
-            check_layouts(obj._ptr, obj.name, (wrong,))
-    finally:
-        obj.close()
+    with pytest.raises(LayoutMismatch, match="struct tcp_event: BTF has size 128"):
+        BpfObject("sni_proxy_trace_tcp", layouts=(wrong,)).open()
 
 
 def test_python_labels_are_paired_with_c_names_and_checked():
     from sniproxy.observe.tracing.syscalls import STATS_LAYOUT
     swapped = EnumLayout(STATS_LAYOUT.c_name, STATS_LAYOUT.prefix, STATS_LAYOUT.names,
                          end=STATS_LAYOUT.end, c_names=tuple(reversed(STATS_LAYOUT.c_names)))
-    obj = _open("sni_proxy_trace_syscalls")
-    try:
-        with pytest.raises(LayoutMismatch, match="enum sc_stat"):
-            check_layouts(obj._ptr, obj.name, (swapped,))
-    finally:
-        obj.close()
+    with pytest.raises(LayoutMismatch, match="enum sc_stat"):
+        BpfObject("sni_proxy_trace_syscalls", layouts=(swapped,)).open()
 
 
 def test_a_tracer_refuses_to_open_an_object_its_python_misreads():

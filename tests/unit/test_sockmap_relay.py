@@ -320,6 +320,23 @@ def test_idle_timeout_fires_when_nothing_moved(pair):
 
 
 # ---- EOF races ------------------------------------------------------------------------------
+def _client_sends_then_closes(pair, kept: bytes) -> None:
+    """The client's last bytes are kept by the program (paused, or a stale pause flag), then
+    its FIN arrives; the relay hears of the EOF."""
+    pair.far_ends[CLIENT].sendall(kept)
+    pair.far_ends[CLIENT].shutdown(socket.SHUT_WR)
+    pair.passed[CLIENT] = len(kept)
+    pair.received[CLIENT] += len(kept) + 1           # the kept bytes and the FIN
+
+
+async def _landed_after_the_move(relay, pair, kept: bytes) -> None:
+    """User space moved the kept bytes; once TCP counts them written, the FIN may follow."""
+    await _until(lambda: relay.copied[CLIENT] == len(kept))
+    assert not relay.done[CLIENT]                      # moved, not yet in the send queue
+    pair.written[BACKEND] += len(kept)
+    await _until(lambda: relay.done[CLIENT])
+
+
 def _read_until_eof(sock: socket.socket) -> bytes:
     sock.settimeout(2)
     got = b""
@@ -343,17 +360,11 @@ def test_eof_while_paused_moves_the_kept_bytes_then_forwards_the_fin(pair):
         pair.written[BACKEND] -= 1500                  # still in the redirect queue
         relay.on_credit(CLIENT)
         assert worker.counters.seen["pauses"] == 1
-        pair.far_ends[CLIENT].sendall(kept)
-        pair.far_ends[CLIENT].shutdown(socket.SHUT_WR)
-        pair.passed[CLIENT] = len(kept)                # kept by the paused program
-        pair.received[CLIENT] += len(kept) + 1         # ... and its FIN
+        _client_sends_then_closes(pair, kept)
         relay.on_socket_event(CLIENT, select.EPOLLRDHUP)
         assert not relay.done[CLIENT]                  # the mover owns the end now
         pair.written[BACKEND] += 1500                  # the backend drains the queue
-        await _until(lambda: relay.copied[CLIENT] == len(kept))
-        assert not relay.done[CLIENT]                  # moved, not yet in the send queue
-        pair.written[BACKEND] += len(kept)             # TCP counts them written
-        await _until(lambda: relay.done[CLIENT])
+        await _landed_after_the_move(relay, pair, kept)
         relay.abort("shutdown", "test over")
         return await task
     result = _run(main())
@@ -371,15 +382,10 @@ def test_bytes_kept_by_a_pause_that_raced_the_eof_are_moved_before_the_fin(pair)
         relay = SockmapRelay(worker, pair, idle_timeout_s=60)
         task = asyncio.ensure_future(relay.run())
         pair.redirect(CLIENT, 800)
-        pair.far_ends[CLIENT].sendall(kept)
-        pair.far_ends[CLIENT].shutdown(socket.SHUT_WR)
-        pair.passed[CLIENT] = len(kept)
+        _client_sends_then_closes(pair, kept)
         pair.passing[CLIENT] = True
-        pair.received[CLIENT] += len(kept) + 1
         relay.on_socket_event(CLIENT, select.EPOLLRDHUP)
-        await _until(lambda: relay.copied[CLIENT] == len(kept))
-        pair.written[BACKEND] += len(kept)
-        await _until(lambda: relay.done[CLIENT])
+        await _landed_after_the_move(relay, pair, kept)
         relay.abort("shutdown", "test over")
         return await task
     result = _run(main())

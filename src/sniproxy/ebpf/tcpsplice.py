@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from sniproxy.ebpf import libbpf as _lb
 from sniproxy.ebpf.layout import StructLayout
-from sniproxy.ebpf.ringbuf import MmapRingReader
+from sniproxy.ebpf.ringbuf import MmapRingReader, install_ring
 from sniproxy.ebpf.sockmap import tcp_inq  # SIOCINQ, one copy for both kernel relays
 from sniproxy.ebpf.objects import (
-    BPF_ANY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_RINGBUF, BPF_NOEXIST, BpfError, BpfObject, Map,
+    BPF_ANY, BPF_MAP_TYPE_HASH, BPF_NOEXIST, BpfError, BpfObject, Map,
 )
 
 OBJECT = "sni_proxy_tcp_splice"
@@ -617,17 +617,7 @@ class TcpSpliceDataPath:
 
     # --- rings ----------------------------------------------------------------------------
     def new_ring(self, index: int) -> Map:
-        ring = Map.create(BPF_MAP_TYPE_RINGBUF, 0, 0, RING_BYTES, "sni_proxy_tsrb")
-        try:
-            self.rings.update(index, ring.fd.to_bytes(4, "little"))
-        except Exception:
-            ring.close()
-            raise
-        old = self._rings.pop(index, None)
-        if old is not None:
-            old.close()
-        self._rings[index] = ring
-        return ring
+        return install_ring(self.rings, self._rings, index, RING_BYTES, "sni_proxy_tsrb")
 
     # --- flows ----------------------------------------------------------------------------
     def claim_slot(self, start: int, row: int = 0) -> int | None:

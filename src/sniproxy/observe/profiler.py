@@ -433,15 +433,9 @@ class EbpfCpuProfiler:
         if self._poller is not None and self._poller is not threading.current_thread():
             self._poller.join(timeout=5)
         self._poller = None
-        for link in self._links:
-            link.close()
-        self._links.clear()
-        if self._stats_handle is not None:
-            self._stats_handle.close()
-            self._stats_handle = None
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None
+        from sniproxy.ebpf.objects import release_attached
+        release_attached(self._links, self._stats_handle, self._obj)
+        self._stats_handle = self._obj = None
 
     def __enter__(self) -> EbpfCpuProfiler:
         self.start()

@@ -212,15 +212,9 @@ class BaseTracer:
             self._release()
 
     def _release(self) -> None:
-        for link in self._links:
-            link.close()
-        self._links.clear()
-        if self._stats_handle is not None:
-            self._stats_handle.close()
-            self._stats_handle = None
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None
+        from sniproxy.ebpf.objects import release_attached
+        release_attached(self._links, self._stats_handle, self._obj)
+        self._stats_handle = self._obj = None
 
     def __enter__(self):
         self.start()
