@@ -94,7 +94,7 @@ class Check:
         do not allow it) or "failed" (anything else): callers branch on this, not on errno."""
         if self.ok:
             return "ok"
-        if self.errno in (errno.EPERM, errno.EACCES):
+        if self.errno in (errno.EPERM, errno.EACCES) or self.category == "privilege":
             return "not_permitted"
         if self.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOENT, errno.EINVAL,
                           lb.ENOTSUPP):
