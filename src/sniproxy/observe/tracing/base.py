@@ -51,7 +51,9 @@ def translate(exc: BaseException, what: str) -> TracerError:
     if err in (errno.EPERM, errno.EACCES):
         return TracerPermissionDenied(f"{what}: permission denied: {PERMISSION_FIX}. "
                                       f"Detail: {exc}")
-    if err in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENOSYS, 524, errno.EINVAL):
+    # BpfError.not_supported also knows the kernel-internal ENOTSUPP (524) bpf() leaks.
+    if getattr(exc, "not_supported", False) or err in (errno.ENOENT, errno.EOPNOTSUPP,
+                                                       errno.ENOSYS, errno.EINVAL):
         return TracerUnsupported(f"{what}: the kernel refused it ({os.strerror(err)}): "
                                  f"the hook may not exist on this kernel; run `sni-proxy check`. "
                                  f"Detail: {exc}")
