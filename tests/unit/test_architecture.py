@@ -220,3 +220,14 @@ def test_errno_is_compared_by_name_never_by_number():
                        and not isinstance(v.value, bool) and v.value != 0 for v in values):
                     bare.append(f"{module}:{node.lineno}")
     assert not bare, f"errno compared with a bare number: {bare}"
+
+
+def test_bpffs_is_mounted_only_by_the_start_up_code():
+    """Mounting /sys/fs/bpf is a host change: one explicit call site (relay/datapath.py, the
+    kernel data path's start-up, which logs it), never a side effect of opening a map."""
+    callers = set()
+    for path, module in _modules():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "ensure_mounted":
+                callers.add(module)
+    assert callers == {"sniproxy.relay.datapath"}, callers
