@@ -53,6 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from sniproxy.ebpf.layout import EnumLayout, StructLayout  # noqa: E402
 from sniproxy.ebpf.objects import BPF_SK_MSG_VERDICT, BpfObject  # noqa: E402
 from sniproxy.ebpf.sockmap import (  # noqa: E402
     SockmapDataPath, SockPair, socket_cookie, tcp_bytes_received, tcp_written,
@@ -82,8 +83,15 @@ SETUP_TIMEOUT_S = 20.0
 # sk_msg bench object (sni_proxy_skmsg_bench.bpf.c)
 SKMSG_OBJECT = "sni_proxy_skmsg_bench"
 SKMSG_PROGRAM = "sni_proxy_msg"
-MSTAT_NAMES = ("msgs", "bytes", "no_peer", "redirect_fail")
-_FLOW = struct.Struct("=4s4sII")     # struct sni_proxy_flow: ips as on the wire, ports host order
+# Checked against the object's BTF at open (src/sniproxy/ebpf/layout.py).
+MSTAT_LAYOUT = EnumLayout("sni_proxy_mstat_slot", "MSTAT_",
+                          ("msgs", "bytes", "no_peer", "redirect_fail"), end="MSTAT_MAX")
+MSTAT_NAMES = MSTAT_LAYOUT.names
+# struct sni_proxy_flow: ips as on the wire, ports host order
+FLOW_LAYOUT = StructLayout("sni_proxy_flow", (
+    ("local_ip4", "4s"), ("remote_ip4", "4s"), ("local_port", "I"), ("remote_port", "I")))
+LAYOUTS = (MSTAT_LAYOUT, FLOW_LAYOUT)
+_FLOW = FLOW_LAYOUT.struct
 
 
 def doubled_pattern() -> bytes:
@@ -261,7 +269,7 @@ class SkMsgRelay:
     """The sk_msg bench object loaded, its program attached to sni_proxy_msks."""
 
     def __init__(self) -> None:
-        self.obj = BpfObject(SKMSG_OBJECT).load()
+        self.obj = BpfObject(SKMSG_OBJECT, layouts=LAYOUTS).load()
         self.socks_map = self.obj.map("sni_proxy_msks")
         self.peer_map = self.obj.map("sni_proxy_mpeer")
         self.stat_map = self.obj.map("sni_proxy_mstat")

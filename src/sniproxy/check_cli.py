@@ -26,16 +26,26 @@ def _unit_lines(path: str) -> list[str]:
         return [f"# cannot derive the unit lines: {e}"]
 
 
-def cli_check(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sni-proxy check",
         description="Measure what eBPF this kernel and these privileges allow. Exit 0 when "
                     "everything the config asks for (default: the proxy's kernel data path) "
-                    "is available, 1 otherwise.")
+                    "is available, 1 otherwise.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  sni-proxy check                          can this host run the kernel data path?
+  sni-proxy check --config config.json     what this config's `ebpf` section needs, and the
+                                           capabilities / systemd lines to grant it
+  sni-proxy check --json | jq .features    the report for scripts (exit 1 when lacking)""")
     parser.add_argument("--config", metavar="FILE",
                         help="evaluate what this config.json's `ebpf` section asks for")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cli_check(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
 
     ebpf_section = None
     if args.config:

@@ -196,13 +196,27 @@ def test_check_human_output_without_capabilities(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # sni-proxy demo / examples/ebpf_demo.py
 # --------------------------------------------------------------------------------------------
+@pytest.fixture
+def own_netns():
+    """The demo attaches XDP to `lo`: that must be the `lo` of a namespace of this test, never
+    the root namespace's (other processes on this machine use it)."""
+    ns = f"sniproxy-demo-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, timeout=30)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True,
+                       capture_output=True, timeout=30)
+        yield ["ip", "netns", "exec", ns]
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
 @pytest.mark.parametrize("how", ["cli", "example"])
-def test_demo_loads_attaches_and_counts(how: str) -> None:
+def test_demo_loads_attaches_and_counts(how: str, own_netns) -> None:
     if how == "cli":
         cmd = sni_proxy_cmd() + ["demo"]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "examples" / "ebpf_demo.py")]
-    proc = run(cmd)
+    proc = run(own_netns + cmd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert out.startswith("===== sni-proxy eBPF demo =====\n✓ eBPF manager initialised")

@@ -34,3 +34,7 @@ def test_check_status_names_the_kind_of_refusal():
     assert Check("map:x", "x", "map", False, errno=errno.EPERM).status == "not_permitted"
     assert Check("map:x", "x", "map", False, errno=errno.EINVAL).status == "not_supported"
     assert Check("map:x", "x", "map", False, errno=errno.EBUSY).status == "failed"
+
+
+def test_a_missing_capability_is_not_permitted():
+    assert Check("cap:CAP_BPF", "CAP_BPF", "privilege", False).status == "not_permitted"

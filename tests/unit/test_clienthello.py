@@ -563,3 +563,58 @@ def test_rejected_refuses_an_unknown_reason():
 def client_hello_bytes_for_lowat() -> bytes:
     from tests.unit.hello_builder import build_hello, records
     return records(build_hello("lowat.test"))
+
+
+@pytest.mark.parametrize("name", ["real", "pq_2k_fragmented"])
+def test_a_hello_fed_one_byte_at_a_time_is_parsed_a_few_times_per_record(name: str) -> None:
+    """Linear, as h11's receive buffer: the reader re-parses only at the length NeedMore named
+    (record type, version, length, the handshake header, the record's end), never per byte.
+    Before, every feed re-walked the whole buffer: len(data) parses, len(data)**2 / 2 bytes."""
+    data = real_hello() if name == "real" else big_hello()
+    full = parse_client_hello(data)
+    reader = ClientHelloReader()
+    walked = 0
+    for i in range(len(data)):
+        before = reader.parses
+        outcome = reader.feed(data[i : i + 1])
+        if reader.parses != before:
+            walked += i + 1
+        if i < len(data) - 1:
+            assert outcome == NeedMore(i + 1), i
+    assert outcome == full
+    per_record = 5            # type, version, length, handshake header, end of the record
+    assert reader.parses <= per_record * full.records + 1, reader.parses
+    assert walked <= (per_record * full.records + 1) * len(data)
+    assert reader.parses < len(data) // 20
+
+
+def test_a_bad_handshake_header_is_rejected_before_its_record_completes() -> None:
+    """Waiting for decides_at never delays a rejection the bytes already prove."""
+    data = records(build_hello(sni="early.test"))
+    too_large = bytearray(data[:9])
+    too_large[6:9] = (MAX_CLIENT_HELLO + 1).to_bytes(3, "big")
+    reader = ClientHelloReader()
+    outcomes = [reader.feed(too_large[i : i + 1]) for i in range(len(too_large))]
+    assert isinstance(outcomes[-1], Rejected) and outcomes[-1].reason == "too_large"
+    assert all(isinstance(o, NeedMore) for o in outcomes[:-1])
+    not_hello = bytearray(data[:6])
+    not_hello[5] = 2                  # server_hello
+    reader = ClientHelloReader()
+    outcomes = [reader.feed(not_hello[i : i + 1]) for i in range(len(not_hello))]
+    assert outcomes[-1] == parse_client_hello(bytes(not_hello))
+    assert isinstance(outcomes[-1], Rejected) and outcomes[-1].reason == "not_client_hello"
+
+
+@FAST
+@given(st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=40))
+def test_any_cut_gives_the_outcome_of_parsing_the_prefix(cuts: list[int]) -> None:
+    """decides_at is safe: skipping parses before it never changes what the reader answers."""
+    data = big_hello()
+    reader = ClientHelloReader()
+    pos = 0
+    for size in cuts:
+        if pos >= len(data):
+            break
+        chunk = data[pos : pos + size]
+        pos += len(chunk)
+        assert reader.feed(chunk) == parse_client_hello(data[:pos])

@@ -46,3 +46,18 @@ def test_not_requested_is_disabled_but_not_missing():
     m = decide_modes({**ALL, "sockmap": False}, Support(["sockmap"]))
     assert m.state("sockmap") == "disabled" and "is false in the config" in m.features["sockmap"].reason
     assert m.mode == "full" and m.unavailable() == []
+
+
+def test_one_list_of_data_path_features_and_every_table_keyed_by_it():
+    """FEATURES (feature -> probes), FEATURE_CAPABILITIES, the config's switches and the
+    modes all name the same data-path features: one meaning, one list (modes.DATA_PATH_FEATURES)."""
+    from sniproxy.config import parse_config
+    from sniproxy.ebpf.modes import DATA_PATH_FEATURES
+    from sniproxy.ebpf.support import FEATURE_CAPABILITIES, FEATURES, requested_checks
+    config = parse_config({"listen_addr": "127.0.0.1:8443", "default_backend": "127.0.0.1:9443",
+                           "ebpf": {"enabled": True}})
+    assert tuple(config.ebpf_requested()) == DATA_PATH_FEATURES
+    assert set(FEATURE_CAPABILITIES) == set(DATA_PATH_FEATURES) <= set(FEATURES)
+    keys, features = requested_checks({"enabled": True})
+    assert features == list(DATA_PATH_FEATURES)
+    assert {f"cap:{c}" for f in features for c in FEATURE_CAPABILITIES[f]} <= set(keys)

@@ -317,3 +317,115 @@ def test_idle_timeout_fires_when_nothing_moved(pair):
         return await asyncio.wait_for(relay.run(), 2)
     result = _run(main())
     assert result.outcome == "idle_timeout"
+
+
+# ---- EOF races ------------------------------------------------------------------------------
+def _client_sends_then_closes(pair, kept: bytes) -> None:
+    """The client's last bytes are kept by the program (paused, or a stale pause flag), then
+    its FIN arrives; the relay hears of the EOF."""
+    pair.far_ends[CLIENT].sendall(kept)
+    pair.far_ends[CLIENT].shutdown(socket.SHUT_WR)
+    pair.passed[CLIENT] = len(kept)
+    pair.received[CLIENT] += len(kept) + 1           # the kept bytes and the FIN
+
+
+async def _landed_after_the_move(relay, pair, kept: bytes) -> None:
+    """User space moved the kept bytes; once TCP counts them written, the FIN may follow."""
+    await _until(lambda: relay.copied[CLIENT] == len(kept))
+    assert not relay.done[CLIENT]                      # moved, not yet in the send queue
+    pair.written[BACKEND] += len(kept)
+    await _until(lambda: relay.done[CLIENT])
+
+
+def _read_until_eof(sock: socket.socket) -> bytes:
+    sock.settimeout(2)
+    got = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return got
+        got += chunk
+
+
+def test_eof_while_paused_moves_the_kept_bytes_then_forwards_the_fin(pair):
+    """The client sends more and closes while its direction is paused: the bytes the program
+    kept reach the backend, and only then its FIN (never the FIN first, never bytes lost)."""
+    kept = b"tail" * 700
+
+    async def main():
+        worker = FakeWorker(asyncio.get_running_loop(), limit=1000)
+        relay = SockmapRelay(worker, pair, idle_timeout_s=60)
+        task = asyncio.ensure_future(relay.run())
+        pair.redirect(CLIENT, 1500)
+        pair.written[BACKEND] -= 1500                  # still in the redirect queue
+        relay.on_credit(CLIENT)
+        assert worker.counters.seen["pauses"] == 1
+        _client_sends_then_closes(pair, kept)
+        relay.on_socket_event(CLIENT, select.EPOLLRDHUP)
+        assert not relay.done[CLIENT]                  # the mover owns the end now
+        pair.written[BACKEND] += 1500                  # the backend drains the queue
+        await _landed_after_the_move(relay, pair, kept)
+        relay.abort("shutdown", "test over")
+        return await task
+    result = _run(main())
+    assert _read_until_eof(pair.far_ends[BACKEND]) == kept
+    assert result.bytes_up == 1500 + len(kept)
+
+
+def test_bytes_kept_by_a_pause_that_raced_the_eof_are_moved_before_the_fin(pair):
+    """No pause was asked, yet the program kept bytes (a verdict read a stale pause flag)
+    when the EOF came: the end of the direction moves them first."""
+    kept = b"raced" * 300
+
+    async def main():
+        worker = FakeWorker(asyncio.get_running_loop())
+        relay = SockmapRelay(worker, pair, idle_timeout_s=60)
+        task = asyncio.ensure_future(relay.run())
+        pair.redirect(CLIENT, 800)
+        _client_sends_then_closes(pair, kept)
+        pair.passing[CLIENT] = True
+        relay.on_socket_event(CLIENT, select.EPOLLRDHUP)
+        await _landed_after_the_move(relay, pair, kept)
+        relay.abort("shutdown", "test over")
+        return await task
+    result = _run(main())
+    assert _read_until_eof(pair.far_ends[BACKEND]) == kept
+    assert result.bytes_up == 800 + len(kept)
+
+
+def test_a_credit_notification_after_the_eof_changes_nothing(pair):
+    async def main():
+        worker = FakeWorker(asyncio.get_running_loop(), limit=1000)
+        relay = SockmapRelay(worker, pair, idle_timeout_s=60)
+        task = asyncio.ensure_future(relay.run())
+        pair.redirect(CLIENT, 5000)
+        pair.received[CLIENT] += 1
+        pair.fin[CLIENT] = True
+        relay.on_socket_event(CLIENT, select.EPOLLRDHUP)
+        assert relay.done[CLIENT]
+        creds = list(pair.creds)
+        relay.on_credit(CLIENT)                        # a late ring notification
+        assert pair.creds == creds and "pauses" not in worker.counters.seen
+        relay.abort("shutdown", "test over")
+        await task
+    _run(main())
+
+
+def test_both_ends_close_at_once_and_the_relay_ends_once_the_late_bytes_land(pair):
+    async def main():
+        worker = FakeWorker(asyncio.get_running_loop())
+        relay = SockmapRelay(worker, pair, idle_timeout_s=60)
+        task = asyncio.ensure_future(relay.run())
+        pair.redirected_[CLIENT] = 3000                # not yet in the backend's send queue
+        pair.received[CLIENT] = 3001
+        pair.fin[CLIENT] = True
+        pair.redirect(BACKEND, 900)
+        pair.fin[BACKEND] = True
+        relay.on_socket_event(CLIENT, select.EPOLLRDHUP)
+        relay.on_socket_event(BACKEND, select.EPOLLRDHUP)
+        assert relay.done == [False, True] and not task.done()
+        pair.written[BACKEND] = 3000                   # the kworker catches up
+        return await asyncio.wait_for(task, 2)
+    result = _run(main())
+    assert (result.outcome, result.bytes_up, result.bytes_down) == ("ok", 3000, 900)
+    assert _eof_at_far_end(pair.far_ends[BACKEND]) and _eof_at_far_end(pair.far_ends[CLIENT])

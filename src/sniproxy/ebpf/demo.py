@@ -23,13 +23,20 @@ from .objects import (
     available_objects,
     perf_event_open_cpu_clock,
 )
+from .layout import EnumLayout
 from .support import check_system_support
 
 SO_COOKIE = 57  # socket.SO_COOKIE is missing from Python 3.11's socket module
-# Probe object counter slots (enum sni_proxy_probe_slot in sni_proxy_probe.bpf.c)
-SLOT_SKB_VERDICT, SLOT_RAW_TP, SLOT_TP_BTF, SLOT_PERF_EVENT = 0, 1, 2, 3
-# XDP object counter slots (enum sni_proxy_xdp_slot in sni_proxy_xdp.bpf.c)
-XDP_SLOT_PACKETS, XDP_SLOT_UDP_PORT = 0, 2
+# Counter slots of the probe and XDP objects, checked against their BTF at open (layout.py).
+PROBE_SLOTS = EnumLayout("sni_proxy_probe_slot", "SLOT_", (
+    "skb_verdict", "raw_tp", "tp_btf", "perf_event", "uprobe", "tracepoint"), end="SLOT_MAX")
+XDP_SLOTS = EnumLayout("sni_proxy_xdp_slot", "SLOT_", (
+    "packets", "bytes", "udp_port_packets"), end="SLOT_MAX")
+LAYOUTS = {"sni_proxy_probe": (PROBE_SLOTS,), "sni_proxy_xdp": (XDP_SLOTS,)}
+SLOT_SKB_VERDICT, SLOT_RAW_TP, SLOT_TP_BTF, SLOT_PERF_EVENT = (
+    PROBE_SLOTS.value(n) for n in ("skb_verdict", "raw_tp", "tp_btf", "perf_event"))
+XDP_SLOT_PACKETS, XDP_SLOT_UDP_PORT = (
+    XDP_SLOTS.value(n) for n in ("packets", "udp_port_packets"))
 DEMO_DATAGRAMS = 5
 PERF_DEMO_HZ = 999
 PERF_DEMO_SECONDS = 0.2
@@ -105,7 +112,8 @@ def _demo_xdp(obj_path: Path, out: Callable[[str], None]) -> None:
     receiver.bind(("127.0.0.1", 0))
     port = receiver.getsockname()[1]
     try:
-        with BpfObject(obj_path, rodata={"sni_proxy_port": port}) as obj:
+        with BpfObject(obj_path, rodata={"sni_proxy_port": port},
+                       layouts=LAYOUTS["sni_proxy_xdp"]) as obj:
             _show_object(obj, out)
             ifindex = socket.if_nametoindex("lo")
             with obj.program("sni_proxy_xdp").attach_xdp(ifindex, XDP_FLAGS_SKB_MODE):
@@ -123,12 +131,21 @@ def _demo_xdp(obj_path: Path, out: Callable[[str], None]) -> None:
         receiver.close()
 
 
-def cli_demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
         prog="sni-proxy demo",
         description="Load every BPF object of sni-proxy for real, attach it to traffic this "
-                    "command generates, show what it counted and detach.")
-    parser.parse_args(argv)
+                    "command generates, show what it counted and detach.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  sudo sni-proxy demo          every object: loaded, attached, counted, detached
+  sni-proxy check              the same host facts without loading the proxy's programs
+
+Needs CAP_BPF and CAP_NET_ADMIN (or root); the XDP object attaches to `lo` for a moment.""")
+
+
+def cli_demo(argv: list[str]) -> int:
+    build_parser().parse_args(argv)
     out = print
 
     out("===== sni-proxy eBPF demo =====")
@@ -156,7 +173,8 @@ def cli_demo(argv: list[str]) -> int:
                 _demo_xdp(path, out)
                 continue
             rodata = {"sni_proxy_tgid": os.getpid()} if path.name == "sni_proxy_probe.bpf.o" else None
-            with BpfObject(path, rodata=rodata) as obj:
+            with BpfObject(path, rodata=rodata,
+                           layouts=LAYOUTS.get(path.name.removesuffix(".bpf.o"), ())) as obj:
                 _show_object(obj, out)
                 if path.name == "sni_proxy_probe.bpf.o":
                     _demo_probe(obj, out)

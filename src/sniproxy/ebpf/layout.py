@@ -13,6 +13,7 @@ An enum only reaches BTF when something uses it as a type: each program declares
 from __future__ import annotations
 
 import errno
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,7 +34,11 @@ class LayoutMismatch(BpfError):
 
 @dataclass(frozen=True)
 class StructLayout:
-    """A C struct read or written by Python: (member, struct-module code) in order."""
+    """A C struct read or written by Python: (member, struct-module code) in order.
+
+    A code may start with pad bytes ("4xQ"): the C compiler's implicit padding before the
+    member, so the member's offset is checked where C puts it (after the pad).
+    """
     c_name: str
     members: tuple[tuple[str, str], ...]
     struct: struct.Struct = field(init=False, repr=False, compare=False)
@@ -48,7 +53,8 @@ class StructLayout:
     def offsets(self) -> list[tuple[str, int]]:
         out, offset = [], 0
         for name, code in self.members:
-            out.append((name, offset))
+            pad = _LEADING_PAD.match(code)
+            out.append((name, offset + (int(pad.group(1) or 1) if pad else 0)))
             offset += struct.calcsize("=" + code)
         return out
 
@@ -67,18 +73,33 @@ class StructLayout:
 class EnumLayout:
     """A C enum whose values index something Python reads (e.g. per-CPU counter slots).
 
-    `names` are the enumerators without `prefix`, lower-cased, in value order 0, 1, ...;
-    `end` is the enumerator that counts them (e.g. STAT_MAX), if the C side has one.
+    `names` are the enumerators without `prefix`, lower-cased, in value order first, first+1,
+    ...; `end` is the enumerator that counts them (e.g. STAT_MAX), if the C side has one.
+    `c_names` (same length as `names`) spells the enumerators where Python's labels differ
+    from C's (a metric label kept stable when the C name was shortened): the pairing is then
+    explicit and still checked.
     """
     c_name: str
     prefix: str
     names: tuple[str, ...]
     end: str | None = None
+    first: int = 0
+    c_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.c_names is not None and len(self.c_names) != len(self.names):
+            raise ValueError(f"enum {self.c_name}: {len(self.c_names)} C names for "
+                             f"{len(self.names)} Python names")
+
+    def value(self, name: str) -> int:
+        """The C value of the enumerator Python calls `name`."""
+        return self.first + self.names.index(name)
 
     def expected(self) -> list[tuple[str, int]]:
-        out = [(self.prefix + n.upper(), i) for i, n in enumerate(self.names)]
+        spelled = self.c_names if self.c_names is not None else self.names
+        out = [(self.prefix + n.upper(), self.first + i) for i, n in enumerate(spelled)]
         if self.end:
-            out.append((self.end, len(self.names)))
+            out.append((self.end, self.first + len(self.names)))
         return out
 
     def mismatch(self, btf: list[tuple[str, int]] | None) -> str | None:
@@ -89,6 +110,11 @@ class EnumLayout:
             return (f"enum {self.c_name}: BTF has {_fmt_members(btf)}, Python expects "
                     f"{_fmt_members(self.expected())}")
         return None
+
+
+# Pad bytes before a member's own code ("4xQ"); a member that is only padding ("3x", a C
+# `__u8 pad[3]`) starts where it stands.
+_LEADING_PAD = re.compile(r"(\d*)x(?=.)")
 
 
 def _fmt_members(items: Iterable[tuple[str, int]]) -> str:

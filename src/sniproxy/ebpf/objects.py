@@ -55,7 +55,7 @@ from .libbpf import (  # re-exported: users import everything eBPF from here
 __all__ = [
     "BPF_DIR", "BpfError", "BpfObject", "Map", "TypedMap", "Program", "Link", "StatsHandle",
     "RingBuffer",
-    "enable_bpf_stats", "object_path", "available_objects", "online_cpus", "possible_cpus",
+    "enable_bpf_stats", "release_attached", "object_path", "available_objects", "online_cpus", "possible_cpus",
     "perf_event_open_cpu_clock", "raise_memlock_rlimit",
     "BPF_ANY", "BPF_NOEXIST", "BPF_EXIST", "BPF_F_NO_PREALLOC",
     "BPF_MAP_TYPE_HASH", "BPF_MAP_TYPE_ARRAY", "BPF_MAP_TYPE_PERCPU_HASH",
@@ -166,6 +166,18 @@ class Link:
 
     def __repr__(self) -> str:
         return f"<Link {self.description}{' closed' if self.closed else ''}>"
+
+
+def release_attached(links: list, *owned) -> None:
+    """Close what a loaded-and-attached program set holds, links first (they pin programs),
+    then each of `owned` that is not None (the BPF stats handle, the object); `links` is
+    emptied. The caller forgets its references."""
+    for link in links:
+        link.close()
+    links.clear()
+    for item in owned:
+        if item is not None:
+            item.close()
 
 
 class StatsHandle:

@@ -11,10 +11,26 @@ import struct
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from sniproxy.ebpf.objects import Map
+from sniproxy.ebpf.objects import BPF_MAP_TYPE_RINGBUF, Map
 
 T = TypeVar("T")
 _U64 = struct.Struct("=Q")
+
+
+def install_ring(outer: Map, rings: dict[int, Map], index: int, size: int, name: str) -> Map:
+    """A fresh ring buffer in slot `index` of an array-of-maps `outer` (the worker about to use
+    that slot gets it); the ring it replaces, kept in `rings`, is closed."""
+    ring = Map.create(BPF_MAP_TYPE_RINGBUF, 0, 0, size, name)
+    try:
+        outer.update(index, ring.fd.to_bytes(4, "little"))
+    except Exception:
+        ring.close()
+        raise
+    old = rings.pop(index, None)
+    if old is not None:
+        old.close()
+    rings[index] = ring
+    return ring
 
 
 class MmapRingReader(Generic[T]):

@@ -36,9 +36,9 @@ import termios
 from dataclasses import dataclass
 
 from sniproxy.ebpf.layout import EnumLayout, StructLayout
-from sniproxy.ebpf.ringbuf import MmapRingReader
+from sniproxy.ebpf.ringbuf import MmapRingReader, install_ring
 from sniproxy.ebpf.objects import (
-    BPF_ANY, BPF_MAP_TYPE_RINGBUF, BPF_NOEXIST, BPF_SK_SKB_STREAM_VERDICT, BpfError, BpfObject,
+    BPF_ANY, BPF_NOEXIST, BPF_SK_SKB_STREAM_VERDICT, BpfError, BpfObject,
     Link, Map,
 )
 
@@ -191,17 +191,7 @@ class SockmapDataPath:
 
     def new_ring(self, index: int) -> Map:
         """A fresh ring for the worker about to use slot `index` (replaces the old one)."""
-        ring = Map.create(BPF_MAP_TYPE_RINGBUF, 0, 0, RING_BYTES, "sni_proxy_ring")
-        try:
-            self.maps.rings.update(index, ring.fd.to_bytes(4, "little"))
-        except Exception:
-            ring.close()
-            raise
-        old = self._rings.pop(index, None)
-        if old is not None:
-            old.close()
-        self._rings[index] = ring
-        return ring
+        return install_ring(self.maps.rings, self._rings, index, RING_BYTES, "sni_proxy_ring")
 
     def purge_ring(self, ring_index: int) -> int:
         """Remove every entry owned by the worker of ring slot `ring_index` (it died without

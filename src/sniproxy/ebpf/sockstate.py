@@ -37,6 +37,7 @@ LAYOUT = StructLayout("sni_proxy_sockstate", (
     ("copied_seq", "I"), ("rcv_nxt", "I"), ("write_seq", "I"), ("snd_una", "I"),
     ("tsoffset", "I"), ("snd_mss", "I"), ("advmss", "I"), ("pmtu", "I"),
 ))
+LAYOUTS = (LAYOUT,)
 _UNPACK = LAYOUT.struct.unpack
 _SIZE = LAYOUT.size
 
@@ -95,7 +96,7 @@ class SocketStateReader:
             raise OSError(errno.EPERM, "CAP_PERFMON is missing (the program reads the "
                           "kernel's struct tcp_sock); grant it like CAP_BPF")
         cgroup = cgroup or own_cgroup2_dir()
-        obj = BpfObject(OBJECT, layouts=(LAYOUT,))
+        obj = BpfObject(OBJECT, layouts=LAYOUTS)
         try:
             obj.load()
             fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)

@@ -21,6 +21,7 @@ from typing import Any
 
 from . import bpffs
 from . import libbpf as lb
+from .modes import DATA_PATH_FEATURES
 
 # Capability bits (linux/capability.h)
 CAP_NET_ADMIN = 12
@@ -94,7 +95,7 @@ class Check:
         do not allow it) or "failed" (anything else): callers branch on this, not on errno."""
         if self.ok:
             return "ok"
-        if self.errno in (errno.EPERM, errno.EACCES):
+        if self.errno in (errno.EPERM, errno.EACCES) or self.category == "privilege":
             return "not_permitted"
         if self.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOENT, errno.EINVAL,
                           lb.ENOTSUPP):
@@ -319,12 +320,16 @@ def _probe_prog(prog_type: int, attach_type: int) -> str:
     return "loaded"
 
 
+_TCP_REPAIR = 19                # linux/tcp.h (Python's socket module does not name it)
+_TCP_REPAIR_OFF_NO_WP = -1      # leave repair mode without sending a window probe
+
+
 def _probe_tcp_repair() -> str:
     """TCP_REPAIR on a fresh (CLOSE) socket: allowed exactly when CAP_NET_ADMIN is there."""
     import socket as _socket
     with _socket.socket() as s:
-        s.setsockopt(_socket.IPPROTO_TCP, 19, 1)            # TCP_REPAIR on
-        s.setsockopt(_socket.IPPROTO_TCP, 19, -1)           # off, no window probe
+        s.setsockopt(_socket.IPPROTO_TCP, _TCP_REPAIR, 1)
+        s.setsockopt(_socket.IPPROTO_TCP, _TCP_REPAIR, _TCP_REPAIR_OFF_NO_WP)
     return "allowed"
 
 
@@ -396,7 +401,7 @@ def _probe_kprobe() -> str:
     pmu = _pmu_type("kprobe")
     if pmu is None:
         raise lb.BpfError(
-            "kprobe PMU", 2,
+            "kprobe PMU", errno.ENOENT,
             hint="no /sys/bus/event_source/devices/kprobe: kernel built without CONFIG_KPROBES")
     last: lb.BpfError | None = None
     for symbol in ("do_sys_openat2", "vfs_read", "schedule"):
@@ -537,7 +542,7 @@ def _probe_checks() -> list[Check]:
     c = _probe(Check("sock:tcp_repair", "TCP_REPAIR socket option", "attach", False,
                      disables="the kernel TCP splice in tc -> sockmap / user-space relay"),
                _probe_tcp_repair)
-    if not c.ok and c.errno == 1:
+    if not c.ok and c.errno == errno.EPERM:
         c.detail = "not permitted (needs CAP_NET_ADMIN)"
     checks.append(c)
     checks.append(_probe(Check("perf:cpu_clock", "cpu-clock perf events (system-wide)", "attach",
@@ -562,6 +567,14 @@ def check_system_support(refresh: bool = False) -> SupportReport:
         return _cached_report
     _cached_report = _measure_support()
     return _cached_report
+
+
+def adopt_report(report: SupportReport) -> SupportReport:
+    """Make a report measured elsewhere (the start-up's short-lived child) this process's one:
+    later callers (the profiler, /status) read it instead of probing again."""
+    global _cached_report
+    _cached_report = report
+    return report
 
 
 def _measure_support() -> SupportReport:
@@ -601,14 +614,14 @@ class EbpfLoader:
 def requested_checks(ebpf_config: dict[str, Any] | None) -> tuple[list[str], list[str]]:
     """(check keys the config needs, feature names asked for). None: the full data path."""
     if ebpf_config is None:
-        return list(DATA_PATH_CHECKS), ["sockmap", "dns_cache", "stats", "tcp_splice"]
+        return list(DATA_PATH_CHECKS), list(DATA_PATH_FEATURES)
     if not ebpf_config.get("enabled", False):
         return [], []
-    features = [name for name in ("sockmap", "dns_cache", "stats", "tcp_splice")
+    features = [name for name in DATA_PATH_FEATURES
                 if (ebpf_config.get(name) or {}).get("enabled", True)]
     keys: list[str] = ["cap:CAP_BPF"]
-    if "sockmap" in features or "tcp_splice" in features:
-        keys.append("cap:CAP_NET_ADMIN")
+    for name in features:
+        keys.extend(f"cap:{cap}" for cap in FEATURE_CAPABILITIES[name])
     for name in features:
         keys.extend(FEATURES[name])
     return list(dict.fromkeys(keys)), features

@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass, field
 
 from sniproxy.ebpf import libbpf as _lb
-from sniproxy.ebpf.ringbuf import MmapRingReader
+from sniproxy.ebpf.layout import EnumLayout, StructLayout
+from sniproxy.ebpf.ringbuf import MmapRingReader, install_ring
 from sniproxy.ebpf.sockstate import SS_SACK, SS_TIMESTAMPS, SS_WSCALE, SocketState
 from sniproxy.ebpf.sockmap import tcp_inq  # SIOCINQ, one copy for both kernel relays
 from sniproxy.ebpf.objects import (
-    BPF_ANY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_RINGBUF, BPF_NOEXIST, BpfError, BpfObject, Map,
+    BPF_ANY, BPF_MAP_TYPE_HASH, BPF_NOEXIST, BpfError, BpfObject, Map,
 )
 
 OBJECT = "sni_proxy_tcp_splice"
@@ -48,13 +49,32 @@ TC_PRIORITY = 0x5e1
 # that was killed (tc filters outlive their process) and is replaced.
 TC_HANDLE = 0x5e1
 
-_KEY = struct.Struct("=B3x16s16sHH")                     # sni_proxy_ts_key (40)
-_DIR = struct.Struct("=16s16sHHIIIIIIBBBBI")             # sni_proxy_ts_dir (68)
-_FLOW = struct.Struct("=QQQQQQIIII2B2B2BBBB3xIIIII")     # sni_proxy_ts_flow (96)
-_EVENT = struct.Struct("=IIII")
-_STAT_NAMES = ("c2b_packets", "c2b_bytes", "b2c_packets", "b2c_bytes", "frozen", "to_proxy",
-               "no_flow", "events", "events_lost", "redirect_fail")
-assert _KEY.size == 40 and _DIR.size == 68 and _FLOW.size == 96
+# The structs of bpf/sni_proxy_tcp_splice.h, checked against the object's BTF at open
+# (ebpf/layout.py): a field changed on one side only fails the load, naming it.
+KEY_LAYOUT = StructLayout("sni_proxy_ts_key", (
+    ("family", "B"), ("pad", "3x"), ("saddr", "16s"), ("daddr", "16s"), ("sport", "H"),
+    ("dport", "H")))
+DIR_LAYOUT = StructLayout("sni_proxy_ts_dir", (
+    ("saddr", "16s"), ("daddr", "16s"), ("sport", "H"), ("dport", "H"), ("seq_delta", "I"),
+    ("ack_delta", "I"), ("handover_end", "I"), ("flow", "I"), ("ifindex", "I"),
+    ("ts_base", "I"), ("dir", "B"), ("flags", "B"), ("win_shift_in", "B"),
+    ("win_shift_out", "B"), ("gen", "I")))
+FLOW_LAYOUT = StructLayout("sni_proxy_ts_flow", (
+    ("bytes", "2Q"), ("packets", "2Q"), ("last_ns", "Q"), ("frozen", "Q"), ("ts_off", "2I"),
+    ("fin_seq", "2I"), ("ts_learned", "2B"), ("fin", "2B"), ("fin_acked", "2B"), ("rst", "B"),
+    ("engaged", "B"), ("reported", "B"), ("pad", "3x"), ("ring", "I"), ("gen", "I"),
+    ("pad2", "I"), ("nxt", "2I")))
+EVENT_LAYOUT = StructLayout("sni_proxy_ts_event", (
+    ("flow", "I"), ("gen", "I"), ("why", "I"), ("pad", "I")))
+STAT_LAYOUT = EnumLayout("sni_proxy_ts_stat", "TS_STAT_", (
+    "c2b_packets", "c2b_bytes", "b2c_packets", "b2c_bytes", "frozen", "to_proxy", "no_flow",
+    "events", "events_lost", "redirect_fail"), end="TS_STAT_MAX", c_names=(
+    "C2B_PKTS", "C2B_BYTES", "B2C_PKTS", "B2C_BYTES", "FROZEN", "TO_PROXY", "NO_FLOW", "EVENTS",
+    "EVENTS_LOST", "REDIRECT_FAIL"))
+LAYOUTS = (KEY_LAYOUT, DIR_LAYOUT, FLOW_LAYOUT, EVENT_LAYOUT, STAT_LAYOUT)
+_KEY, _DIR, _FLOW = KEY_LAYOUT.struct, DIR_LAYOUT.struct, FLOW_LAYOUT.struct
+_EVENT = EVENT_LAYOUT.struct
+_STAT_NAMES = STAT_LAYOUT.names
 
 # setsockopt numbers (linux/tcp.h)
 TCP_REPAIR = 19
@@ -492,7 +512,7 @@ class TcpSpliceDataPath:
                 note = str(exc)
         obj = BpfObject(OBJECT, map_sizes={"sni_proxy_tsfw": 2 * max_flows,
                                            "sni_proxy_tsfl": max_flows,
-                                           "sni_proxy_tsrg": rings})
+                                           "sni_proxy_tsrg": rings}, layouts=LAYOUTS)
         try:
             if old is not None:
                 obj.reuse_map("sni_proxy_tsfw", old[PIN_FLOWS])
@@ -623,17 +643,7 @@ class TcpSpliceDataPath:
 
     # --- rings ----------------------------------------------------------------------------
     def new_ring(self, index: int) -> Map:
-        ring = Map.create(BPF_MAP_TYPE_RINGBUF, 0, 0, RING_BYTES, "sni_proxy_tsrb")
-        try:
-            self.rings.update(index, ring.fd.to_bytes(4, "little"))
-        except Exception:
-            ring.close()
-            raise
-        old = self._rings.pop(index, None)
-        if old is not None:
-            old.close()
-        self._rings[index] = ring
-        return ring
+        return install_ring(self.rings, self._rings, index, RING_BYTES, "sni_proxy_tsrb")
 
     # --- flows ----------------------------------------------------------------------------
     def claim_slot(self, start: int, row: int = 0) -> int | None:
@@ -785,7 +795,7 @@ def open_pinned(pin_dir: str, max_flows: int) -> dict[str, Map] | None:
                            f"{shapes[name][0]}/{shapes[name][1]} (ebpf.tcp_splice.max_flows "
                            "changed, or another sni-proxy version)")
                     break
-    except (BpfError, OSError) as exc:
+    except OSError as exc:              # BpfError is an OSError
         why = f"opening the pinned maps in {pin_dir} failed: {exc}"
     if not why:
         return maps

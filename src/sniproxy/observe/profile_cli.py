@@ -212,27 +212,11 @@ def write_metrics_file(path: str, overhead: Overhead, samples: int) -> None:
 
 
 def cli_profile(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.duration_pos is not None:
-        if args.duration is not None and args.duration != args.duration_pos:
-            parser.error("give the duration once: either positional or -d")
-        args.duration = args.duration_pos
+    """Read as uvicorn's server: parse and validate, start, sample until told, report."""
+    args, config = _parse_args(argv)
     err: TextIO = sys.stderr
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=err)
-    if args.pids and args.cgroup:
-        parser.error("-p and --cgroup exclude each other: choose processes or a cgroup")
-    if args.output and output_kind(args.output) is None:
-        parser.error(f"-o {args.output}: unknown output kind; use a name ending in "
-                     f"{', '.join(OUTPUT_KINDS)}, or '-' for folded stacks on stdout")
-    try:
-        config = config_from_args(args)
-        config.validate()
-    except ConfigValidationError as exc:
-        print(f"sni-proxy profile: invalid configuration:\n{exc}", file=err)
+    if config is None:
         return 2
-
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     profiler = EbpfCpuProfiler(config, include_idle=args.include_idle)
@@ -242,44 +226,8 @@ def cli_profile(argv: list[str]) -> int:
         print(f"sni-proxy profile: cannot start: {exc}", file=err)
         _restore(previous)
         return 1
-    pids = sorted({p for group in args.pids for p in group}) if args.pids else []
-    end_reason = "Ctrl-C"
     try:
-        deadline = time.monotonic() + args.duration if args.duration else None
-        if not args.quiet:
-            until = f"for {args.duration:g} s" if args.duration else "until Ctrl-C"
-            print(f"Sampling {profiler.config.target.describe()} at {config.sample_rate_hz} Hz "
-                  f"{until}...", file=err)
-        tty = err.isatty()
-        last_line = 0.0
-        while not stop.is_set():
-            timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-            if stop.wait(timeout):
-                break
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                end_reason = "duration reached"
-                break
-            if pids and not any(_alive(p) for p in pids):
-                end_reason = "every profiled process exited"
-                break
-            if args.metrics_file:
-                try:
-                    write_metrics_file(args.metrics_file, profiler.get_overhead(),
-                                       profiler.stats().samples)
-                except OSError as exc:
-                    print(f"sni-proxy profile: cannot write {args.metrics_file}: {exc.strerror}",
-                          file=err)
-            # Progress: a live line on a terminal, a line every 10 s in a log.
-            if not args.quiet and (tty or now - last_line >= 10):
-                last_line = now
-                s = profiler.stats()
-                o = profiler.get_overhead()
-                line = (f"{profiler.elapsed_s():6.1f} s  samples {s.samples}  dropped {s.dropped}"
-                        f"  lost {s.lost}  cpu {o.sampling_cpu_percent:.2f} %")
-                print(("\r" + line) if tty else line, end="" if tty else "\n", file=err, flush=True)
-        if tty and not args.quiet:
-            print(file=err)
+        end_reason = _sample_until_done(profiler, args, stop, err)
         profile = profiler.stop()
     finally:
         if profiler.running:
@@ -291,9 +239,82 @@ def cli_profile(argv: list[str]) -> int:
                 os.unlink(args.metrics_file)
             except OSError:
                 pass
-    assert profile is not None
-    overhead = profiler.get_overhead()
     print(f"Stopped ({end_reason}).", file=err)
+    return _report(profile, profiler.get_overhead(), args, err)
+
+
+def _parse_args(argv: list[str]):
+    """(args, the validated ProfilerConfig), or (args, None) after printing why it is invalid.
+    Usage errors exit with status 2 through argparse."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.duration_pos is not None:
+        if args.duration is not None and args.duration != args.duration_pos:
+            parser.error("give the duration once: either positional or -d")
+        args.duration = args.duration_pos
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s",
+                            stream=sys.stderr)
+    if args.pids and args.cgroup:
+        parser.error("-p and --cgroup exclude each other: choose processes or a cgroup")
+    if args.output and output_kind(args.output) is None:
+        parser.error(f"-o {args.output}: unknown output kind; use a name ending in "
+                     f"{', '.join(OUTPUT_KINDS)}, or '-' for folded stacks on stdout")
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except ConfigValidationError as exc:
+        print(f"sni-proxy profile: invalid configuration:\n{exc}", file=sys.stderr)
+        return args, None
+    return args, config
+
+
+def _sample_until_done(profiler: EbpfCpuProfiler, args, stop: threading.Event,
+                       err: TextIO) -> str:
+    """Wake once a second: duration, exited targets, the metrics file, a progress line.
+    Returns why sampling ended."""
+    pids = sorted({p for group in args.pids for p in group}) if args.pids else []
+    deadline = time.monotonic() + args.duration if args.duration else None
+    if not args.quiet:
+        until = f"for {args.duration:g} s" if args.duration else "until Ctrl-C"
+        print(f"Sampling {profiler.config.target.describe()} at "
+              f"{profiler.config.sample_rate_hz} Hz {until}...", file=err)
+    tty = err.isatty()
+    last_line = 0.0
+    end_reason = "Ctrl-C"
+    while not stop.is_set():
+        timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+        if stop.wait(timeout):
+            break
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            end_reason = "duration reached"
+            break
+        if pids and not any(_alive(p) for p in pids):
+            end_reason = "every profiled process exited"
+            break
+        if args.metrics_file:
+            try:
+                write_metrics_file(args.metrics_file, profiler.get_overhead(),
+                                   profiler.stats().samples)
+            except OSError as exc:
+                print(f"sni-proxy profile: cannot write {args.metrics_file}: {exc.strerror}",
+                      file=err)
+        # Progress: a live line on a terminal, a line every 10 s in a log.
+        if not args.quiet and (tty or now - last_line >= 10):
+            last_line = now
+            s = profiler.stats()
+            o = profiler.get_overhead()
+            line = (f"{profiler.elapsed_s():6.1f} s  samples {s.samples}  dropped {s.dropped}"
+                    f"  lost {s.lost}  cpu {o.sampling_cpu_percent:.2f} %")
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=err, flush=True)
+    if tty and not args.quiet:
+        print(file=err)
+    return end_reason
+
+
+def _report(profile, overhead, args, err: TextIO) -> int:
+    """The summary, the -o file, the OTLP export and the top table; the exit status."""
     print(format_summary(profile, overhead), file=err)
     if args.output:
         try:

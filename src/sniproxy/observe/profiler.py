@@ -246,15 +246,19 @@ class Overhead:
 
 # -- checks -------------------------------------------------------------------------------
 def check_profiler_support() -> None:
-    """Raise the ProfilerError subclass for the first missing requirement."""
-    from sniproxy.ebpf.support import kernel_release
-    release, version = kernel_release()
-    if version < MIN_KERNEL:
+    """Raise the ProfilerError subclass for the first missing requirement.
+
+    Reads the process's one support report (`ebpf.support.check_system_support()`, measured
+    once and cached), the same facts `sni-proxy check` prints and start-up decides on.
+    """
+    from sniproxy.ebpf.support import check_system_support
+    report = check_system_support()
+    if report.kernel_version < MIN_KERNEL:
         raise KernelTooOld(
-            f"kernel {release} is too old for the eBPF profiler: needs Linux >= "
+            f"kernel {report.kernel} is too old for the eBPF profiler: needs Linux >= "
             f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]} (CAP_BPF, BPF statistics); 5.15+ recommended. "
             "Check with `uname -r` and upgrade the kernel")
-    if not os.path.exists(BTF_PATH):
+    if not report.btf:
         raise BtfMissing(
             f"{BTF_PATH} is missing: the kernel was built without BTF (CONFIG_DEBUG_INFO_BTF=y), "
             "which the CO-RE profiler program needs; use a kernel with BTF (most distribution "
@@ -429,15 +433,9 @@ class EbpfCpuProfiler:
         if self._poller is not None and self._poller is not threading.current_thread():
             self._poller.join(timeout=5)
         self._poller = None
-        for link in self._links:
-            link.close()
-        self._links.clear()
-        if self._stats_handle is not None:
-            self._stats_handle.close()
-            self._stats_handle = None
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None
+        from sniproxy.ebpf.objects import release_attached
+        release_attached(self._links, self._stats_handle, self._obj)
+        self._stats_handle = self._obj = None
 
     def __enter__(self) -> EbpfCpuProfiler:
         self.start()

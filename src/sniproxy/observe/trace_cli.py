@@ -128,13 +128,71 @@ def _common(p: argparse.ArgumentParser, default_interval: float | None = None) -
                    help="one JSON object per line (fields: docs/tracing.md)")
 
 
+# `sni-proxy trace [COMMAND] --help` epilogs: examples first (bcc's style), then where the
+# flags differ from the bcc tool of the same job (docs/tracing.md has the details).
+_EPILOGS = {
+    "trace": """examples:
+  sni-proxy trace syscalls -p 1234 -d 10        syscalls of one process for 10 s (syscount)
+  sni-proxy trace tcp -L 443                     TCP sessions on local port 443 (tcplife)
+  sni-proxy trace connect 5                      connects slower than 5 ms (tcpconnlat)
+  sni-proxy trace retrans -c                     retransmits counted per flow (tcpretrans)
+  sni-proxy trace memory -p 1234 -i 10           outstanding allocations (memleak)
+
+Run `sni-proxy trace COMMAND --help` for a command's flags; fields: docs/tracing.md.""",
+    "syscalls": """examples:
+  sni-proxy trace syscalls                       top 10 syscalls of the machine, at Ctrl-C
+  sni-proxy trace syscalls -P -d 5 -T 5          top 5 processes by syscalls for 5 s
+  sni-proxy trace syscalls -p 1234 -L -m -i 1    latency per syscall in ms, every second
+  sni-proxy trace syscalls -e ENOENT             calls failing with ENOENT
+  sni-proxy trace syscalls -c /sys/fs/cgroup/system.slice/sni-proxy.service --json
+
+as bcc syscount: -p -i -d -T -x -e -L -m -P; -c takes a cgroup v2 directory (as
+libbpf-tools); not here: -l (list syscalls), -t TID, --syscall; --json is ours.""",
+    "tcp": """examples:
+  sni-proxy trace tcp                            every TCP session as it closes
+  sni-proxy trace tcp -p 1234 -T -w              one process, time column, wide addresses
+  sni-proxy trace tcp -L 443 -D 80,8080 -4       IPv4 sessions from :443 to :80 or :8080
+
+as bcc tcplife: -p -L -D -4 -6 -w -T; RTT and retransmit columns added; not here: -t
+(use -T), -s CSV (use --json).""",
+    "connect": """examples:
+  sni-proxy trace connect                        every outgoing TCP connect and its latency
+  sni-proxy trace connect 10 -t                  connects slower than 10 ms, with timestamps
+  sni-proxy trace connect -x -p 1234             failed connects of one process, and why
+
+as bcc tcpconnlat: min_ms -p -L -t -4 -6; -x (failures only) and the failure reason are
+ours; not here: -v.""",
+    "retrans": """examples:
+  sni-proxy trace retrans                        every retransmitted segment
+  sni-proxy trace retrans -c -d 30               counts per flow after 30 s
+  sni-proxy trace retrans -p 1234 -6             IPv6 flows of one process
+
+as bcc tcpretrans: -c -4 -6; -p is ours; not here: -l (tail-loss probes are retransmits
+to the kernel too), -s.""",
+    "memory": """examples:
+  sni-proxy trace memory -p 1234                 libc allocations older than 500 ms, every 5 s
+  sni-proxy trace memory -p 1234 -o 0 -z 4096 -T 5   every allocation of 4 KiB or more
+  sni-proxy trace memory --kernel -i 10          kmalloc/kfree outstanding by stack
+
+as bcc memleak: -p -o -T -s -z; the interval is -i S (bcc: a positional interval) and
+--kernel replaces "no -p"; not here: -c COMMAND, -a, -t, -Z, -O.""",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sni-proxy trace",
                                 description="Trace syscalls, TCP and memory with eBPF "
-                                            "(tp_btf/raw_tp/uprobes: no kprobes, no tracefs).")
+                                            "(tp_btf/raw_tp/uprobes: no kprobes, no tracefs).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=_EPILOGS["trace"])
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("syscalls", help="count syscalls (like bcc syscount)")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=_EPILOGS[name])
+
+    s = command("syscalls", "count syscalls (like bcc syscount)")
     s.add_argument("-p", "--pid", type=_pid, help="trace only this process")
     s.add_argument("-c", "--cgroup", metavar="PATH", help="trace only this cgroup v2 directory")
     s.add_argument("-T", "--top", type=_positive_int, default=10, help="rows to print (10)")
@@ -146,8 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-P", "--process", action="store_true", help="count by process")
     _common(s)
 
-    t = sub.add_parser("tcp", help="TCP sessions at close (like bcc tcplife), with RTT and "
-                                   "retransmits")
+    t = command("tcp", "TCP sessions at close (like bcc tcplife), with RTT and retransmits")
     t.add_argument("-p", "--pid", type=_pid, help="trace only this process")
     t.add_argument("-L", "--localport", type=_ports, help="local ports (comma list, up to 8)")
     t.add_argument("-D", "--remoteport", type=_ports, help="remote ports (comma list, up to 8)")
@@ -158,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-T", "--time", action="store_true", help="include a time column")
     _common(t)
 
-    c = sub.add_parser("connect", help="connect latency and failures (like bcc tcpconnlat)")
+    c = command("connect", "connect latency and failures (like bcc tcpconnlat)")
     c.add_argument("min_ms", nargs="?", type=_non_negative_float, default=0.0,
                    help="show only connects slower than this many ms")
     c.add_argument("-p", "--pid", type=_pid, help="trace only this process")
@@ -170,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
     _common(c)
 
-    r = sub.add_parser("retrans", help="TCP retransmits (like bcc tcpretrans)")
+    r = command("retrans", "TCP retransmits (like bcc tcpretrans)")
     r.add_argument("-p", "--pid", type=_pid, help="trace only this process's flows")
     r.add_argument("-c", "--count", action="store_true", help="count per flow, print at the end")
     fam = r.add_mutually_exclusive_group()
@@ -178,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
     _common(r)
 
-    m = sub.add_parser("memory", help="outstanding allocations by stack (like bcc memleak)")
+    m = command("memory", "outstanding allocations by stack (like bcc memleak)")
     m.add_argument("-p", "--pid", type=_pid, help="process whose libc allocations to trace")
     m.add_argument("--kernel", action="store_true", help="trace kmalloc/kfree instead")
     m.add_argument("-o", "--older", type=_non_negative_float, default=500.0, metavar="MS",

@@ -323,7 +323,8 @@ def _parse_records(buf: bytes | bytearray | memoryview, limit: int) -> Outcome:
     while True:
         _check_record_start(buf, pos, have, need)
         if pos + 5 > n:
-            return NeedMore(n, pos + 5)
+            # The next check: the record's type byte, its version, then its length.
+            return NeedMore(n, pos + 1 if n <= pos else pos + 3 if n < pos + 3 else pos + 5)
         rlength = _record_length(buf, pos)
         records += 1
         if records > MAX_HELLO_RECORDS:
@@ -335,13 +336,18 @@ def _parse_records(buf: bytes | bytearray | memoryview, limit: int) -> Outcome:
         start = pos + 5
         end = start + rlength
         avail = min(end, n)
+        header_at = -1
         if need < 0:
             # The handshake header, as soon as its bytes are here (it may straddle records).
             need = _handshake_length(buf, fragments, have, start, avail, limit)
+            # Where its next check runs: the message type byte, then the whole header.
+            header_at = start + 1 if have == 0 and avail == start else start + 4 - have
         fragments.append((start, avail))
         have += avail - start
         if avail < end:
-            return NeedMore(n, end)  # the record itself is incomplete
+            # The record itself is incomplete: nothing changes before its end, or before the
+            # handshake header's checks if they are still to come.
+            return NeedMore(n, min(end, header_at) if need < 0 else end)
         pos = end
         if need >= 0 and have >= need:
             break
@@ -662,12 +668,18 @@ class ClientHelloReader:
     Before the decision the buffer is bounded: one always comes within limit + 4 +
     5 * MAX_HELLO_RECORDS + MAX_RECORD_PAYLOAD bytes. After it, the caller stops feeding and
     relays `buffered` plus whatever it reads next.
+
+    Feeding stays linear in the bytes fed, however they are cut (h11's receive buffer
+    remembers how far it searched the same way): the buffer is parsed again only once it
+    reaches the length `NeedMore.decides_at` named, so a hello fed one byte at a time is
+    parsed a few times per record, not once per byte.
     """
 
     def __init__(self, limit: int = MAX_CLIENT_HELLO) -> None:
         self.limit = limit
         self._buf = bytearray()
         self._outcome: Outcome = NeedMore(0)
+        self.parses = 0                 # how often the buffer was parsed (tests prove linearity)
 
     @property
     def buffered(self) -> bytes:
@@ -682,6 +694,9 @@ class ClientHelloReader:
             self._buf += data
             return self._outcome
         self._buf += data
-        if data or not self._buf:
+        if len(self._buf) < self._outcome.decides_at:
+            self._outcome = NeedMore(len(self._buf), self._outcome.decides_at)
+        elif data or not self._buf:
+            self.parses += 1
             self._outcome = parse_client_hello(self._buf, self.limit)
         return self._outcome

@@ -14,7 +14,17 @@ log = logging.getLogger("sniproxy")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sni-proxy", description="TLS SNI proxy (reads the SNI, never terminates TLS)")
+    p = argparse.ArgumentParser(
+        prog="sni-proxy [run]", description="TLS SNI proxy (reads the SNI, never terminates TLS)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  sni-proxy --config /etc/sni-proxy/config.json          run (run is the default command)
+  sni-proxy run -c config.json --log-level debug         the same, with debug logs
+  sni-proxy --config config.json --check-config          validate only: exit 0 valid, 2 not
+  kill -HUP <pid>     reload the config (workers drain, new ones start)
+  kill -TERM <pid>    drain and stop
+
+Config reference: docs/configuration.md; what the host must allow: `sni-proxy check`.""")
     p.add_argument("--config", "-c", required=True, help="path to config.json")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit (0 = valid)")
     p.add_argument("--log-level", help="debug, info, warning, error (overrides SNI_PROXY_LOG and log.level)")
@@ -126,7 +136,7 @@ def probe_support_in_child():
     import os
     import pickle
 
-    from sniproxy.ebpf.support import check_system_support
+    from sniproxy.ebpf.support import adopt_report, check_system_support
 
     r, w = os.pipe()
     try:
@@ -151,7 +161,7 @@ def probe_support_in_child():
     _, status = os.waitpid(pid, 0)
     if status == 0 and data:
         try:
-            return pickle.loads(data)
+            return adopt_report(pickle.loads(data))
         except Exception:  # noqa: BLE001 - any bad answer: probe here instead
             pass
     return check_system_support()

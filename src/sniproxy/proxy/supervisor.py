@@ -98,7 +98,7 @@ class Supervisor:
                 raise StartupError(
                     f"cannot listen on {addr}: {exc.strerror}"
                     + (f" ({port_in_use_hint(addr.port, shared)})" if exc.errno == errno.EADDRINUSE else "")
-                    + (" (binding ports below 1024 needs CAP_NET_BIND_SERVICE)" if exc.errno == 13 else "")
+                    + (" (binding ports below 1024 needs CAP_NET_BIND_SERVICE)" if exc.errno == errno.EACCES else "")
                 ) from None
         if self.config.metrics_addr:
             self.status_server = StatusServer({

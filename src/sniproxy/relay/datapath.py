@@ -302,7 +302,7 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
             pin_dir = None
     try:
         dp = ts.TcpSpliceDataPath.load(cfg.max_flows, rings=rows, pin_dir=pin_dir)
-    except (BpfError, OSError) as exc:
+    except OSError as exc:          # BpfError is an OSError
         failures["tcp_splice"] = f"loading the tc programs failed: {exc}"
         return None
     owners = _live_owners(dp) if dp.inherited else []
@@ -331,7 +331,7 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
                         "its flows go on (pinned maps)" if dp.inherited else
                         "connections it still spliced are reset at their next packet")
         _start_state_reader(dp, cfg.bpf_socket_state)
-    except (BpfError, OSError) as exc:
+    except OSError as exc:          # BpfError is an OSError
         dp.close()
         failures["tcp_splice"] = (f"attaching the tc programs to {', '.join(names)} failed: "
                                   f"{exc}; fix: check ebpf.tcp_splice.interfaces and that "
@@ -349,7 +349,7 @@ def _start_state_reader(dp, wanted: bool) -> None:
     from sniproxy.ebpf.sockstate import SocketStateReader
     try:
         dp.state_reader = SocketStateReader.open()
-    except (BpfError, OSError) as exc:
+    except OSError as exc:
         dp.state_reader_note = str(exc)
         log.info("tcp_splice: socket state read with TCP_REPAIR, 10 system calls more per "
                  "connection: the BPF getsockopt reader is unavailable: %s (it needs kernel "

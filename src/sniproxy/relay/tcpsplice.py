@@ -37,7 +37,7 @@ import fcntl
 import time
 
 from sniproxy.ebpf import tcpsplice as ts
-from sniproxy.ebpf.objects import BPF_ANY, BpfError
+from sniproxy.ebpf.objects import BPF_ANY
 from sniproxy.ebpf.sockstate import SS_USEC_TS
 from sniproxy.relay.base import RelayResult
 
@@ -119,7 +119,7 @@ class TcpSpliceRelay:
             return
         try:
             st = self.worker.dp.flow(self.slot)
-        except (BpfError, OSError):
+        except OSError:
             st = None
         side = st.rst_from if st is not None else None
         if side is not None and st.fin[side] and st.fin_acked[side]:
@@ -136,7 +136,7 @@ class TcpSpliceRelay:
             return
         try:
             st = self.worker.dp.flow(self.slot)
-        except (BpfError, OSError):
+        except OSError:
             self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
             return
         if st.reported:                 # the ring event was lost (ring full): act on it now
@@ -164,7 +164,7 @@ class TcpSpliceRelay:
                 up, down = (ts.seq_span(self.starts[d], st.fin_seq[d] - 1) if st.fin[d]
                             else ts.seq_span(self.starts[d], st.nxt[d]) for d in (0, 1))
                 up = max(self.handed_over, up)
-        except (BpfError, OSError):
+        except OSError:
             pass
         self.worker.counters.add("ts_ended")
         if linger:
@@ -258,7 +258,7 @@ class WorkerSplice:
         except ts.ArmError as exc:
             self.dp.release_slot(slot)
             return self._fallback(exc.reason, str(exc))
-        except (BpfError, OSError) as exc:
+        except OSError as exc:
             self.dp.release_slot(slot)
             return self._fallback("map_full", f"inserting the flow: {exc}")
         # Backend bytes that arrived between its snapshot and the insertion would sit in the
@@ -403,7 +403,7 @@ class WorkerSplice:
         self._ensure_loop()
         try:
             claims = self.dp.claimed()
-        except (BpfError, OSError):
+        except OSError:
             return
         dead_rows = set()
         me = struct.pack("=II", os.getpid(), self.ring_index)
@@ -417,7 +417,7 @@ class WorkerSplice:
                 keys, reported = self.dp.entries_of(slot), self.dp.flow(slot).reported
                 # Ours now: if this worker dies too, its successor takes the flow over.
                 self.dp.claims.update(slot, me, BPF_ANY)
-            except (BpfError, OSError):
+            except OSError:
                 continue
             # The flow moves to this worker's counters (the dead row is retired below).
             self.counters.add("ts_armed")
@@ -452,7 +452,7 @@ class WorkerSplice:
         for slot, (keys, counted_ended) in list(self._orphans.items()):
             try:
                 st = self.dp.flow(slot)
-            except (BpfError, OSError):
+            except OSError:
                 continue
             idle_s = (now - st.last_ns) / 1e9
             left_s = min(self.linger_s if st.reported else self.idle_timeout_s,
@@ -462,11 +462,11 @@ class WorkerSplice:
             else:
                 try:
                     self.dp.delete_keys(keys, slot, st.gen)
-                except (BpfError, OSError):
+                except OSError:
                     pass
                 try:
                     self.dp.release_slot(slot)
-                except (BpfError, OSError):
+                except OSError:
                     pass
                 del self._orphans[slot]
                 if not counted_ended:
@@ -485,14 +485,14 @@ class WorkerSplice:
         try:
             # Only the keys still of this flow (slot, generation): see delete_keys.
             self.dp.delete_keys(list(relay.keys), relay.slot, relay.gen)
-        except (BpfError, OSError) as exc:
+        except OSError as exc:
             log.warning("tcp_splice: removing flow %d: %s", relay.slot, exc)
         if relay.backend_fd >= 0:
             ts.close_silently(relay.backend_fd)
             relay.backend_fd = -1
         try:
             self.dp.release_slot(relay.slot)
-        except (BpfError, OSError):
+        except OSError:
             pass
         if self._by_slot.get(relay.slot) is relay:
             del self._by_slot[relay.slot]

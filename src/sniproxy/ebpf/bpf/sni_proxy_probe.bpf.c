@@ -23,6 +23,9 @@ enum sni_proxy_probe_slot {
 	SLOT_TRACEPOINT,
 	SLOT_MAX,
 };
+/* An enum reaches BTF only when a variable has its type: user space checks its slot names
+ * against this one at open (ebpf/layout.py). */
+const volatile enum sni_proxy_probe_slot sni_proxy_probe_slots = SLOT_MAX;
 
 /* Per-CPU counters, one slot per program above: summed in user space. */
 struct {

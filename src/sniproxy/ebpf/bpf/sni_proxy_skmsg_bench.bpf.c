@@ -26,6 +26,9 @@ enum sni_proxy_mstat_slot {
 	MSTAT_REDIRECT_FAIL,	/* the peer is not in sni_proxy_msks: dropped */
 	MSTAT_MAX,
 };
+/* An enum reaches BTF only when a variable has its type: the bench checks its slot names
+ * against this one at open (ebpf/layout.py). */
+const volatile enum sni_proxy_mstat_slot sni_proxy_mstat_slots = MSTAT_MAX;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);

@@ -54,6 +54,11 @@ enum sni_proxy_ts_stat {
 	TS_STAT_MAX,
 };
 
+/* Anchors: put the event struct and the counter enum in the object's BTF (only sizeof and
+ * the values are used below), so ebpf/tcpsplice.py's descriptions are checked at load. */
+const volatile enum sni_proxy_ts_stat sni_proxy_ts_stat_slots = TS_STAT_MAX;
+const volatile struct sni_proxy_ts_event sni_proxy_ts_event_layout = {};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);	/* 2 * ebpf.tcp_splice.max_flows, set at open */

@@ -1,5 +1,6 @@
 /* Structures shared by sni_proxy_tcp_splice.bpf.c and src/sniproxy/ebpf/tcpsplice.py (which
- * packs them with `struct`: keep the two in step, field by field, no implicit padding).
+ * describes each with a StructLayout, checked against this object's BTF at load: a change on
+ * one side alone fails there, naming the field).
  *
  * A spliced connection is two map entries, one per direction, keyed by the 4-tuple of the
  * packets that arrive at the proxy (client -> listener, backend -> proxy's local port), and

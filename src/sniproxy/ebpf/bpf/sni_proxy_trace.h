@@ -1,6 +1,7 @@
 /* Structs shared by the tracers' BPF programs (sni_proxy_trace_*.bpf.c) and their Python
- * readers (the modules of sniproxy/observe/tracing, which mirror every struct below with a
- * struct.Struct format: keep both sides in sync, the unit tests check the sizes).
+ * readers (the modules of sniproxy/observe/tracing). Python describes each struct and enum it
+ * reads once (ebpf/layout.py StructLayout / EnumLayout) and checks that description against
+ * this object's BTF when it opens it: a change here alone fails the load, naming the member.
  *
  * Names: programs and maps are "sni_proxy_" + at most 5 characters (the kernel keeps 15).
  */
@@ -11,24 +12,24 @@
 #define HIST_SLOTS 32		/* log2 buckets: 2^31 us is 35 minutes, longer goes to the last */
 
 /* ---- syscalls ---------------------------------------------------------------------- */
-struct sc_key {			/* Python: "=Ii" */
+struct sc_key {
 	__u32 tgid;		/* 0 unless counting per process (-P) */
 	__s32 nr;		/* syscall number */
 };
 
-struct sc_value {		/* Python: "=QQQ" */
+struct sc_value {
 	__u64 count;
 	__u64 errors;		/* returned -1..-4095 */
 	__u64 total_ns;		/* time in the syscall (only with latency on) */
 };
 
-struct sc_errkey {		/* Python: "=IiI" */
+struct sc_errkey {
 	__u32 tgid;
 	__s32 nr;
 	__u32 err;		/* errno */
 };
 
-struct sc_hist {		/* Python: "=32Q" */
+struct sc_hist {
 	__u64 slots[HIST_SLOTS];	/* slot i: latency in [2^i, 2^(i+1)) us (slot 0: < 2 us) */
 };
 
@@ -40,7 +41,7 @@ enum tcp_event_kind {
 	TCP_EV_RETRANS = 4,	/* one tcp_retransmit_skb (tcpretrans) */
 };
 
-struct tcp_event {		/* Python: "=BBBBIIi16s16sHHQQQQIIIIQ16s" (see network.py) */
+struct tcp_event {
 	__u8 kind;		/* enum tcp_event_kind */
 	__u8 family;		/* AF_INET 2, AF_INET6 10 */
 	__u8 state;		/* retrans: socket state; close: state before close */
@@ -65,16 +66,11 @@ struct tcp_event {		/* Python: "=BBBBIIi16s16sHHQQQQIIIIQ16s" (see network.py) *
 };
 
 /* ---- memory --------------------------------------------------------------------------- */
-struct mem_alloc {		/* Python: "=QQiI" */
+struct mem_alloc {
 	__u64 size;
 	__u64 ts_ns;
 	__s32 stack_id;		/* user (or kernel) stack id, -errno when lost */
 	__u32 tgid;
-};
-
-struct mem_combined {		/* Python: "=QQ" */
-	__u64 bytes;
-	__u64 count;
 };
 
 #endif

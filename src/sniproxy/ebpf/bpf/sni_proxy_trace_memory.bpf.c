@@ -25,6 +25,9 @@ enum mem_stat {
 	MEM_STAT_FREES,			/* frees of a tracked address */
 	MEM_STAT_MAX,
 };
+/* An enum reaches BTF only when a variable has its type: this one lets user space check its
+ * slot names against the enum at open (ebpf/layout.py). */
+const volatile enum mem_stat sni_proxy_mem_stat_slots = MEM_STAT_MAX;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

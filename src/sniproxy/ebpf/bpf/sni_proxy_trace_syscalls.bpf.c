@@ -28,6 +28,9 @@ enum sc_stat {
 	SC_STAT_NO_ENTER,	/* exit without a recorded enter (thread was inside at attach) */
 	SC_STAT_MAX,
 };
+/* An enum reaches BTF only when a variable has its type: this one lets user space check its
+ * slot names against the enum at open (ebpf/layout.py). */
+const volatile enum sc_stat sni_proxy_sc_stat_slots = SC_STAT_MAX;
 
 struct sc_start {
 	__u64 ts;

@@ -37,6 +37,12 @@ enum tcp_stat {
 	TCP_STAT_EVENTS,	/* events submitted */
 	TCP_STAT_MAX,
 };
+/* Types reach BTF only when a variable has them: these let user space check how it reads the
+ * counters, the ring's events and the per-route figures at open (ebpf/layout.py). The event
+ * anchor is a pointer, as cilium/ebpf's examples force `struct event` into the ELF. */
+const volatile enum tcp_stat sni_proxy_tcp_stat_slots = TCP_STAT_MAX;
+const volatile enum tcp_event_kind sni_proxy_tcp_event_kind = TCP_EV_CLOSE;
+const struct tcp_event *const sni_proxy_tcp_event_type = 0;
 
 struct sock_info {
 	__u64 birth_ns;		/* first state change: lifetime starts here */
@@ -66,8 +72,9 @@ struct route_tag {
 
 enum fail_reason { FAIL_REFUSED, FAIL_RESET, FAIL_TIMED_OUT, FAIL_UNREACHABLE, FAIL_ABORTED,
 		   FAIL_OTHER, FAIL_MAX };
+const volatile enum fail_reason sni_proxy_tcp_fail_slots = FAIL_MAX;
 
-struct route_stats {		/* Python: "=32QQQ6QQQQ" (route_metrics.py) */
+struct route_stats {
 	__u64 connect_hist[HIST_SLOTS];	/* log2 us of SYN_SENT -> ESTABLISHED */
 	__u64 connects;
 	__u64 connect_sum_us;

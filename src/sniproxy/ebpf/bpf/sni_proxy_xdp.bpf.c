@@ -18,6 +18,9 @@ enum sni_proxy_xdp_slot {
 	SLOT_UDP_PORT_PACKETS,
 	SLOT_MAX,
 };
+/* An enum reaches BTF only when a variable has its type: user space checks its slot names
+ * against this one at open (ebpf/layout.py). */
+const volatile enum sni_proxy_xdp_slot sni_proxy_xdp_slots = SLOT_MAX;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -51,7 +51,9 @@ def translate(exc: BaseException, what: str) -> TracerError:
     if err in (errno.EPERM, errno.EACCES):
         return TracerPermissionDenied(f"{what}: permission denied: {PERMISSION_FIX}. "
                                       f"Detail: {exc}")
-    if err in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENOSYS, 524, errno.EINVAL):
+    # BpfError.not_supported also knows the kernel-internal ENOTSUPP (524) bpf() leaks.
+    if getattr(exc, "not_supported", False) or err in (errno.ENOENT, errno.EOPNOTSUPP,
+                                                       errno.ENOSYS, errno.EINVAL):
         return TracerUnsupported(f"{what}: the kernel refused it ({os.strerror(err)}): "
                                  f"the hook may not exist on this kernel; run `sni-proxy check`. "
                                  f"Detail: {exc}")
@@ -88,6 +90,9 @@ class BaseTracer:
 
     NAME = "tracer"
     OBJECT = ""
+    #: ebpf.layout StructLayout / EnumLayout this tracer reads, checked against OBJECT's BTF
+    #: when it is opened (a C change not mirrored in Python fails start() naming it).
+    LAYOUTS: tuple = ()
     #: hook kind -> programs to load for it; the first kind that loads wins.
     PROGRAMS: dict[str, tuple[str, ...]] = {}
 
@@ -172,7 +177,8 @@ class BaseTracer:
                 p for progs in self.PROGRAMS.values() for p in progs}
             obj = objects.BpfObject(self.OBJECT, rodata=self._rodata(),
                                     map_sizes=self._map_sizes(),
-                                    autoload={p: p in wanted for p in every})
+                                    autoload={p: p in wanted for p in every},
+                                    layouts=self.LAYOUTS)
             try:
                 obj.load()
                 links = self._attach(obj, wanted)
@@ -208,15 +214,9 @@ class BaseTracer:
             self._release()
 
     def _release(self) -> None:
-        for link in self._links:
-            link.close()
-        self._links.clear()
-        if self._stats_handle is not None:
-            self._stats_handle.close()
-            self._stats_handle = None
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None
+        from sniproxy.ebpf.objects import release_attached
+        release_attached(self._links, self._stats_handle, self._obj)
+        self._stats_handle = self._obj = None
 
     def __enter__(self):
         self.start()

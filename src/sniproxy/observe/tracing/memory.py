@@ -22,13 +22,23 @@ import time
 from dataclasses import dataclass
 
 from ..symbolize import Frame, Symbolizer
+from sniproxy.ebpf.layout import EnumLayout, StructLayout
+
 from .base import BaseTracer, TracerError
 
 OBJECT = "sni_proxy_trace_memory"
 MAP_ALLOCS, MAP_STACKS, MAP_STATS = "sni_proxy_mmal", "sni_proxy_mmstk", "sni_proxy_mmsta"
-STAT_NAMES = ("allocs_full", "stacks_lost", "pending_lost", "allocs", "frees")
-
-_ALLOC = struct.Struct("=QQiI")      # struct mem_alloc
+# What Python reads of the object, checked against its BTF at open (ebpf/layout.py).
+#: Slots of sni_proxy_mmsta (enum mem_stat); "stacks_lost" is C's STACK_LOST.
+STATS_LAYOUT = EnumLayout("mem_stat", "MEM_STAT_",
+                          ("allocs_full", "stacks_lost", "pending_lost", "allocs", "frees"),
+                          end="MEM_STAT_MAX",
+                          c_names=("allocs_full", "stack_lost", "pending_lost", "allocs", "frees"))
+STAT_NAMES = STATS_LAYOUT.names
+ALLOC_LAYOUT = StructLayout("mem_alloc", (
+    ("size", "Q"), ("ts_ns", "Q"), ("stack_id", "i"), ("tgid", "I")))
+LAYOUTS = (STATS_LAYOUT, ALLOC_LAYOUT)
+_ALLOC = ALLOC_LAYOUT.struct
 PERF_MAX_STACK_DEPTH = 127
 _STACK = struct.Struct(f"={PERF_MAX_STACK_DEPTH}Q")
 
@@ -109,6 +119,7 @@ class MemorySnapshot:
 class EbpfMemoryTracer(BaseTracer):
     NAME = "memory tracer"
     OBJECT = OBJECT
+    LAYOUTS = LAYOUTS
 
     def __init__(self, *, pid: int | None = None, kernel: bool = False, sample_every: int = 1,
                  min_size: int = 0, max_allocs: int = DEFAULT_MAX_ALLOCS,

@@ -18,18 +18,33 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from sniproxy.ebpf.layout import EnumLayout, StructLayout
+
 from .base import BaseTracer, RingReader, TracerError
 
 OBJECT = "sni_proxy_trace_tcp"
 MAP_SOCKS, MAP_RING, MAP_STATS = "sni_proxy_tcsk", "sni_proxy_tcrb", "sni_proxy_tcsta"
-STAT_NAMES = ("ring_full", "sockets_full", "events")
+# What Python reads of the object, checked against its BTF at open (ebpf/layout.py).
+#: Slots of sni_proxy_tcsta (enum tcp_stat); "sockets_full" is C's SOCKS_FULL.
+STATS_LAYOUT = EnumLayout("tcp_stat", "TCP_STAT_", ("ring_full", "sockets_full", "events"),
+                          end="TCP_STAT_MAX", c_names=("ring_full", "socks_full", "events"))
+STAT_NAMES = STATS_LAYOUT.names
+#: enum tcp_event_kind (from 1); "connect_failed" is C's CONNECT_FAIL.
+KIND_LAYOUT = EnumLayout("tcp_event_kind", "TCP_EV_",
+                         ("close", "connect", "connect_failed", "retrans"), first=1,
+                         c_names=("close", "connect", "connect_fail", "retrans"))
+#: struct tcp_event (128 bytes): the compiler pads 4 bytes before ts_ns.
+EVENT_LAYOUT = StructLayout("tcp_event", (
+    ("kind", "B"), ("family", "B"), ("state", "B"), ("pad", "B"), ("tgid", "I"), ("tid", "I"),
+    ("err", "i"), ("saddr", "16s"), ("daddr", "16s"), ("sport", "H"), ("dport", "H"),
+    ("ts_ns", "4xQ"), ("duration_ns", "Q"), ("bytes_acked", "Q"), ("bytes_received", "Q"),
+    ("srtt_us", "I"), ("total_retrans", "I"), ("segs", "I"), ("pad2", "I"), ("cookie", "Q"),
+    ("comm", "16s")))
+LAYOUTS = (STATS_LAYOUT, KIND_LAYOUT, EVENT_LAYOUT)
 MAX_PORTS = 8
 EVENT_KINDS = ("close", "connect", "retrans")
-_KIND_NAMES = {1: "close", 2: "connect", 3: "connect_failed", 4: "retrans"}
-
-#: struct tcp_event, native alignment as the BPF compiler lays it out (128 bytes).
-_EVENT = struct.Struct("@BBBBIIi16s16sHHQQQQIIIIQ16s")
-assert _EVENT.size == 128, _EVENT.size
+_KIND_NAMES = {KIND_LAYOUT.value(name): name for name in KIND_LAYOUT.names}
+_EVENT = EVENT_LAYOUT.struct
 
 DEFAULT_MAX_EVENTS = 100_000
 DEFAULT_RING_BYTES = 1 << 20
@@ -141,6 +156,7 @@ class EbpfNetworkTracer(BaseTracer):
 
     NAME = "network tracer"
     OBJECT = OBJECT
+    LAYOUTS = LAYOUTS
     PROGRAMS = {"tp_btf": ("sni_proxy_tcstb", "sni_proxy_tcrtb"),
                 "raw_tp": ("sni_proxy_tcstr", "sni_proxy_tcrtr")}
 

@@ -12,9 +12,10 @@ Started in the supervisor before the workers fork, so every worker inherits the 
 from __future__ import annotations
 
 import socket
-import struct
 import zlib
 from dataclasses import dataclass
+
+from sniproxy.ebpf.layout import EnumLayout, StructLayout
 
 from .base import BaseTracer, TracerError
 
@@ -23,12 +24,22 @@ MAP_TAGS, MAP_ROUTES = "sni_proxy_tcrt", "sni_proxy_tcagg"
 SIDE_BACKEND, SIDE_CLIENT = 0, 1
 SIDES = {SIDE_BACKEND: "backend", SIDE_CLIENT: "client"}
 _SIDE_IDS = {name: i for i, name in SIDES.items()}
-FAIL_REASONS = ("refused", "reset", "timed_out", "unreachable", "aborted", "other")
 HIST_SLOTS = 32
 SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 
-_TAG = struct.Struct("=II")                       # struct route_tag
-_STATS = struct.Struct(f"={HIST_SLOTS}QQQ{len(FAIL_REASONS)}QQQQ")   # struct route_stats
+# What Python reads of the object, checked against its BTF at open (ebpf/layout.py).
+FAIL_LAYOUT = EnumLayout("fail_reason", "FAIL_",
+                         ("refused", "reset", "timed_out", "unreachable", "aborted", "other"),
+                         end="FAIL_MAX")
+FAIL_REASONS = FAIL_LAYOUT.names
+TAG_LAYOUT = StructLayout("route_tag", (("route", "I"), ("side", "I")))
+STATS_LAYOUT = StructLayout("route_stats", (
+    ("connect_hist", f"{HIST_SLOTS}Q"), ("connects", "Q"), ("connect_sum_us", "Q"),
+    ("connect_fail", f"{len(FAIL_REASONS)}Q"), ("retrans_segs", "Q"), ("closes", "Q"),
+    ("srtt_sum_us", "Q")))
+LAYOUTS = (FAIL_LAYOUT, TAG_LAYOUT, STATS_LAYOUT)
+_TAG = TAG_LAYOUT.struct
+_STATS = STATS_LAYOUT.struct
 #: (route, side) -> packed tag kept; routes are few, the bound only guards against misuse.
 _MAX_CACHED_VALUES = 4096
 #: Sockets tagged at once (LRU beyond: the oldest tag goes, its socket is no longer counted).
@@ -56,6 +67,7 @@ class RouteTcpStats:
 class RouteNetworkTracer(BaseTracer):
     NAME = "route network tracer"
     OBJECT = OBJECT
+    LAYOUTS = LAYOUTS
     PROGRAMS = {"tp_btf": ("sni_proxy_tcstb", "sni_proxy_tcrtb"),
                 "raw_tp": ("sni_proxy_tcstr", "sni_proxy_tcrtr")}
 

@@ -8,9 +8,10 @@
 """
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import dataclass, field
+
+from sniproxy.ebpf.layout import EnumLayout, StructLayout
 
 from .base import BaseTracer, TracerError
 from .syscall_names import syscall_name
@@ -21,14 +22,22 @@ MAP_COUNTS, MAP_ERRNOS, MAP_HIST, MAP_STATS = (
 #: Per-CPU arrays indexed by syscall number (counts and histograms when not per process).
 MAP_COUNT_ARRAY, MAP_HIST_ARRAY = "sni_proxy_scarr", "sni_proxy_schar"
 MAX_NR = 1024
-#: Slots of sni_proxy_scsta (enum sc_stat).
-STAT_NAMES = ("enter_lost", "counts_full", "errnos_full", "histograms_full", "exit_without_enter")
-
-_KEY = struct.Struct("=Ii")          # struct sc_key
-_VALUE = struct.Struct("=QQQ")       # struct sc_value
-_ERRKEY = struct.Struct("=IiI")      # struct sc_errkey
 HIST_SLOTS = 32
-_HIST = struct.Struct(f"={HIST_SLOTS}Q")  # struct sc_hist
+# What Python reads of the object, checked against its BTF at open (ebpf/layout.py).
+#: Slots of sni_proxy_scsta (enum sc_stat): Python's labels, paired with C's shorter names.
+STATS_LAYOUT = EnumLayout(
+    "sc_stat", "SC_STAT_",
+    ("enter_lost", "counts_full", "errnos_full", "histograms_full", "exit_without_enter"),
+    end="SC_STAT_MAX",
+    c_names=("enter_lost", "count_full", "errno_full", "hist_full", "no_enter"))
+STAT_NAMES = STATS_LAYOUT.names
+KEY_LAYOUT = StructLayout("sc_key", (("tgid", "I"), ("nr", "i")))
+VALUE_LAYOUT = StructLayout("sc_value", (("count", "Q"), ("errors", "Q"), ("total_ns", "Q")))
+ERRKEY_LAYOUT = StructLayout("sc_errkey", (("tgid", "I"), ("nr", "i"), ("err", "I")))
+HIST_LAYOUT = StructLayout("sc_hist", (("slots", f"{HIST_SLOTS}Q"),))
+LAYOUTS = (STATS_LAYOUT, KEY_LAYOUT, VALUE_LAYOUT, ERRKEY_LAYOUT, HIST_LAYOUT)
+_KEY, _VALUE, _ERRKEY, _HIST = (KEY_LAYOUT.struct, VALUE_LAYOUT.struct, ERRKEY_LAYOUT.struct,
+                                HIST_LAYOUT.struct)
 
 #: Distinct (process, syscall) keys by default: ~360 syscalls, per process with -P.
 DEFAULT_MAX_KEYS = 10240
@@ -86,6 +95,7 @@ class EbpfSyscallTracer(BaseTracer):
 
     NAME = "syscall tracer"
     OBJECT = OBJECT
+    LAYOUTS = LAYOUTS
     PROGRAMS = {"tp_btf": ("sni_proxy_scenb", "sni_proxy_scexb"),
                 "raw_tp": ("sni_proxy_scenr", "sni_proxy_scexr")}
 
