@@ -53,7 +53,12 @@ def test_collector_down_then_up_the_queue_is_sent_in_order(caplog):
             assert sink.state.status()["queued"] >= 1
             with GrpcReceiver(port=port) as receiver:
                 got = receiver.wait_for(lambda items: items if len(items) >= 2 else None, 15, "both profiles")
-                wait_until(lambda: sink.state.streak == 0, 5, "the streak to end")
+                # Both exports answered, not only received: the receiver seeing profile 2
+                # does not mean its export call returned (closing the receiver first would
+                # fail that call, re-queue the profile and drop it at shutdown).
+                wait_until(lambda: sink.state.streak == 0
+                           and sink.state.status()["exports_ok"] == 2, 5,
+                           "both exports acknowledged")
     finally:
         sink.close(2)
     assert [start_of(r) for r in got] == [profile_at(1).start_time_ns, profile_at(2).start_time_ns]
