@@ -369,7 +369,7 @@ while True:
 
 # Client in A: argv = cases; prints one JSON line of what it saw.
 _CLIENT = r"""
-import json, socket, sys, time
+import ctypes, json, socket, sys, time
 out = {}
 def connect(ip, port, user_timeout_ms=None, abort_after=None):
     s = socket.socket()
@@ -404,6 +404,16 @@ for case in sys.argv[1:]:
         out["unreachable"] = connect(UNREACHABLE, PORT)
     elif kind == "aborted":
         out["aborted"] = connect(BLACKHOLE, PORT, abort_after=0.2)
+    elif kind == "reset":
+        # connect(AF_UNSPEC) while the SYN is unanswered: the kernel disconnects the socket
+        # (tcp_disconnect) and the application reads ECONNRESET from SO_ERROR
+        s = socket.socket(); s.setblocking(False)
+        try: s.connect((BLACKHOLE, PORT))
+        except BlockingIOError: pass
+        time.sleep(0.1)
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.connect(s.fileno(), (ctypes.c_ubyte * 16)(), 16) == 0
+        out["reset"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR); s.close()
 print(json.dumps(out), flush=True)
 """
 
@@ -453,19 +463,23 @@ def test_connect_failures_carry_their_reason(netns_pair):
 
     _netem(netns_pair, delay_ms=1)
     with EbpfNetworkTracer(events=("connect",)) as tracer:
-        seen = _client(netns_pair, "refused", "unreachable", "timeout", "aborted")
+        seen = _client(netns_pair, "refused", "unreachable", "timeout", "aborted", "reset")
 
         def failed(s):
             return [e for e in s.of_kind("connect_failed") if e.saddr in (CLIENT_IP, "0.0.0.0")
                     and e.daddr in (SERVER_IP, BLACKHOLE_IP, UNREACHABLE_IP)]
-        snap = tracer.wait_for(lambda s: len(failed(s)) >= 4, timeout_s=10)
+        snap = tracer.wait_for(lambda s: len(failed(s)) >= 5, timeout_s=10)
+    # what each application saw (connect()'s errno, SO_ERROR) ...
     assert seen == {"refused": errno.ECONNREFUSED, "unreachable": errno.EHOSTUNREACH,
-                    "timeout": errno.ETIMEDOUT, "aborted": "aborted"}
-    by_reason = {(e.daddr, e.dport): e.reason for e in failed(snap)}
-    assert by_reason == {(SERVER_IP, 1): "refused", (UNREACHABLE_IP, SERVER_PORT): "unreachable",
-                         (BLACKHOLE_IP, SERVER_PORT): "timed_out"} | by_reason  # noqa: E501
-    reasons = sorted(e.reason for e in failed(snap))
-    assert reasons == ["aborted", "refused", "timed_out", "unreachable"], failed(snap)
+                    "timeout": errno.ETIMEDOUT, "aborted": "aborted",
+                    "reset": errno.ECONNRESET}
+    # ... is what the tracer reports, in the order the client made them
+    got = [(e.daddr, e.dport, e.reason, e.err) for e in failed(snap)]
+    assert got == [(SERVER_IP, 1, "refused", errno.ECONNREFUSED),
+                   (UNREACHABLE_IP, SERVER_PORT, "unreachable", errno.EHOSTUNREACH),
+                   (BLACKHOLE_IP, SERVER_PORT, "timed_out", errno.ETIMEDOUT),
+                   (BLACKHOLE_IP, SERVER_PORT, "aborted", 0),
+                   (BLACKHOLE_IP, SERVER_PORT, "reset", errno.ECONNRESET)], got
 
 
 def _retrans_segs(netns: dict) -> int:

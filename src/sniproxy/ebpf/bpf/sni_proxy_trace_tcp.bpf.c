@@ -158,6 +158,28 @@ static __always_inline void fill_flow(struct tcp_event *e, const struct sock *sk
 	e->ts_ns = bpf_ktime_get_ns();
 }
 
+#define SHUTDOWN_MASK 3		/* RCV_SHUTDOWN | SEND_SHUTDOWN (include/net/sock.h) */
+#define ECONNRESET 104
+
+/* sk_err of a connect that left SYN_SENT for CLOSE, as the application will see it.
+ * tcp_reset() (RST answering the SYN: ECONNREFUSED), ICMP errors and the SYN timer
+ * (ETIMEDOUT) set sk_err before the state change; tcp_disconnect() (connect(AF_UNSPEC) on a
+ * connecting socket, or the kernel aborting it) sets ECONNRESET just after it, so the
+ * tracepoint reads 0 there. An application's close() marks the socket fully shut down
+ * first (__tcp_close), and a connect that failed before its SYN left (no local port:
+ * inet_hash_connect) has sent nothing: both keep 0, "aborted". */
+static __always_inline int connect_error(const struct sock *sk)
+{
+	int err = BPF_CORE_READ(sk, sk_err);
+
+	if (err)
+		return err;
+	if (BPF_CORE_READ(sk, sk_shutdown) != SHUTDOWN_MASK &&
+	    BPF_CORE_READ((const struct tcp_sock *)sk, segs_out) > 0)
+		return ECONNRESET;
+	return 0;
+}
+
 static __always_inline struct tcp_event *reserve(void)
 {
 	struct tcp_event *e = bpf_ringbuf_reserve(&sni_proxy_tcrb, sizeof(*e), 0);
@@ -298,7 +320,7 @@ static __always_inline int route_state(const struct sock *sk, int oldstate, int 
 			st->connect_sum_us += now;
 			st->connect_hist[log2_slot(now)] += 1;
 		} else if (newstate == TCP_CLOSE) {
-			reason = fail_reason(BPF_CORE_READ(sk, sk_err));
+			reason = fail_reason(connect_error(sk));
 			if (reason < FAIL_MAX)
 				st->connect_fail[reason] += 1;
 		}
@@ -380,7 +402,7 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 			e->duration_ns = e->ts_ns - info->syn_ns;
 			if (newstate == TCP_CLOSE) {
 				e->kind = TCP_EV_CONNECT_FAIL;
-				e->err = BPF_CORE_READ(sk, sk_err);
+				e->err = connect_error(sk);
 			} else {
 				e->kind = TCP_EV_CONNECT;
 				e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
