@@ -121,30 +121,43 @@ static __always_inline bool port_in(const volatile __u16 *ports, __u32 n, __u16 
 	return false;
 }
 
-/* Family and ports; the process filter is applied by the callers (it needs sock_info). */
+/* The local port from inet_sport, not skc_num: TCP_CLOSE is traced after inet_put_port()
+ * zeroed skc_num, and -L must still match the row emitted there. */
+static __always_inline __u16 local_port(const struct sock *sk)
+{
+	return bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
+}
+
+/* Port filters. A port of 0 is not known yet (an active open before connect() picked its
+ * port, a passive child before the peer's port is copied in): `known_only` lets it pass while
+ * the socket is followed, the final check before a row is emitted (known_only false) does not. */
+static __always_inline bool ports_wanted(__u16 lport, __u16 dport, bool known_only)
+{
+	if (filter_nlports && (lport || !known_only) &&
+	    !port_in(filter_lports, filter_nlports, lport))
+		return false;
+	if (filter_ndports && (dport || !known_only) &&
+	    !port_in(filter_dports, filter_ndports, dport))
+		return false;
+	return true;
+}
+
+/* Family and the ports known so far; the process filter is applied by the callers (it
+ * needs sock_info). */
 static __always_inline bool flow_wanted(const struct sock *sk, __u16 family)
 {
-	__u16 lport, dport;
-
 	if (filter_family && family != filter_family)
 		return false;
-	if (filter_nlports) {
-		lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-		if (!port_in(filter_lports, filter_nlports, lport))
-			return false;
-	}
-	if (filter_ndports) {
-		dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-		if (!port_in(filter_dports, filter_ndports, dport))
-			return false;
-	}
-	return true;
+	if (!filter_nlports && !filter_ndports)
+		return true;
+	return ports_wanted(local_port(sk), bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)),
+			    true);
 }
 
 static __always_inline void fill_flow(struct tcp_event *e, const struct sock *sk, __u16 family)
 {
 	e->family = family;
-	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->sport = local_port(sk);
 	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	/* explicit sizes: BPF_CORE_READ_INTO on an array would copy one element */
 	if (family == AF_INET) {
@@ -396,7 +409,9 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	}
 
 	if (oldstate == TCP_SYN_SENT && (newstate == TCP_ESTABLISHED || newstate == TCP_CLOSE)) {
-		if (emit_connect && (!filter_tgid || info->tgid == filter_tgid) && (e = reserve())) {
+		if (emit_connect && (!filter_tgid || info->tgid == filter_tgid) &&
+		    ports_wanted(local_port(sk), bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)),
+				 false) && (e = reserve())) {
 			fill_flow(e, sk, family);
 			copy_ident(e, info);
 			e->duration_ns = e->ts_ns - info->syn_ns;
@@ -413,7 +428,10 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	if (newstate != TCP_CLOSE)
 		return 0;
 	if (emit_close && oldstate != TCP_SYN_SENT &&
-	    (!filter_tgid || info->tgid == filter_tgid) && (e = reserve())) {
+	    (!filter_tgid || info->tgid == filter_tgid) &&
+	    ports_wanted(info->sport ? info->sport : local_port(sk),
+			 info->sport ? info->dport : bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)),
+			 false) && (e = reserve())) {
 		fill_flow(e, sk, family);
 		copy_ident(e, info);
 		if (info->sport) {
