@@ -721,3 +721,92 @@ def test_overhead_report_sums_profiler_and_tracers():
     assert names == ["cpu profiler", "syscall tracer"]
     assert report["cpu_percent"] == pytest.approx(sum(p["cpu_percent"] for p in report["parts"]))
     assert report["parts"][1]["bpf_run_time_ns"] > 0
+
+
+# -- the connect and retrans commands, run for real over the same topology ---------------------
+def test_cli_connect_reports_each_reason(netns_pair):
+    from tests.integration.tracer_cli import TraceCli, json_objects
+
+    _netem(netns_pair, delay_ms=1)
+    cli = TraceCli("connect", "--json")
+    human = TraceCli("connect", "-x", "-L")
+    try:
+        _client(netns_pair, "ok:2", "refused", "unreachable", "timeout", "aborted", "reset")
+        wanted = (SERVER_IP, BLACKHOLE_IP, UNREACHABLE_IP)
+        for c in (cli, human):
+            c.wait_output(lambda out: sum(ip in line for line in out.splitlines()
+                                          for ip in wanted) >= (7 if c is cli else 5))
+    finally:
+        rc, out, err = cli.stop()
+        rc2, out2, err2 = human.stop()
+    assert rc == 0 and rc2 == 0, err + err2
+    rows = [o for o in json_objects(out) if o["daddr"] in wanted]
+    assert [(o["daddr"], o["dport"], o["result"], o["errno"]) for o in rows] == [
+        (SERVER_IP, SERVER_PORT, "ok", 0), (SERVER_IP, SERVER_PORT, "ok", 0),
+        (SERVER_IP, 1, "refused", errno.ECONNREFUSED),
+        (UNREACHABLE_IP, SERVER_PORT, "unreachable", errno.EHOSTUNREACH),
+        (BLACKHOLE_IP, SERVER_PORT, "timed_out", errno.ETIMEDOUT),
+        (BLACKHOLE_IP, SERVER_PORT, "aborted", 0),
+        (BLACKHOLE_IP, SERVER_PORT, "reset", errno.ECONNRESET)]
+    for o in rows:
+        assert o["saddr"] == CLIENT_IP and o["ip"] == 4 and o["comm"].startswith("python")
+        assert o["lport"] > 0 and o["latency_ms"] > 0
+    # human, -x -L: tcpconnlat's columns plus LPORT and RESULT, failures only
+    lines = out2.splitlines()
+    assert lines[0].split() == ["PID", "COMM", "IP", "SADDR", "LPORT", "DADDR", "DPORT",
+                                "LAT(ms)", "RESULT"]
+    body = [ln.split() for ln in lines[1:] if any(ip in ln for ip in wanted)]
+    assert [(f[5], f[8]) for f in body] == [
+        (SERVER_IP, "refused"), (UNREACHABLE_IP, "unreachable"), (BLACKHOLE_IP, "timed_out"),
+        (BLACKHOLE_IP, "aborted"), (BLACKHOLE_IP, "reset")]
+
+
+def _quiet_flows(netns: dict) -> bool:
+    """No socket of the client namespace towards the server is left that could retransmit
+    (TIME_WAIT ones cannot)."""
+    out = _ip("ss", "-tanH", ns=netns["client_ns"]).stdout
+    return not [ln for ln in out.splitlines()
+                if f"{SERVER_IP}:{SERVER_PORT}" in ln and not ln.startswith("TIME-WAIT")]
+
+
+def test_cli_retrans_count_equals_retranssegs(netns_pair):
+    """`retrans -c` under 5 % loss: the per-flow counts add up to the namespace's RetransSegs
+    delta; the streaming form prints one row per retransmit with tcpretrans's columns."""
+    from tests.integration.tracer_cli import TraceCli, json_objects
+
+    _netem(netns_pair, loss_percent=5)
+    try:
+        before = _retrans_segs(netns_pair)
+        counting = TraceCli("retrans", "-c", "--json")
+        streaming = TraceCli("retrans")
+        try:
+            seen = _client(netns_pair, "send:1000000", timeout=120)
+            # a lost FIN is retransmitted after the client exited: wait until nothing of
+            # the client's is left but TIME_WAIT (bounded)
+            deadline = time.monotonic() + 30
+            while not _quiet_flows(netns_pair) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _quiet_flows(netns_pair)
+            after = _retrans_segs(netns_pair)
+            streaming.wait_output(lambda out: out.count(f"{CLIENT_IP}:") >= 1)
+        finally:
+            rc, out, err = counting.stop()
+            rc2, out2, err2 = streaming.stop()
+    finally:
+        _netem(netns_pair, delay_ms=1)
+    assert rc == 0 and rc2 == 0, err + err2
+    assert seen["send"][1] == 1_000_000
+    delta = after - before
+    assert delta > 0, "5 % loss on 1 MB should retransmit something"
+    flows = [o for o in json_objects(out) if o["laddr"] == CLIENT_IP]
+    assert flows and all(o["type"] == "retrans_count" for o in flows)
+    assert sum(o["retransmits"] for o in flows) == delta, (flows, delta)
+    client_port = seen["send"][0]
+    assert any(o["lport"] == client_port and o["raddr"] == SERVER_IP and
+               o["rport"] == SERVER_PORT for o in flows), flows
+    lines = out2.splitlines()
+    assert lines[0].split() == ["TIME", "PID", "IP", "LADDR:LPORT", "T>", "RADDR:RPORT",
+                                "STATE"]
+    rows = [ln.split() for ln in lines[1:] if ln.split()[3].startswith(f"{CLIENT_IP}:")]
+    assert rows and all(f[4] == "R>" and f[5] == f"{SERVER_IP}:{SERVER_PORT}" for f in rows)
+    assert re.match(r"\d\d:\d\d:\d\d$", rows[0][0])
