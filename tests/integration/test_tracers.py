@@ -810,3 +810,90 @@ def test_cli_retrans_count_equals_retranssegs(netns_pair):
     rows = [ln.split() for ln in lines[1:] if ln.split()[3].startswith(f"{CLIENT_IP}:")]
     assert rows and all(f[4] == "R>" and f[5] == f"{SERVER_IP}:{SERVER_PORT}" for f in rows)
     assert re.match(r"\d\d:\d\d:\d\d$", rows[0][0])
+
+
+# -- bounds: what happens at each limit is counted, never silent ---------------------------------
+def test_syscall_key_bound_counts_what_it_could_not_keep(bins):
+    """max_keys=1 with -P: the first (process, syscall) key is kept, every call of the others
+    lands in counts_full; kept + counts_full is the exact number of calls."""
+    from sniproxy.observe.tracing import EbpfSyscallTracer
+
+    proc = _start_waiting([bins["syscalls_exact"], "1000", "100", "10"])
+    try:
+        with EbpfSyscallTracer(pid=proc.pid, by_process=True, max_keys=1) as tracer:
+            _go(proc)
+            assert proc.wait(timeout=30) == 0
+            snap = tracer.snapshot()
+    finally:
+        proc.kill()
+    assert len(snap.rows) == 1
+    assert snap.rows[0].count + snap.stats["counts_full"] == 1000 + 100 + 10 + 1
+
+
+def _loopback_connections(n: int, hold: bool = False) -> None:
+    """n connections to a listener of this process, each both ends closed (all at once at
+    the end with hold=True)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(n)
+    held = []
+    for _ in range(n):
+        c = socket.create_connection(srv.getsockname())
+        a, _ = srv.accept()
+        held.append((c, a))
+        if not hold:
+            c.close()
+            a.close()
+    for c, a in held:
+        c.close()
+        a.close()
+    srv.close()
+
+
+def test_network_bounds_user_space_ring_and_sockets():
+    from sniproxy.observe.tracing import EbpfNetworkTracer
+
+    # user space: max_events=10 keeps the 10 newest and counts the rest as dropped
+    with EbpfNetworkTracer(events=("close",), pid=os.getpid(), max_events=10) as tracer:
+        _loopback_connections(20)
+        snap = tracer.wait_for(lambda s: s.stats["events"] >= 40 and
+                               len(s.events) + s.dropped >= 40, timeout_s=10)
+    assert snap.stats["events"] == 40 and snap.stats["ring_full"] == 0
+    assert (len(snap.events), snap.dropped) == (10, 30)
+
+    # kernel ring: 4 KiB holds ~30 events; with the reader held off, 150 events overflow it
+    # and every one lost is counted: submitted + ring_full = what the sockets produced
+    tracer = EbpfNetworkTracer(events=("close", "connect"), pid=os.getpid(), ring_bytes=4096)
+    with tracer:
+        with tracer._reader._rb_lock:          # the reader thread cannot drain meanwhile
+            _loopback_connections(50)          # 50 x (connect + 2 closes)
+            stats = tracer.stats()
+        snap = tracer.snapshot()
+    assert stats["ring_full"] > 0
+    assert stats["events"] + stats["ring_full"] == 150, stats
+    assert len(snap.events) == stats["events"] and snap.dropped == 0
+
+    # sockets followed: max_sockets=1, 5 connections open at once: one pair end is followed
+    # (one row), the births of the others are counted
+    with EbpfNetworkTracer(events=("close",), pid=os.getpid(), max_sockets=1) as tracer:
+        _loopback_connections(5, hold=True)
+        snap = tracer.wait_for(lambda s: len(s.events) >= 1, timeout_s=10)
+        snap = tracer.snapshot()
+    assert len(snap.events) == 1
+    assert snap.stats["sockets_full"] >= 9
+
+
+def test_memory_allocation_bound_is_counted(bins):
+    from sniproxy.observe.tracing import EbpfMemoryTracer
+
+    proc = _start_waiting([bins["leak"], "50", "30"])
+    try:
+        with EbpfMemoryTracer(pid=proc.pid, max_allocs=10) as tracer:
+            _go(proc)
+            assert proc.stdout.readline() == b"ready\n"
+            snap = tracer.snapshot()
+    finally:
+        proc.kill()
+    assert snap.total_count <= 10
+    # 50 + 20 blocks stay allocated: at least 60 of them found the map full
+    assert snap.stats["allocs_full"] >= 60, snap.stats

@@ -161,6 +161,9 @@ def test_tracers_from_config_follow_the_switches():
     staging = tracers_from_config(create_recommended_config("staging"))
     assert [type(t) for t in staging] == [EbpfSyscallTracer, EbpfNetworkTracer]
     assert staging[0].pid is None
+    # max_samples bounds the syscall keys and the network events kept in user space
+    bounded = tracers_from_config(create_recommended_config("staging").with_max_samples(2000))
+    assert (bounded[0].max_keys, bounded[1].max_events) == (2000, 2000)
 
 
 def test_missing_privileges_reads_capeff(monkeypatch):
