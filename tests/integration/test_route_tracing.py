@@ -26,11 +26,12 @@ def _ebpf():
     require_ebpf()
 
 
-def _proxy(tmp_path, backend_port: int, closed_port: int, argv_prefix=None) -> ProxyProcess:
+def _proxy(tmp_path, backend_port: int, closed_port: int, argv_prefix=None,
+           **extra) -> ProxyProcess:
     cfg = base_config(*free_ports(2), workers=2, routes=[
         {"match": "good.example", "backend": f"127.0.0.1:{backend_port}", "name": "good"},
         {"match": "refused.example", "backend": f"127.0.0.1:{closed_port}", "name": "refused"},
-    ], ebpf={"tracing": {"network": True}})
+    ], ebpf={"tracing": {"network": True}}, **extra)
     return ProxyProcess(cfg, tmp_path, argv_prefix=argv_prefix).start()
 
 
@@ -47,7 +48,9 @@ def _through(p: ProxyProcess, name: str) -> bytes:
 
 def test_route_metrics_count_the_proxys_own_connections(tmp_path):
     backend = RawBackend(reply_bytes=1000)
-    p = _proxy(tmp_path, backend.port, free_port())
+    # continuous profiling on as well: the overhead report must show both parts
+    p = _proxy(tmp_path, backend.port, free_port(),
+               profiling={"enabled": True, "otlp": False, "pprof_dir": str(tmp_path / "pprof")})
     try:
         status = p.status()["tracing"]["network"]
         assert status["state"] == "active", status
@@ -74,7 +77,16 @@ def test_route_metrics_count_the_proxys_own_connections(tmp_path):
         assert p.metric("sniproxy_route_tcp_retransmits_total", route="good") == 0
         assert p.metric("sniproxy_route_tcp_srtt_at_close_seconds_sum", route="good",
                         side="backend") > 0
-        assert p.status()["tracing"]["network"]["bpf_run_count"] > 0
+        status = p.status()
+        assert status["tracing"]["network"]["bpf_run_count"] > 0
+        # one overhead report with every running part: the CPU profiler and the tracer
+        report = status["ebpf_overhead"]
+        parts = {part["name"]: part for part in report["parts"]}
+        assert set(parts) == {"cpu profiler", "route network tracer"}, report
+        assert parts["route network tracer"]["bpf_run_time_ns"] > 0
+        assert report["cpu_percent"] == pytest.approx(sum(x["cpu_percent"]
+                                                          for x in parts.values()))
+        assert report["memory_bytes"] == sum(x["memory_bytes"] for x in parts.values()) > 0
     finally:
         p.stop()
         backend.close()
