@@ -293,7 +293,12 @@ def test_tcp_rows_have_exact_bytes_for_200_connections():
         assert (c.tx_bytes, c.rx_bytes) == (tx, rx), (c, tx, rx)
         assert (s.tx_bytes, s.rx_bytes) == (served[cport][1], served[cport][0]) == (rx, tx)
         assert c.pid == s.pid == os.getpid()
+        assert c.comm == s.comm == Path(f"/proc/{os.getpid()}/comm").read_text().strip()
         assert c.saddr == c.daddr == "127.0.0.1" and c.duration_ns > 0 and c.srtt_us > 0
+        assert (s.saddr, s.daddr, s.sport, s.dport) == ("127.0.0.1", "127.0.0.1", port, cport)
+        assert c.family == s.family == 4 and c.total_retrans == s.total_retrans == 0
+        assert c.state == "FIN_WAIT2" and s.state == "LAST_ACK"    # who closed first
+        assert c.err == s.err == 0 and s.duration_ns > 0 and s.srtt_us > 0
     connects = [e for e in snap.of_kind("connect") if e.dport == port]
     assert len(connects) == n
 
@@ -396,6 +401,14 @@ for case in sys.argv[1:]:
     elif kind == "send":
         s = connect(SERVER, PORT); s.sendall(b"x" * int(arg)); s.shutdown(socket.SHUT_WR)
         out["send"] = [s.getsockname()[1], int(s.recv(100))]; s.close()
+    elif kind == "ss":
+        # the kernel's view of a fresh connection, as `ss -ti` prints it (rtt:SRTT/RTTVAR ms)
+        import re, subprocess
+        s = connect(SERVER, PORT); sport = s.getsockname()[1]
+        text = subprocess.run(["ss", "-tinH", "dst", SERVER, "sport", "=", f":{sport}"],
+                              capture_output=True, text=True, timeout=10).stdout
+        out["ss"] = [sport, float(re.search(r"\brtt:([\d.]+)/", text).group(1))]
+        s.close()
     elif kind == "refused":
         out["refused"] = connect(SERVER, 1)
     elif kind == "timeout":
@@ -441,10 +454,16 @@ def test_connect_latency_under_netem_delay(netns_pair):
 
     _netem(netns_pair, delay_ms=20)
     with EbpfNetworkTracer(events=("connect",), remote_ports=[SERVER_PORT]) as tracer:
-        seen = _client(netns_pair, "ok:10")
-        snap = tracer.wait_for(lambda s: len(s.of_kind("connect")) >= 10, timeout_s=10)
+        seen = _client(netns_pair, "ok:10", "ss")
+        snap = tracer.wait_for(lambda s: len(s.of_kind("connect")) >= 11, timeout_s=10)
     mine = [e for e in snap.of_kind("connect") if e.saddr == CLIENT_IP]
-    assert len(mine) == 10
+    assert len(mine) == 11
+    # the last one against `ss -ti`'s rtt of the same socket, both within 2 ms of 20 ms
+    ss_port, ss_rtt_ms = seen["ss"]
+    (checked,) = [e for e in mine if e.sport == ss_port]
+    assert abs(checked.duration_ns / 1e6 - ss_rtt_ms) <= 2.0, (checked, ss_rtt_ms)
+    assert abs(ss_rtt_ms - 20.0) <= 2.0, ss_rtt_ms
+    mine.remove(checked)
     latencies = sorted(e.duration_ns / 1e6 for e in mine)
     # The SYN waits 20 ms on the link: the typical connect is within 2 ms of that (the link
     # is a user-space process, so one connect can be late when the machine is busy) ...
@@ -576,6 +595,10 @@ def test_python_leak_is_visible_with_pythonmalloc_malloc():
     assert baseline == 0
     assert snap.total_count == 200 and snap.total_bytes == 200 * size, snap.stacks
     assert snap.stacks[0].bytes == 200 * size
+    # symbolized at the allocation site: CPython's bytes constructor in libpython (Debian's
+    # libpython has no frame pointers, so the user stack walk ends a frame or two above it)
+    leaf = snap.stacks[0].frames[0]
+    assert "bytes" in leaf.name.lower() and "python" in leaf.module, snap.stacks[0].frames
 
 
 def test_kernel_mode_sees_kmalloc():
