@@ -514,16 +514,18 @@ def test_retransmits_equal_retranssegs_under_netem_loss(netns_pair):
     _netem(netns_pair, loss_percent=5)
     try:
         before = _retrans_segs(netns_pair)
-        with EbpfNetworkTracer(events=("retrans",)) as tracer:
+        with EbpfNetworkTracer(events=("retrans", "close")) as tracer:
             seen = _client(netns_pair, "send:2000000", timeout=120)
-            # A lost FIN is retransmitted after the client exited: read the counter between
-            # two snapshots that agree, so no retransmit falls between reading the two sides.
-            for _ in range(20):
-                first = len(tracer.snapshot().events)
-                after = _retrans_segs(netns_pair)
-                snap = tracer.snapshot()
-                if len(snap.events) == first:
-                    break
+            port = seen["send"][0]
+
+            def closed(snap):
+                return [e for e in snap.of_kind("close")
+                        if (e.saddr, e.sport) == (CLIENT_IP, port)]
+            # A lost FIN is retransmitted after the client exited; once the socket's close
+            # row is out (TIME_WAIT or CLOSE), it cannot retransmit any more.
+            snap = tracer.wait_for(lambda s: bool(closed(s)), timeout_s=60)
+            after = _retrans_segs(netns_pair)
+            snap = tracer.snapshot()
     finally:
         _netem(netns_pair, delay_ms=1)
     assert seen["send"][1] == 2_000_000
@@ -533,6 +535,10 @@ def test_retransmits_equal_retranssegs_under_netem_loss(netns_pair):
     assert sum(max(e.segs, 1) for e in mine) == delta, (len(mine), delta)
     flows = snap.retrans_by_flow()
     assert sum(n for (s, _, _, _), n in flows.items() if s == CLIENT_IP) == delta
+    # the session's row at close carries the same figure (tcp_sock.total_retrans) and its
+    # exact byte count
+    (row,) = closed(snap)
+    assert row.total_retrans == delta and row.tx_bytes == 2_000_000, row
 
 
 # -- memory -------------------------------------------------------------------------------------
