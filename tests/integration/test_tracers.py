@@ -759,16 +759,22 @@ def test_cli_connect_reports_each_reason(netns_pair):
     _netem(netns_pair, delay_ms=1)
     cli = TraceCli("connect", "--json")
     human = TraceCli("connect", "-x", "-L")
+    slow = TraceCli("connect", "50", "--json")      # MIN_MS: only what took 50 ms or more
     try:
         _client(netns_pair, "ok:2", "refused", "unreachable", "timeout", "aborted", "reset")
         wanted = (SERVER_IP, BLACKHOLE_IP, UNREACHABLE_IP)
-        for c in (cli, human):
-            c.wait_output(lambda out: sum(ip in line for line in out.splitlines()
-                                          for ip in wanted) >= (7 if c is cli else 5))
+        for c, n in ((cli, 7), (human, 5), (slow, 3)):
+            c.wait_output(lambda out, n=n: sum(ip in line for line in out.splitlines()
+                                               for ip in wanted) >= n)
     finally:
         rc, out, err = cli.stop()
         rc2, out2, err2 = human.stop()
-    assert rc == 0 and rc2 == 0, err + err2
+        rc3, out3, err3 = slow.stop()
+    assert rc == 0 and rc2 == 0 and rc3 == 0, err + err2 + err3
+    # 1 ms link: the ok/refused/unreachable ones are fast; the blackholed one waited 500 ms
+    # (TCP_USER_TIMEOUT), the aborted one 200 ms, the reset one 100 ms
+    assert [o["result"] for o in json_objects(out3) if o["daddr"] in wanted] == [
+        "timed_out", "aborted", "reset"]
     rows = [o for o in json_objects(out) if o["daddr"] in wanted]
     assert [(o["daddr"], o["dport"], o["result"], o["errno"]) for o in rows] == [
         (SERVER_IP, SERVER_PORT, "ok", 0), (SERVER_IP, SERVER_PORT, "ok", 0),
