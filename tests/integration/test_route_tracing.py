@@ -131,7 +131,7 @@ def _drop_data_object(tmp_path) -> str:
     here = Path(__file__).resolve().parent
     subprocess.run(["clang", "-O2", "-g", "-target", "bpf",
                     f"-I{here.parents[1] / 'src/sniproxy/ebpf/bpf'}", "-c",
-                    str(here / "tracer_workloads" / "drop_data.bpf.c"), "-o", str(out)],
+                    str(here / "drop_data.bpf.c"), "-o", str(out)],
                    check=True, capture_output=True, timeout=60)
     return str(out)
 

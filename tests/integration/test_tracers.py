@@ -908,13 +908,14 @@ def test_network_bounds_user_space_ring_and_sockets():
     assert stats["events"] + stats["ring_full"] == 150, stats
     assert len(snap.events) == stats["events"] and snap.dropped == 0
 
-    # sockets followed: max_sockets=1, 5 connections open at once: one pair end is followed
-    # (one row), the births of the others are counted
+    # sockets followed: max_sockets=1, 5 connections (10 sockets) open at once. The one
+    # slot goes to the first socket born anywhere on the machine (the pid is known only at
+    # close for a passive socket), so at most one of ours has a row; every birth that found
+    # the map full is counted, at least our 9 others.
     with EbpfNetworkTracer(events=("close",), pid=os.getpid(), max_sockets=1) as tracer:
         _loopback_connections(5, hold=True)
-        snap = tracer.wait_for(lambda s: len(s.events) >= 1, timeout_s=10)
         snap = tracer.snapshot()
-    assert len(snap.events) == 1
+    assert len(snap.events) <= 1
     assert snap.stats["sockets_full"] >= 9
 
 
@@ -932,3 +933,43 @@ def test_memory_allocation_bound_is_counted(bins):
     assert snap.total_count <= 10
     # 50 + 20 blocks stay allocated: at least 60 of them found the map full
     assert snap.stats["allocs_full"] >= 60, snap.stats
+
+
+def test_port_filter_rows_exact_and_no_socket_left_behind():
+    """A local-port filter (-L): client sockets are followed from SYN_SENT while their port is
+    unknown, then dropped once it is known and not wanted; a socket left in the map would
+    hand its SYN time to the next socket born at the same address (its row one byte short).
+    After 50 connections the map holds none of ours; the server rows are exact."""
+    from sniproxy.observe.tracing import EbpfNetworkTracer
+    from sniproxy.observe.tracing.network import MAP_SOCKS
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    port = srv.getsockname()[1]
+    def exchange(pairs, first: int) -> None:
+        for i, (c, a) in enumerate(pairs, first):
+            c.sendall(b"x" * (100 + i))
+            c.shutdown(socket.SHUT_WR)
+            assert len(a.recv(4096)) == 100 + i
+            a.sendall(b"y" * 7)
+            a.close()
+            assert c.recv(100) == b"y" * 7
+            c.close()
+
+    def connect():
+        c = socket.create_connection(("127.0.0.1", port))
+        return c, srv.accept()[0]
+
+    with EbpfNetworkTracer(events=("close",), local_ports=[port]) as tracer:
+        exchange([connect() for _ in range(50)], 0)     # 50 client sockets alive at once
+        left = len(list(tracer._obj.map(MAP_SOCKS).keys()))
+        for i in range(50, 100):                         # then one at a time
+            exchange([connect()], i)
+        snap = tracer.wait_for(lambda s: len(s.of_kind("close")) >= 100, timeout_s=10)
+    srv.close()
+    rows = snap.of_kind("close")
+    assert sorted((e.sport, e.rx_bytes, e.tx_bytes) for e in rows) == [
+        (port, 100 + i, 7) for i in range(100)]
+    # other processes' connects in flight at this moment may be followed; 50 of ours would be
+    assert left < 10, left

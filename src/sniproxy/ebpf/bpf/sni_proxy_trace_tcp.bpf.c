@@ -128,6 +128,11 @@ static __always_inline __u16 local_port(const struct sock *sk)
 	return bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
 }
 
+static __always_inline __u16 remote_port(const struct sock *sk)
+{
+	return bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+}
+
 /* Port filters. A port of 0 is not known yet (an active open before connect() picked its
  * port, a passive child before the peer's port is copied in): `known_only` lets it pass while
  * the socket is followed, the final check before a row is emitted (known_only false) does not. */
@@ -150,8 +155,7 @@ static __always_inline bool flow_wanted(const struct sock *sk, __u16 family)
 		return false;
 	if (!filter_nlports && !filter_ndports)
 		return true;
-	return ports_wanted(local_port(sk), bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)),
-			    true);
+	return ports_wanted(local_port(sk), remote_port(sk), true);
 }
 
 static __always_inline void fill_flow(struct tcp_event *e, const struct sock *sk, __u16 family)
@@ -358,6 +362,7 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 	struct tcp_event *e;
 	__u16 family;
+	bool birth;
 
 	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
@@ -366,23 +371,30 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
-	if (!flow_wanted(sk, family))
+	if (!flow_wanted(sk, family)) {
+		/* A socket followed while one of its ports was unknown, now known and not
+		 * wanted: forget it here, its TCP_CLOSE will not get this far either. */
+		if (filter_nlports || filter_ndports)
+			bpf_map_delete_elem(&sni_proxy_tcsk, &key);
 		return 0;
+	}
 
 	info = bpf_map_lookup_elem(&sni_proxy_tcsk, &key);
-	if (!info) {
+	birth = newstate == TCP_SYN_SENT || newstate == TCP_SYN_RECV;
+	if (!info || birth) {
 		/* Only births: a socket opened before we attached has no row (its lifetime and
 		 * byte counts would be wrong). Passive children appear at SYN_RECV or at their
-		 * SYN_RECV -> ESTABLISHED step. */
-		if (newstate != TCP_SYN_SENT && newstate != TCP_SYN_RECV &&
-		    !(oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED))
+		 * SYN_RECV -> ESTABLISHED step. A birth always starts afresh: an entry found
+		 * then belongs to an earlier life of this address (a connect() again after a
+		 * failed one, or a socket freed without a traced TCP_CLOSE). */
+		if (!birth && !(oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED))
 			return 0;
 		fresh.birth_ns = bpf_ktime_get_ns();
 		/* Process context only for an active open; a passive child is created in
 		 * softirq, its owner is learnt when the application closes it. */
 		if (newstate == TCP_SYN_SENT)
 			set_ident(&fresh);
-		if (bpf_map_update_elem(&sni_proxy_tcsk, &key, &fresh, BPF_NOEXIST)) {
+		if (bpf_map_update_elem(&sni_proxy_tcsk, &key, &fresh, BPF_ANY)) {
 			sni_proxy_count(&sni_proxy_tcsta, TCP_STAT_SOCKS_FULL, 1);
 			return 0;
 		}
@@ -410,8 +422,7 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 
 	if (oldstate == TCP_SYN_SENT && (newstate == TCP_ESTABLISHED || newstate == TCP_CLOSE)) {
 		if (emit_connect && (!filter_tgid || info->tgid == filter_tgid) &&
-		    ports_wanted(local_port(sk), bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)),
-				 false) && (e = reserve())) {
+		    ports_wanted(local_port(sk), remote_port(sk), false) && (e = reserve())) {
 			fill_flow(e, sk, family);
 			copy_ident(e, info);
 			e->duration_ns = e->ts_ns - info->syn_ns;
@@ -430,8 +441,7 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	if (emit_close && oldstate != TCP_SYN_SENT &&
 	    (!filter_tgid || info->tgid == filter_tgid) &&
 	    ports_wanted(info->sport ? info->sport : local_port(sk),
-			 info->sport ? info->dport : bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)),
-			 false) && (e = reserve())) {
+			 info->sport ? info->dport : remote_port(sk), false) && (e = reserve())) {
 		fill_flow(e, sk, family);
 		copy_ident(e, info);
 		if (info->sport) {
