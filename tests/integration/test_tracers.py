@@ -549,10 +549,17 @@ def test_memory_outstanding_bytes_and_stacks_are_exact(bins):
     proc = _start_waiting([bins["leak"], str(small_n), str(big_n)])
     try:
         with EbpfMemoryTracer(pid=proc.pid) as tracer:
+            t_go = time.monotonic()
             _go(proc)
             assert proc.stdout.readline() == b"ready\n"
+            t_ready = time.monotonic()
             snap = tracer.snapshot(top=10)
             overhead = tracer.get_overhead()
+            # the age filter (memleak -o): every block was allocated between t_go and
+            # t_ready, so an age a little below now - t_ready keeps them all and one above
+            # now - t_go keeps none
+            old_enough = tracer.snapshot(min_age_s=time.monotonic() - t_ready - 0.001)
+            too_young = tracer.snapshot(min_age_s=time.monotonic() - t_go + 0.5)
         proc.stdin.write(b"x")
         proc.stdin.close()
         assert proc.wait(timeout=10) == 0
@@ -569,6 +576,8 @@ def test_memory_outstanding_bytes_and_stacks_are_exact(bins):
     assert snap.total_bytes == small.bytes + big.bytes, snap.stacks
     assert snap.stats["allocs_full"] == 0 and snap.stats["stacks_lost"] == 0
     assert overhead.bpf_run_count > 0
+    assert old_enough.total_bytes == snap.total_bytes and too_young.total_bytes == 0
+    assert too_young.stacks == []
 
 
 _PY_LEAK = r"""
