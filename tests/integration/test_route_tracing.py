@@ -177,7 +177,8 @@ def test_route_retransmits_under_loss_equal_the_proxys_retranssegs(tmp_path):
                 assert got == (len(HELLO) + n, stream_sha(HELLO, n))
 
             def settled() -> bool:     # both sockets of both connections closed (counted)
-                return all(run_in(t.proxy, p.metric, "sniproxy_route_tcp_srtt_at_close_seconds_count",
+                return all(run_in(t.proxy, p.metric,
+                                  "sniproxy_route_tcp_srtt_at_close_seconds_count",
                                   route="data", side=side) == 2 for side in ("client", "backend"))
             wait_until(settled, 30, "per-route close counts")
             delta = _retrans_segs(t.proxy) - before
