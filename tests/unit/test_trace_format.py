@@ -161,6 +161,9 @@ def test_tracers_from_config_follow_the_switches():
     staging = tracers_from_config(create_recommended_config("staging"))
     assert [type(t) for t in staging] == [EbpfSyscallTracer, EbpfNetworkTracer]
     assert staging[0].pid is None
+    # max_samples bounds the syscall keys and the network events kept in user space
+    bounded = tracers_from_config(create_recommended_config("staging").with_max_samples(2000))
+    assert (bounded[0].max_keys, bounded[1].max_events) == (2000, 2000)
 
 
 def test_missing_privileges_reads_capeff(monkeypatch):
@@ -187,3 +190,14 @@ def test_memleak_frames_and_tracer_frames_dropped():
                               stamp="12:00:00")
     assert lines == ["[12:00:00] Top 10 stacks with outstanding allocations:",
                      "\t100 bytes in 2 allocations from stack", "\t\ta [x]", "\t\tb [x]"]
+
+
+def test_proxy_network_tracing_is_off_by_default():
+    from sniproxy.config import parse_config
+
+    routes = [{"match": "a.example", "backend": "127.0.0.1:443"}]
+    config = parse_config({"listen_addr": "127.0.0.1:8443", "routes": routes})
+    assert config.ebpf.tracing.network is False
+    on = parse_config({"listen_addr": "127.0.0.1:8443", "routes": routes,
+                       "ebpf": {"tracing": {"network": True}}})
+    assert on.ebpf.tracing.network is True and on.ebpf.enabled is False   # independent

@@ -402,6 +402,11 @@ def _report_stats(stats: dict[str, int]) -> None:
               ", ".join(f"{k}={v}" for k, v in lost.items()))
 
 
+def _epoch(ts_ns: int) -> float:
+    """An event's bpf_ktime_get_ns() (CLOCK_MONOTONIC) as epoch seconds, for JSON `time`."""
+    return time.time() - (time.monotonic_ns() - ts_ns) / 1e9
+
+
 def _family(args) -> int | None:
     return 4 if getattr(args, "ipv4", False) else 6 if getattr(args, "ipv6", False) else None
 
@@ -430,7 +435,7 @@ def _cmd_tcp(args) -> int:
         for e in events:
             if e.kind != "close":
                 continue
-            obj = {"type": "tcp_close", "pid": e.pid, "comm": e.comm, "ip": e.family,
+            obj = {"type": "tcp_close", "time": _epoch(e.ts_ns), "pid": e.pid, "comm": e.comm, "ip": e.family,
                    "laddr": e.saddr, "lport": e.sport, "raddr": e.daddr, "rport": e.dport,
                    "tx_bytes": e.tx_bytes, "rx_bytes": e.rx_bytes,
                    "duration_ms": e.duration_ns / 1e6, "srtt_us": e.srtt_us,
@@ -439,6 +444,7 @@ def _cmd_tcp(args) -> int:
                  fmt.tcplife_row(obj, wide=args.wide, timestamp=args.time))
 
     def loop(tr, stopper) -> None:
+        _info("Tracing TCP sessions (printed at close)... Ctrl+C to quit.")
         if not args.json:
             _out(fmt.tcplife_header(wide=args.wide, timestamp=args.time))
         _stream(tr, stopper, handle, args.interval)
@@ -461,7 +467,7 @@ def _cmd_connect(args) -> int:
             latency_ms = e.duration_ns / 1e6
             if latency_ms < args.min_ms:
                 continue
-            obj = {"type": "connect", "pid": e.pid, "comm": e.comm, "ip": e.family,
+            obj = {"type": "connect", "time": _epoch(e.ts_ns), "pid": e.pid, "comm": e.comm, "ip": e.family,
                    "saddr": e.saddr, "lport": e.sport, "daddr": e.daddr, "dport": e.dport,
                    "latency_ms": latency_ms,
                    "result": "ok" if e.kind == "connect" else e.reason,
@@ -470,6 +476,7 @@ def _cmd_connect(args) -> int:
                  fmt.tcpconnlat_row(obj, lport=args.lport, timestamp=args.timestamp, t0_ns=t0))
 
     def loop(tr, stopper) -> None:
+        _info(f"Tracing {'failed ' if args.failures else ''}TCP connects... Ctrl+C to quit.")
         if not args.json:
             _out(fmt.tcpconnlat_header(lport=args.lport, timestamp=args.timestamp))
         _stream(tr, stopper, handle, args.interval)
@@ -491,10 +498,12 @@ def _cmd_retrans(args) -> int:
                 key = (e.saddr, e.sport, e.daddr, e.dport, e.family)
                 counts[key] = counts.get(key, 0) + max(e.segs, 1)
                 continue
-            obj = {"type": "retrans", "time": fmt.clock(), "pid": e.pid, "ip": e.family,
+            obj = {"type": "retrans", "time": _epoch(e.ts_ns), "pid": e.pid, "ip": e.family,
                    "laddr": e.saddr, "lport": e.sport, "raddr": e.daddr, "rport": e.dport,
                    "state": e.state, "segs": e.segs, "err": e.err}
-            _out(fmt.json_line(obj) if args.json else fmt.tcpretrans_row(obj))
+            _out(fmt.json_line(obj) if args.json else
+                 fmt.tcpretrans_row(dict(obj, time=time.strftime(
+                     "%H:%M:%S", time.localtime(obj["time"])))))
 
     def print_counts() -> None:
         if not args.json:
@@ -508,10 +517,9 @@ def _cmd_retrans(args) -> int:
                 _out(fmt.tcpretrans_count_row(la, lp, ra, rp, n, ip))
 
     def loop(tr, stopper) -> None:
+        _info("Tracing retransmits ... Hit Ctrl-C to end")
         if not args.json and not args.count:
             _out(fmt.tcpretrans_header())
-        if args.count:
-            _info("Tracing retransmits ... Hit Ctrl-C to end")
         _stream(tr, stopper, handle, None if args.count else args.interval)
         if args.count:
             print_counts()

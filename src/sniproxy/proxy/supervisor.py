@@ -385,7 +385,16 @@ class Supervisor:
                 "state": "disabled", "reason": "ebpf.tracing.network is false in the config"}},
             "otlp": self._otlp_status(),
             "profiling": self._profiling_status(),
+            "ebpf_overhead": self._ebpf_overhead(),
         })
+
+    def _ebpf_overhead(self) -> dict:
+        """The CPU profiler's and every running tracer's cost in one report (BPF run time
+        from bpf_stats plus user-space CPU; observe/tracing/base.py overhead_report)."""
+        from sniproxy.observe.tracing import overhead_report
+        profiler = self.profiling.profiler if self.profiling is not None else None
+        tracer = self.route_tcp.tracer if self.route_tcp is not None else None
+        return overhead_report(profiler, (tracer,) if tracer is not None else ())
 
     def _profiling_status(self) -> dict:
         from sniproxy.telemetry.continuous_profiling import profiling_status

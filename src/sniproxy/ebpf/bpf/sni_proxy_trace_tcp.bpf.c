@@ -128,30 +128,47 @@ static __always_inline bool port_in(const volatile __u16 *ports, __u32 n, __u16 
 	return false;
 }
 
-/* Family and ports; the process filter is applied by the callers (it needs sock_info). */
+/* The local port from inet_sport, not skc_num: TCP_CLOSE is traced after inet_put_port()
+ * zeroed skc_num, and -L must still match the row emitted there. */
+static __always_inline __u16 local_port(const struct sock *sk)
+{
+	return bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
+}
+
+static __always_inline __u16 remote_port(const struct sock *sk)
+{
+	return bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+}
+
+/* Port filters. A port of 0 is not known yet (an active open before connect() picked its
+ * port, a passive child before the peer's port is copied in): `known_only` lets it pass while
+ * the socket is followed, the final check before a row is emitted (known_only false) does not. */
+static __always_inline bool ports_wanted(__u16 lport, __u16 dport, bool known_only)
+{
+	if (filter_nlports && (lport || !known_only) &&
+	    !port_in(filter_lports, filter_nlports, lport))
+		return false;
+	if (filter_ndports && (dport || !known_only) &&
+	    !port_in(filter_dports, filter_ndports, dport))
+		return false;
+	return true;
+}
+
+/* Family and the ports known so far; the process filter is applied by the callers (it
+ * needs sock_info). */
 static __always_inline bool flow_wanted(const struct sock *sk, __u16 family)
 {
-	__u16 lport, dport;
-
 	if (filter_family && family != filter_family)
 		return false;
-	if (filter_nlports) {
-		lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-		if (!port_in(filter_lports, filter_nlports, lport))
-			return false;
-	}
-	if (filter_ndports) {
-		dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-		if (!port_in(filter_dports, filter_ndports, dport))
-			return false;
-	}
-	return true;
+	if (!filter_nlports && !filter_ndports)
+		return true;
+	return ports_wanted(local_port(sk), remote_port(sk), true);
 }
 
 static __always_inline void fill_flow(struct tcp_event *e, const struct sock *sk, __u16 family)
 {
 	e->family = family;
-	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->sport = local_port(sk);
 	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	/* explicit sizes: BPF_CORE_READ_INTO on an array would copy one element */
 	if (family == AF_INET) {
@@ -163,6 +180,28 @@ static __always_inline void fill_flow(struct tcp_event *e, const struct sock *sk
 	}
 	e->cookie = (__u64)sk;
 	e->ts_ns = bpf_ktime_get_ns();
+}
+
+#define SHUTDOWN_MASK 3		/* RCV_SHUTDOWN | SEND_SHUTDOWN (include/net/sock.h) */
+#define ECONNRESET 104
+
+/* sk_err of a connect that left SYN_SENT for CLOSE, as the application will see it.
+ * tcp_reset() (RST answering the SYN: ECONNREFUSED), ICMP errors and the SYN timer
+ * (ETIMEDOUT) set sk_err before the state change; tcp_disconnect() (connect(AF_UNSPEC) on a
+ * connecting socket, or the kernel aborting it) sets ECONNRESET just after it, so the
+ * tracepoint reads 0 there. An application's close() marks the socket fully shut down
+ * first (__tcp_close), and a connect that failed before its SYN left (no local port:
+ * inet_hash_connect) has sent nothing: both keep 0, "aborted". */
+static __always_inline int connect_error(const struct sock *sk)
+{
+	int err = BPF_CORE_READ(sk, sk_err);
+
+	if (err)
+		return err;
+	if (BPF_CORE_READ(sk, sk_shutdown) != SHUTDOWN_MASK &&
+	    BPF_CORE_READ((const struct tcp_sock *)sk, segs_out) > 0)
+		return ECONNRESET;
+	return 0;
 }
 
 static __always_inline struct tcp_event *reserve(void)
@@ -305,7 +344,7 @@ static __always_inline int route_state(const struct sock *sk, int oldstate, int 
 			st->connect_sum_us += now;
 			st->connect_hist[log2_slot(now)] += 1;
 		} else if (newstate == TCP_CLOSE) {
-			reason = fail_reason(BPF_CORE_READ(sk, sk_err));
+			reason = fail_reason(connect_error(sk));
 			if (reason < FAIL_MAX)
 				st->connect_fail[reason] += 1;
 		}
@@ -330,6 +369,7 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 	struct tcp_event *e;
 	__u16 family;
+	bool birth;
 
 	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
@@ -338,23 +378,30 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
-	if (!flow_wanted(sk, family))
+	if (!flow_wanted(sk, family)) {
+		/* A socket followed while one of its ports was unknown, now known and not
+		 * wanted: forget it here, its TCP_CLOSE will not get this far either. */
+		if (filter_nlports || filter_ndports)
+			bpf_map_delete_elem(&sni_proxy_tcsk, &key);
 		return 0;
+	}
 
 	info = bpf_map_lookup_elem(&sni_proxy_tcsk, &key);
-	if (!info) {
+	birth = newstate == TCP_SYN_SENT || newstate == TCP_SYN_RECV;
+	if (!info || birth) {
 		/* Only births: a socket opened before we attached has no row (its lifetime and
 		 * byte counts would be wrong). Passive children appear at SYN_RECV or at their
-		 * SYN_RECV -> ESTABLISHED step. */
-		if (newstate != TCP_SYN_SENT && newstate != TCP_SYN_RECV &&
-		    !(oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED))
+		 * SYN_RECV -> ESTABLISHED step. A birth always starts afresh: an entry found
+		 * then belongs to an earlier life of this address (a connect() again after a
+		 * failed one, or a socket freed without a traced TCP_CLOSE). */
+		if (!birth && !(oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED))
 			return 0;
 		fresh.birth_ns = bpf_ktime_get_ns();
 		/* Process context only for an active open; a passive child is created in
 		 * softirq, its owner is learnt when the application closes it. */
 		if (newstate == TCP_SYN_SENT)
 			set_ident(&fresh);
-		if (bpf_map_update_elem(&sni_proxy_tcsk, &key, &fresh, BPF_NOEXIST)) {
+		if (bpf_map_update_elem(&sni_proxy_tcsk, &key, &fresh, BPF_ANY)) {
 			sni_proxy_count(&sni_proxy_tcsta, TCP_STAT_SOCKS_FULL, 1);
 			return 0;
 		}
@@ -381,13 +428,14 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	}
 
 	if (oldstate == TCP_SYN_SENT && (newstate == TCP_ESTABLISHED || newstate == TCP_CLOSE)) {
-		if (emit_connect && (!filter_tgid || info->tgid == filter_tgid) && (e = reserve())) {
+		if (emit_connect && (!filter_tgid || info->tgid == filter_tgid) &&
+		    ports_wanted(local_port(sk), remote_port(sk), false) && (e = reserve())) {
 			fill_flow(e, sk, family);
 			copy_ident(e, info);
 			e->duration_ns = e->ts_ns - info->syn_ns;
 			if (newstate == TCP_CLOSE) {
 				e->kind = TCP_EV_CONNECT_FAIL;
-				e->err = BPF_CORE_READ(sk, sk_err);
+				e->err = connect_error(sk);
 			} else {
 				e->kind = TCP_EV_CONNECT;
 				e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
@@ -398,7 +446,9 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	if (newstate != TCP_CLOSE)
 		return 0;
 	if (emit_close && oldstate != TCP_SYN_SENT &&
-	    (!filter_tgid || info->tgid == filter_tgid) && (e = reserve())) {
+	    (!filter_tgid || info->tgid == filter_tgid) &&
+	    ports_wanted(info->sport ? info->sport : local_port(sk),
+			 info->sport ? info->dport : remote_port(sk), false) && (e = reserve())) {
 		fill_flow(e, sk, family);
 		copy_ident(e, info);
 		if (info->sport) {
