@@ -131,7 +131,9 @@ def make_traffic(port: int, pki: Pki, proxy: ProxyProcess) -> None:
     for _ in range(OK_CONNECTIONS):
         r = curl("a.test", port, "/", pki.ca_path)
         assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
-    wait_until(lambda: proxy.metric("ebpf_tcp_splice_active_flows") == 0, 15, "the flows done")
+        # a finished flow lingers (linger_s) before its entries go and its slot is free
+        wait_until(lambda: proxy.metric("ebpf_map_utilization", map="tcp_splice") == 0, 15,
+                   "the flow's entries removed")
     # The tc splice holds SPLICE_FLOWS flows: while one is held, the next connections fall back
     # to the sockmap (reason map_full), so both kernel relays have figures.
     ctx = ssl.create_default_context(cafile=str(pki.ca_path))
