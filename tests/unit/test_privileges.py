@@ -28,18 +28,38 @@ def test_no_ebpf_and_a_high_port_need_no_capability():
 def test_each_feature_names_its_capabilities():
     cfg = config(ebpf={"enabled": True})
     needs = required_privileges(cfg)
-    assert capabilities(needs) == ("CAP_BPF", "CAP_NET_ADMIN")
+    assert capabilities(needs) == ("CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON")
     assert {(n.capability, n.feature) for n in needs} == {
         ("CAP_BPF", "ebpf.sockmap"), ("CAP_BPF", "ebpf.dns_cache"), ("CAP_BPF", "ebpf.stats"),
         ("CAP_NET_ADMIN", "ebpf.sockmap"), ("CAP_BPF", "ebpf.tcp_splice"),
-        ("CAP_NET_ADMIN", "ebpf.tcp_splice")}
+        ("CAP_NET_ADMIN", "ebpf.tcp_splice"), ("CAP_PERFMON", "ebpf.tcp_splice")}
+    no_splice = config(ebpf={"enabled": True, "tcp_splice": {"enabled": False}})
+    assert capabilities(required_privileges(no_splice)) == ("CAP_BPF", "CAP_NET_ADMIN")
     dns_only = config(ebpf={"enabled": True, "sockmap": {"enabled": False},
                             "tcp_splice": {"enabled": False}, "stats": {"enabled": False}})
     assert capabilities(required_privileges(dns_only)) == ("CAP_BPF",)
-    forced = config(ebpf={"enabled": True, "sockmap": {"sndbuf_bytes": 1 << 22}})
+    forced = config(ebpf={"enabled": True, "sockmap": {"sndbuf_bytes": 1 << 22},
+                          "tcp_splice": {"enabled": False}})
     assert ("CAP_NET_ADMIN", "ebpf.sockmap.sndbuf_bytes") in {
         (n.capability, n.feature) for n in required_privileges(forced)}
     assert capabilities(required_privileges(forced)) == ("CAP_BPF", "CAP_NET_ADMIN")
+
+
+def test_network_tracing_needs_perfmon_even_without_the_data_path():
+    cfg = config(ebpf={"enabled": False, "tracing": {"network": True}})
+    needs = required_privileges(cfg)
+    assert capabilities(needs) == ("CAP_BPF", "CAP_PERFMON")
+    assert {n.feature for n in needs} == {"ebpf.tracing.network"}
+
+
+def test_pin_paths_inside_another_are_opened_once():
+    from sniproxy.privileges import pin_paths
+    cfg = config(ebpf={"enabled": True, "dns_cache": {"pin_path": "/sys/fs/bpf/sp"},
+                       "tcp_splice": {"pin_path": "/sys/fs/bpf/sp/tcp_splice"}})
+    assert pin_paths(cfg) == ["/sys/fs/bpf/sp"]
+    apart = config(ebpf={"enabled": True, "dns_cache": {"pin_path": "/sys/fs/bpf/sp"},
+                         "tcp_splice": {"pin_path": "/sys/fs/bpf/sp-flows"}})
+    assert pin_paths(apart) == ["/sys/fs/bpf/sp", "/sys/fs/bpf/sp-flows"]
 
 
 def test_low_ports_need_net_bind_service():
@@ -73,5 +93,6 @@ def test_pin_path_is_opened_only_when_the_dns_cache_is_on():
 def test_setpriv_grants_the_same_set_and_can_drop_one():
     cfg = config(ebpf={"enabled": True})
     argv = setpriv_argv(cfg, 65534, 65534)
-    assert "--ambient-caps=-all,+bpf,+net_admin" in argv and argv[-1] == "--"
-    assert "--bounding-set=-all,+bpf" in setpriv_argv(cfg, 65534, 65534, drop="CAP_NET_ADMIN")
+    assert "--ambient-caps=-all,+bpf,+net_admin,+perfmon" in argv and argv[-1] == "--"
+    assert "--bounding-set=-all,+bpf,+perfmon" in setpriv_argv(cfg, 65534, 65534,
+                                                               drop="CAP_NET_ADMIN")

@@ -50,12 +50,15 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "profiler": ("prog:perf_event", "map:stack_trace", "perf:cpu_clock"),
     "xdp": ("prog:xdp",),
     "tracing": ("prog:raw_tracepoint", "attach:tp_btf"),
-    "tcp_splice": ("prog:sched_cls", "map:ringbuf", "sock:tcp_repair", "cap:CAP_NET_ADMIN"),
+    # CAP_PERFMON: the verifier allows the programs' variable-offset stack reads (the TCP
+    # option scan) only to a loader that bypasses Spectre v1 checks (perfmon_capable)
+    "tcp_splice": ("prog:sched_cls", "map:ringbuf", "sock:tcp_repair", "cap:CAP_NET_ADMIN",
+                   "cap:CAP_PERFMON"),
 }
 # Capabilities each proxy feature needs (proxy/privileges.py says why, for the unit lines):
 # a reason names the missing one first, so an operator sees which to grant.
 FEATURE_CAPABILITIES: dict[str, tuple[str, ...]] = {
-    "tcp_splice": ("CAP_BPF", "CAP_NET_ADMIN"),
+    "tcp_splice": ("CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"),
     "sockmap": ("CAP_BPF", "CAP_NET_ADMIN"),
     "dns_cache": ("CAP_BPF",),
     "stats": ("CAP_BPF",),
