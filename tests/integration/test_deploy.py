@@ -382,7 +382,7 @@ def test_unit_lines_are_those_sni_proxy_check_prints_for_the_reference_config():
     from sniproxy.config import load_config
     from sniproxy.privileges import unit_lines
     expected = unit_directives("\n".join(unit_lines(load_config(REFERENCE_CONFIG))))
-    assert "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN" in expected
+    assert "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON" in expected
     assert "LimitNOFILE=150064" in expected and "TimeoutStopSec=45" in expected
     directives = unit_directives(UNIT.read_text())
     assert [d for d in expected if d not in directives] == []
@@ -434,80 +434,121 @@ def cap_mask(names) -> int:
     return sum(1 << bits[n] for n in names)
 
 
-def unprivileged_proxy(tmp: Path, pins: Path, pki: Pki, backend_port: int, drop: str | None):
+# Every eBPF feature of the proxy on: the tc splice (default relay), the sockmap, the DNS cache
+# and stats, and ebpf.tracing.network (the one that also needs CAP_PERFMON).
+ALL_CAPS = ("CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON")
+
+
+@pytest.fixture
+def netns():
+    with Topology.loopback(f"dpu{os.getpid() % 100000}") as t:
+        yield t.proxy
+
+
+@contextlib.contextmanager
+def unprivileged_proxy(tmp: Path, pins: Path, ns: str, drop: str | None):
+    """The proxy as `nobody` with exactly the capabilities `sni-proxy check` lists for its
+    config (minus `drop`), in network namespace `ns` with a TLS backend there; (proxy, pki, caps)
+    where the proxy's methods run in `ns`."""
     from sniproxy.config import parse_config
     from sniproxy.privileges import capabilities, required_privileges, setpriv_argv
     if shutil.which("setpriv") is None:
         skip_or_fail("setpriv (util-linux) is needed to run as another user with capabilities")
-    port, metrics_port = free_ports(2)
-    cfg = base_config(port, metrics_port, workers=2,
-                      routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend_port}"}],
-                      ebpf={"enabled": True, "dns_cache": {"pin_path": str(pins)}})
-    config = parse_config(cfg)
-    caps = capabilities(required_privileges(config))
-    assert caps == ("CAP_BPF", "CAP_NET_ADMIN")
-    proxy = ProxyProcess(cfg, tmp, env={"SNI_PROXY_LOG": "debug"},
-                         argv_prefix=setpriv_argv(config, NOBODY, NOBODY, drop=drop))
-    proxy.config_path.chmod(0o644)
-    return proxy.start(), port, [c for c in caps if c != drop]
+    pki = make_pki(tmp / "pki", ["a.test"])
+    for path in [tmp / "pki", *(tmp / "pki").iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    backend = tls_backend(pki, ["a.test"], "A")
+    backend_port = run_in(ns, backend.__enter__)
+    try:
+        cfg = base_config(8443, 9090, workers=2,
+                          routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend_port}"}],
+                          ebpf={"enabled": True, "dns_cache": {"pin_path": str(pins)},
+                                "tcp_splice": {"pin_path": str(pins / "tcp_splice"),
+                                               "linger_s": 0.2},
+                                "tracing": {"network": True}})
+        config = parse_config(cfg)
+        caps = capabilities(required_privileges(config))
+        assert sorted(caps) == sorted(ALL_CAPS)
+        proc_dir = tmp / f"proxy-{drop}"
+        proc_dir.mkdir()
+        proxy = ProxyProcess(cfg, proc_dir, env={"SNI_PROXY_LOG": "debug"},
+                             argv_prefix=["ip", "netns", "exec", ns,
+                                          *setpriv_argv(config, NOBODY, NOBODY, drop=drop)])
+        proxy.config_path.chmod(0o644)
+        inns = InNetns(ns, proxy)
+        inns.start()
+        try:
+            yield inns, pki, [c for c in caps if c != drop]
+        finally:
+            proxy.stop()
+    finally:
+        run_in(ns, backend.__exit__, None, None, None)
+
+
+def served_through(proxy, pki, relay: str) -> None:
+    r = run_in(proxy._ns, curl, "a.test", 8443, "/", pki.ca_path)
+    assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+    wait_until(lambda: proxy.metric("sniproxy_relay_connections_total", relay=relay) == 1,
+               10, f"the connection to be counted as relayed by {relay}")
 
 
 def test_unprivileged_user_with_the_unit_capabilities_runs_every_feature_active(
-        tmp_path, world_readable_dir, bpffs_for_nobody):
+        world_readable_dir, bpffs_for_nobody, netns):
     require_ebpf()
-    pki = make_pki(tmp_path / "pki", ["a.test"])
-    with tls_backend(pki, ["a.test"], "A") as backend_port:
-        proxy, port, caps = unprivileged_proxy(world_readable_dir, bpffs_for_nobody, pki,
-                                               backend_port, drop=None)
-        try:
-            for pid in [proxy.proc.pid] + [w["pid"] for w in proxy.status()["workers"]]:
-                assert capabilities_of(pid) == (NOBODY, cap_mask(caps)), pid
-            e = proxy.status()["ebpf"]
-            assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"], e["pinning"]) == \
-                ("full", "active", "active", "active", "on"), e
-            r = curl("a.test", port, "/", pki.ca_path)
-            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
-            wait_until(lambda: proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 1,
-                       10, "the connection to be counted as sockmap-relayed")
-        finally:
-            proxy.stop()
+    with unprivileged_proxy(world_readable_dir, bpffs_for_nobody, netns, drop=None) as \
+            (proxy, pki, caps):
+        status = proxy.status()
+        for pid in [status["pid"]] + [w["pid"] for w in status["workers"]]:
+            assert capabilities_of(pid) == (NOBODY, cap_mask(caps)), pid
+        e = status["ebpf"]
+        assert (e["mode"], e["tcp_splice"], e["sockmap"], e["dns_cache"], e["stats"],
+                e["pinning"]) == ("full", "active", "active", "active", "active", "on"), e
+        assert e["tcp_splice_detail"]["pin_path"] == str(bpffs_for_nobody / "tcp_splice"), e
+        assert status["tracing"]["network"]["state"] == "active", status["tracing"]
+        served_through(proxy, pki, "tcp_splice")          # the default relay
+        wait_until(lambda: proxy.metric("sniproxy_route_backend_connect_seconds_count",
+                                        route="a.test") == 1, 10, "the kernel-measured connect")
 
 
-@pytest.mark.parametrize("drop", ["CAP_NET_ADMIN", "CAP_BPF"])
+@pytest.mark.parametrize("drop", ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"])
 def test_one_capability_missing_is_named_and_the_proxy_degrades(
-        tmp_path, world_readable_dir, bpffs_for_nobody, drop):
+        world_readable_dir, bpffs_for_nobody, netns, drop):
     require_ebpf()
-    pki = make_pki(tmp_path / "pki", ["a.test"])
-    with tls_backend(pki, ["a.test"], "A") as backend_port:
-        proxy, port, caps = unprivileged_proxy(world_readable_dir, bpffs_for_nobody, pki,
-                                               backend_port, drop=drop)
-        try:
-            assert capabilities_of(proxy.proc.pid) == (NOBODY, cap_mask(caps))
-            e = proxy.status()["ebpf"]
-            if drop == "CAP_NET_ADMIN":     # only the sockmap needs it
-                assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"]) == \
-                    ("partial", "disabled", "active", "active"), e
-            else:                           # everything needs CAP_BPF
-                assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"]) == \
-                    ("none", "disabled", "disabled", "disabled"), e
+    with unprivileged_proxy(world_readable_dir, bpffs_for_nobody, netns, drop=drop) as \
+            (proxy, pki, caps):
+        status = proxy.status()
+        assert capabilities_of(status["pid"]) == (NOBODY, cap_mask(caps))
+        e = status["ebpf"]
+        tracing = status["tracing"]["network"]
+        features = (e["mode"], e["tcp_splice"], e["sockmap"], e["dns_cache"], e["stats"])
+        log = proxy.log()
+        if drop == "CAP_NET_ADMIN":     # the two kernel relays need it
+            assert features == ("partial", "disabled", "disabled", "active", "active"), e
+            for feature in ("tcp_splice", "sockmap"):
+                assert f"missing capability {drop}" in e["reasons"][feature], e["reasons"]
+                assert f"eBPF {feature} disabled: missing capability {drop}" in log
+            assert "eBPF manager initialised: mode partial (tcp_splice disabled, sockmap disabled, " in log
+            assert tracing["state"] == "active", tracing
+            relay = "splice"
+        elif drop == "CAP_BPF":         # every eBPF feature needs it
+            assert features == ("none", "disabled", "disabled", "disabled", "disabled"), e
             assert f"missing capability {drop}" in e["reasons"]["sockmap"], e["reasons"]
-            log = proxy.log()
             assert f"eBPF sockmap disabled: missing capability {drop}" in log
-            if drop == "CAP_NET_ADMIN":
-                assert "eBPF manager initialised: mode partial (tcp_splice disabled, sockmap disabled, " in log
-            else:
-                assert "eBPF manager initialisation failed (falling back to the traditional " \
-                       "mode): mode none" in log
-                assert "using the traditional data forwarding mode" in log
-            r = curl("a.test", port, "/", pki.ca_path)            # degraded, still serving
-            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
-            wait_until(lambda: proxy.metric("sniproxy_relay_connections_total") == 1, 10,
-                       "the connection to be counted")
-            assert proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 0
-            if drop == "CAP_NET_ADMIN":     # the worker's side of it, at debug level
-                assert "socket pair registration failed (program not loaded)" in proxy.log()
-        finally:
-            proxy.stop()
+            assert "eBPF manager initialisation failed (falling back to the traditional " \
+                   "mode): mode none" in log
+            assert "using the traditional data forwarding mode" in log
+            assert tracing["state"] == "degraded" and "CAP_BPF" in tracing["reason"], tracing
+            relay = "splice"
+        else:                           # the tc splice and ebpf.tracing.network need it
+            assert features == ("partial", "disabled", "active", "active", "active"), e
+            assert f"missing capability {drop}" in e["reasons"]["tcp_splice"], e["reasons"]
+            assert f"eBPF tcp_splice disabled: missing capability {drop}" in log
+            assert tracing["state"] == "degraded" and "CAP_PERFMON" in tracing["reason"], tracing
+            assert "ebpf.tracing.network: disabled: " in log
+            relay = "sockmap"
+        served_through(proxy, pki, relay)                 # degraded, still serving
+        if drop == "CAP_NET_ADMIN":     # the worker's side of it, at debug level
+            assert "socket pair registration failed (program not loaded)" in proxy.log()
 
 
 # ------------------------------------------------------------------------ Kubernetes
