@@ -324,6 +324,7 @@ def test_dashboard_is_importable_json_with_the_panels_operators_expect():
                    "ebpf_feature_state", "ebpf_sockmap_redirects_total", "ebpf_tcp_splice_active_flows",
                    "ebpf_tcp_splice_engaged_total", "ebpf_tcp_splice_fallbacks_total",
                    "ebpf_tcp_splice_bytes_total", "ebpf_dns_cache_hit_rate", "ebpf_map_utilization",
+                   "sniproxy_route_backend_connect_seconds_bucket",
                    "ebpf_profiler_overhead_cpu_percent", "ebpf_profiler_overhead_memory_bytes"):
         assert metric in text, metric
 
