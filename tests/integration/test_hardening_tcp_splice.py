@@ -43,7 +43,7 @@ class SplicedProxy:
     """The proxy in namespace `ns` with the tc splice on (the default relay)."""
 
     def __init__(self, ns: str, tmp, backend_port: int, *, workers: int = 1, idle_s: float = 60,
-                 grace_s: float = 5, max_flows: int = 16384):
+                 grace_s: float = 5, max_flows: int = 16384, env: dict | None = None):
         self.ns = ns
         cfg = base_config(PORT, METRICS_PORT, workers=workers,
                           routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend_port}"}],
@@ -53,7 +53,7 @@ class SplicedProxy:
                                 "tcp_splice": {"max_flows": max_flows, "linger_s": 0.2}})
         d = tmp / f"proxy{next(_seq)}"
         d.mkdir()
-        self.p = ProxyProcess(cfg, d, argv_prefix=["ip", "netns", "exec", ns])
+        self.p = ProxyProcess(cfg, d, env=env, argv_prefix=["ip", "netns", "exec", ns])
         run_in(ns, self.p.start)
         assert self.status()["ebpf"]["tcp_splice"] == "active", self.status()["ebpf"]
 
@@ -302,3 +302,65 @@ def test_spliced_connections_cut_at_the_end_of_the_drain_report_their_bytes(ns, 
     assert len(lines) == 1, proxy.p.log()
     assert lines[0]["relay"] == "tcp_splice" and int(lines[0]["bytes_up"]) == sent, lines
     backend.close()
+
+
+# ------------------------------------------------------------------ 4
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_supervisor_killed_workers_stop_and_the_next_start_takes_the_hooks_over(ns, tmp_path):
+    backend = run_in(ns, Backend, "echo")
+    run_tmp = tmp_path / "run"
+    run_tmp.mkdir()
+    proxy = SplicedProxy(ns, tmp_path, backend.port, workers=2, grace_s=2,
+                         env={"TMPDIR": str(run_tmp)})
+    assert len(list(run_tmp.glob("sni-proxy-metrics-*"))) == 1
+    status = proxy.status()
+    supervisor, workers = status["pid"], [w["pid"] for w in status["workers"]]
+    os.kill(supervisor, signal.SIGKILL)
+    wait_until(lambda: all(_gone(pid) for pid in [supervisor, *workers]), 6,
+               "the workers gone within the grace (PR_SET_PDEATHSIG)")
+
+    def refused() -> bool:
+        try:
+            connect(timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+    assert run_in(ns, refused)
+    assert "Traceback" not in proxy.p.log()
+    assert not list(run_tmp.glob("sni-proxy-metrics-*")), "the metrics dir left behind"
+    # The tc hooks are not fd-bound: the next proxy replaces the leftovers and splices.
+    again = SplicedProxy(ns, tmp_path, backend.port)
+
+    def echo():
+        with connect() as s:
+            s.sendall(HELLO + b"again")
+            return s.recv(len(HELLO) + 5, socket.MSG_WAITALL)
+    assert run_in(ns, echo) == HELLO + b"again"
+    wait_until(lambda: again.access(relay="tcp_splice"), 10, "spliced by the new proxy")
+    backend.close()
+
+
+# ------------------------------------------------------------------ 256 MiB through pauses
+def test_256_mib_through_pauses_is_sha256_exact_on_the_tc_splice(ns, tmp_path):
+    from tests.integration.harness import pattern_sha256
+    from tests.integration.test_hostile import SIZE_256, PausingSender, stalling_read
+    sender = run_in(ns, PausingSender, hello_len=len(HELLO))
+    proxy = SplicedProxy(ns, tmp_path, sender.port)
+
+    def download():
+        with connect(timeout=60) as s:
+            s.sendall(HELLO)
+            return stalling_read(s, seed=11)
+    assert run_in(ns, download) == (SIZE_256, pattern_sha256(SIZE_256))
+    wait_until(lambda: proxy.access(), 10, "the access line")
+    line = proxy.access()[0]
+    assert (line["relay"], line["outcome"], int(line["bytes_down"])) == \
+        ("tcp_splice", "ok", SIZE_256), line
+    sender.close()

@@ -277,3 +277,70 @@ def test_blackholed_backend_times_out_at_connect_s_and_holds_nobody_else(proxy_f
         wait_until(lambda: p.metric("sniproxy_connections_total", outcome="connect_failed") == 20,
                    5, "20 connect_failed (counts are published every second)")
     backend.close()
+
+
+# ------------------------------------------------------------------ 256 MiB through pauses
+SIZE_256 = 256 << 20
+
+
+class PausingSender:
+    """After the ClientHello, sends `size` pattern bytes in 1 MiB writes, stopping `pause_s`
+    every `every` bytes (a source that goes quiet mid-stream), then closes."""
+
+    def __init__(self, size: int = SIZE_256, every: int = 64 << 20, pause_s: float = 0.3,
+                 hello_len: int = 0):
+        from tests.integration.harness import pattern_bytes
+        self.size, self.every, self.pause_s, self.hello_len = size, every, pause_s, hello_len
+        self.chunk = memoryview(pattern_bytes(1 << 20))     # 1 MiB: the pattern repeats on it
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            got = 0
+            while got < self.hello_len:
+                got += len(conn.recv(self.hello_len - got))
+            sent = 0
+            while sent < self.size:
+                conn.sendall(self.chunk)
+                sent += len(self.chunk)
+                if sent % self.every == 0 and sent < self.size:
+                    time.sleep(self.pause_s)
+
+    def close(self):
+        self.sock.close()
+
+
+def stalling_read(s: socket.socket, seed: int) -> tuple[int, str]:
+    """Read to EOF in random sizes, now and then stalling (the reader pauses too)."""
+    import hashlib
+    rnd = random.Random(seed)
+    h, n = hashlib.sha256(), 0
+    while chunk := s.recv(rnd.choice([4096, 65536, 1 << 20])):
+        h.update(chunk)
+        n += len(chunk)
+        if rnd.random() < 0.01:
+            time.sleep(rnd.choice([0.001, 0.01, 0.05]))
+    return n, h.hexdigest()
+
+
+@pytest.mark.parametrize("ebpf", [False, True], ids=["userspace", "sockmap"])
+def test_256_mib_through_pauses_is_sha256_exact(proxy_factory, ebpf):
+    from tests.ebpf_required import require_ebpf
+    if ebpf:
+        require_ebpf()
+    hello = client_hello_bytes("a.test")
+    sender = PausingSender(hello_len=len(hello))
+    p = proxy_factory(routes=[{"match": "a.test", "backend": f"127.0.0.1:{sender.port}"}],
+                      ebpf={"enabled": ebpf})
+    with socket.create_connection(("127.0.0.1", port_of(p)), timeout=60) as s:
+        s.sendall(hello)
+        got = stalling_read(s, seed=256)
+    assert got == (SIZE_256, pattern_sha256(SIZE_256))
+    wait_until(lambda: access(p), 10, "the access line")
+    line = access(p)[0]
+    assert (line["relay"], line["outcome"], int(line["bytes_down"])) == \
+        ("sockmap" if ebpf else "splice", "ok", SIZE_256), line
+    sender.close()
