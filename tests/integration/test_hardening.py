@@ -372,22 +372,31 @@ def test_killed_sockmap_worker_leaves_no_map_entries_and_no_active_count(proxy_f
 
 # ------------------------------------------------------------------ $sni through SOCKS5
 def test_dynamic_socks_route_refuses_names_of_internal_hosts(proxy_factory):
-    from tests.integration.socks_servers import start_pproxy
+    """localhost names by definition (RFC 6761), and names that resolve here to an internal
+    address (the SOCKS server would resolve them the same way); the SOCKS server never sees
+    the request."""
+    from tests.integration.socks_servers import start_dns_server, start_pproxy
     backend = CountingBackend()
+    records = {"internal.test": [("A", "10.9.9.9", 300)], "meta.test": [("A", "169.254.169.254", 300)],
+               "loop6.test": [("AAAA", "::1", 300)], "loop.test": [("A", "127.0.0.1", 300)]}
+    names = ("localhost", "sub.localhost", *records)
     try:
-        with start_pproxy() as socks:
+        with start_pproxy() as socks, start_dns_server(records) as dns:
             p = proxy_factory(
                 routes=[{"match": "localhost", "backend": f"$sni:{backend.port}", "upstream": "corp"},
-                        {"match": "*.localhost", "backend": f"$sni:{backend.port}", "upstream": "corp"}],
-                upstreams={"corp": {"type": "socks5", "addr": socks.addr}})
-            for name in ("localhost", "sub.localhost"):
+                        {"match": "*.localhost", "backend": f"$sni:{backend.port}", "upstream": "corp"},
+                        {"match": "*.test", "backend": f"$sni:{backend.port}", "upstream": "corp"}],
+                upstreams={"corp": {"type": "socks5", "addr": socks.addr}},
+                dns={"nameservers": [f"127.0.0.1:{dns.port}"]})
+            for name in names:
                 with raw_connect(proxy_port(p), timeout=3) as s:
                     s.sendall(client_hello_bytes(name))
                     assert _recv_outcome(s) in ("eof", "reset")
-            wait_until(lambda: len(access_lines(p, outcome="forbidden")) == 2, 5,
-                       f"2 forbidden:\n{p.log()}")
+            wait_until(lambda: len(access_lines(p, outcome="forbidden")) == len(names), 5,
+                       f"{len(names)} forbidden:\n{p.log()}")
             assert backend.received == 0 and not backend.conns
             assert "allow_private" in p.log()
+            assert p.metric("sniproxy_upstream_connect_failures_total", kind="socks") == 0
     finally:
         backend.close()
 
