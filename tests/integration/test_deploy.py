@@ -636,6 +636,20 @@ def test_the_seed_log_lines_with_sni_proxy_log_debug(tmp_path):
             assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
         held.close()
         wait_until(lambda: proxy.metric("sniproxy_connections_total") >= 4, 10, "4 connections")
+        # A client whose FIN arrives with its hello is in CLOSE_WAIT at the hand-over: "socket
+        # closed" (the user-space relay finishes it).
+        from tests.integration.harness import client_hello_bytes
+        wait_until(lambda: proxy.status()["ebpf"]["map_entries"]["conn"] == 0, 10,
+                   "the map empty again (room for the pair: not map full)")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            # corked: the FIN rides on the hello's segment (no thread switch can come between)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            s.sendall(client_hello_bytes("a.test"))
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+        wait_until(lambda: proxy.metric("ebpf_sockmap_fallbacks_total", reason="close_wait") == 1,
+                   10, "the CLOSE_WAIT fallback")
         log = proxy.log()
     lines = log.splitlines()
 
@@ -649,6 +663,7 @@ def test_the_seed_log_lines_with_sni_proxy_log_debug(tmp_path):
     # once per worker at WARNING (each curl may land on either worker); later ones at DEBUG
     assert failed and len(pids) == len(set(pids)), failed
     assert grep("socket pair registration failed (map full): Map capacity full", "DEBUG")
+    assert grep("socket pair registration failed (socket closed)", "WARNING")
     assert grep("DNS cache miss: backend.test", "DEBUG")
     assert grep("DNS cache hit: backend.test", "DEBUG")
 
