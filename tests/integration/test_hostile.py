@@ -239,7 +239,8 @@ def test_fd_exhaustion_at_accept_is_counted_and_recovers(proxy_factory):
     resource.prlimit(worker, resource.RLIMIT_NOFILE, (_lowest_free_fd(worker), hard))
     waiting = socket.create_connection(("127.0.0.1", port_of(p)), timeout=20)
     waiting.sendall(hello)
-    wait_until(lambda: p.metric("sniproxy_accept_errors_total") >= 1, 10,
+    # the label SniProxyOutOfFileDescriptors selects on
+    wait_until(lambda: p.metric("sniproxy_accept_errors_total", errno="EMFILE") >= 1, 10,
                f"accept() EMFILE counted\n{p.log()[-2000:]}")
     resource.prlimit(worker, resource.RLIMIT_NOFILE, (soft, hard))   # the operator raises it
     waiting.shutdown(socket.SHUT_WR)
