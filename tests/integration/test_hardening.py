@@ -559,3 +559,32 @@ def test_config_in_a_world_writable_directory_is_warned_about(tmp_path):
     assert "world-writable directory" in warning and f"chmod o-w {shared}" in warning
     shared.chmod(0o1777)                             # sticky, like /tmp: others cannot replace it
     assert config_file_warnings(cfg) == []
+
+
+def test_parent_death_signal_reaches_a_worker_whose_parent_is_killed(tmp_path):
+    """The second mechanism of item 4 alone (the test above also passes with only the first,
+    workers no longer holding each other's control sockets): PR_SET_PDEATHSIG as the worker
+    sets it delivers SIGTERM when the process that forked it is SIGKILLed."""
+    import sys
+    marker = tmp_path / "got-sigterm"
+    script = f"""
+import os, signal, sys, time
+from sniproxy.proxy.worker_process import set_parent_death_signal
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, "w").close(), os._exit(0)))
+    assert set_parent_death_signal(signal.SIGTERM)
+    print("ready", flush=True)
+    time.sleep(30)
+    os._exit(1)
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        parent.kill()
+        parent.wait(5)
+        wait_until(marker.exists, 5, "SIGTERM in the orphaned child")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
