@@ -34,9 +34,10 @@ _WHY = {
     ("tcp_splice", "CAP_BPF"): _BPF,
     ("tcp_splice", "CAP_NET_ADMIN"): "attach the tc (clsact) programs and read the sockets' "
                                      "sequence numbers in TCP_REPAIR mode",
-    ("tcp_splice", "CAP_PERFMON"): "the verifier accepts the tc programs' variable-offset reads "
-                                   "of TCP options, and the hand-over's BPF socket reader's "
-                                   "reads of struct tcp_sock, only with CAP_PERFMON",
+    ("tcp_splice", "CAP_PERFMON"): "load the tc programs (the verifier rejects their "
+                                   "variable-offset stack reads of TCP options without it: "
+                                   "\"variable stack access prohibited for !root\") and the "
+                                   "hand-over's BPF socket reader (reads struct tcp_sock)",
     ("sockmap", "CAP_BPF"): _BPF,
     ("sockmap", "CAP_NET_ADMIN"): "attach the sk_skb verdict program to the SOCKHASH map",
     ("dns_cache", "CAP_BPF"): _BPF,
@@ -58,6 +59,12 @@ def required_privileges(config) -> list[Need]:
     for feature, on in requested.items():
         for cap in FEATURE_CAPABILITIES[feature] if on else ():
             needs.append(Need(cap, f"ebpf.{feature}", _WHY[feature, cap]))
+    if config.ebpf.tracing.network:
+        # started whether or not ebpf.enabled is (proxy/main.py): tp_btf / raw_tp programs
+        for cap, why in (("CAP_BPF", _BPF),
+                         ("CAP_PERFMON", "attach tracing programs (tp_btf / raw_tp) to "
+                                         "inet_sock_set_state and tcp_retransmit_skb")):
+            needs.append(Need(cap, "ebpf.tracing.network", why))
     if requested["sockmap"]:
         if config.ebpf.sockmap.sndbuf_bytes:
             needs.append(Need("CAP_NET_ADMIN", "ebpf.sockmap.sndbuf_bytes",
@@ -86,10 +93,15 @@ def stop_timeout_s(config) -> int:
 
 
 def pin_paths(config) -> list[str]:
-    """bpffs directories the proxy writes (pinned maps)."""
-    if config.ebpf_requested()["dns_cache"] and config.ebpf.dns_cache.pin_path:
-        return [config.ebpf.dns_cache.pin_path]
-    return []
+    """bpffs directories the proxy writes (pinned maps), a directory inside another left out."""
+    requested = config.ebpf_requested()
+    paths = []
+    if requested["dns_cache"] and config.ebpf.dns_cache.pin_path:
+        paths.append(config.ebpf.dns_cache.pin_path.rstrip("/"))
+    if requested["tcp_splice"] and config.ebpf.tcp_splice.pin_path:
+        paths.append(config.ebpf.tcp_splice.pin_path.rstrip("/"))
+    return [p for p in dict.fromkeys(paths)
+            if not any(p.startswith(q + "/") for q in paths if q != p)]
 
 
 def unit_lines(config) -> list[str]:
@@ -114,7 +126,7 @@ def unit_lines(config) -> list[str]:
               "KillMode=mixed",
               f"TimeoutStopSec={stop_timeout_s(config)}"]
     for path in pin_paths(config):
-        lines.append("# ebpf.dns_cache.pin_path (a directory on bpffs the proxy pins its map in)")
+        lines.append("# ebpf.*.pin_path (a directory on bpffs the proxy pins its maps in)")
         lines.append(f"ReadWritePaths=-{path}")
     return lines
 

@@ -1,13 +1,15 @@
 """deploy/ tested for real: Prometheus rules and a real Prometheus scraping a real proxy, the Grafana
 dashboard's PromQL, the systemd unit's privileges, the Kubernetes manifests, the logs operators grep.
 
-One proxy (2 workers, eBPF on) with real TLS connections and one Debian `prometheus` serve the
+One proxy (2 workers, eBPF on: tc splice, sockmap, DNS cache, stats, tracing.network) with real
+TLS connections and one Debian `prometheus`, in a network namespace of the test, serve the
 whole module; tests that need other privileges start their own proxy.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -22,6 +24,8 @@ from tests.ebpf_required import require_ebpf, skip_or_fail
 from tests.integration.harness import (REPO, Pki, ProxyProcess, base_config, curl, free_ports,
                                        make_pki, tls_backend, wait_until)
 from tests.integration.prometheus_server import JOB, PrometheusServer, prometheus_binary
+from tests.integration.netns import Topology, proxy_prefix, run_in
+from tests.integration.otlp_receiver import HttpReceiver
 from tests.integration.socks_servers import start_dns_server
 
 DEPLOY = REPO / "deploy"
@@ -29,9 +33,14 @@ RULES = DEPLOY / "prometheus" / "sni-proxy.rules.yml"
 RULES_TEST = DEPLOY / "prometheus" / "sni-proxy.rules.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "sni-proxy.json"
 
-# What the module's traffic makes: (route, outcome) -> connections.
+# What the module's traffic makes: (route, outcome) -> connections. OK_CONNECTIONS one after
+# another and one held go through the tc splice (room for SPLICE_FLOWS flows); while that one
+# is held, SOCKMAP_CONNECTIONS fall back to the sockmap.
 OK_CONNECTIONS = 6
-TRAFFIC = {("a.test", "ok"): OK_CONNECTIONS, ("down.test", "connect_failed"): 2,
+SPLICE_FLOWS = 1
+SOCKMAP_CONNECTIONS = 2
+TRAFFIC = {("a.test", "ok"): OK_CONNECTIONS + 1 + SOCKMAP_CONNECTIONS,
+           ("down.test", "connect_failed"): 2,
            ("-", "no_route"): 1, ("-", "bad_hello"): 1}
 
 # Metrics the dashboard shows that this module's proxy cannot produce, each with the reason.
@@ -39,14 +48,6 @@ TRAFFIC = {("a.test", "ok"): OK_CONNECTIONS, ("down.test", "connect_failed"): 2,
 EXPECTED_ABSENT = {
     "sniproxy_accept_errors_total":
         "a labelled counter appears at the first accept() error (EMFILE); not provoked here",
-    "ebpf_tcp_splice_active_flows": "tc splice relay (relay/tcpsplice.py): only when it is on",
-    "ebpf_tcp_splice_engaged_total": "tc splice relay: only when it is on",
-    "ebpf_tcp_splice_fallbacks_total": "tc splice relay: only when it is on",
-    "ebpf_tcp_splice_bytes_total": "tc splice relay: only when it is on",
-    "ebpf_profiler_overhead_cpu_percent":
-        "only with profiling.enabled, or from `sni-proxy profile --metrics-file` (node_exporter)",
-    "ebpf_profiler_overhead_memory_bytes":
-        "only with profiling.enabled, or from `sni-proxy profile --metrics-file` (node_exporter)",
 }
 
 
@@ -100,17 +101,48 @@ def test_every_alert_has_a_runbook_and_the_seed_thresholds():
 
 
 # ------------------------------------------------------------------------ a live proxy
+class InNetns:
+    """Calls `obj`'s methods from a thread inside network namespace `ns`: its 127.0.0.1 is the
+    namespace's loopback, where the proxy and Prometheus listen."""
+
+    def __init__(self, ns: str, obj):
+        self._ns, self._obj = ns, obj
+
+    def __getattr__(self, name):
+        attr = getattr(self._obj, name)
+        if callable(attr):
+            return lambda *a, **kw: run_in(self._ns, attr, *a, **kw)
+        return attr
+
+
 @dataclass
 class Stack:
-    proxy: ProxyProcess
-    prom: PrometheusServer
+    proxy: ProxyProcess           # an InNetns
+    prom: PrometheusServer        # an InNetns
+    ns: str
 
 
-def make_traffic(port: int, pki: Pki) -> None:
+def make_traffic(port: int, pki: Pki, proxy: ProxyProcess) -> None:
     """Real TLS clients (curl, CA-verified) through the proxy, and one plain-HTTP client."""
+    import ssl
     for _ in range(OK_CONNECTIONS):
         r = curl("a.test", port, "/", pki.ca_path)
         assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+        # a finished flow lingers (linger_s) before its entries go and its slot is free
+        wait_until(lambda: proxy.metric("ebpf_map_utilization", map="tcp_splice") == 0, 15,
+                   "the flow's entries removed")
+    # The tc splice holds SPLICE_FLOWS flows: while one is held, the next connections fall back
+    # to the sockmap (reason map_full), so both kernel relays have figures.
+    ctx = ssl.create_default_context(cafile=str(pki.ca_path))
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                         server_hostname="a.test") as held:
+        wait_until(lambda: proxy.metric("ebpf_tcp_splice_active_flows") == 1, 10, "a held flow")
+        for _ in range(SOCKMAP_CONNECTIONS):
+            r = curl("a.test", port, "/", pki.ca_path)
+            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+        held.sendall(b"GET / HTTP/1.0\r\nHost: a.test\r\n\r\n")
+        while held.recv(4096):
+            pass
     for name in ("down.test", "down.test", "nowhere.test"):
         assert curl(name, port, "/", pki.ca_path).returncode != 0
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # plain HTTP: not_tls
@@ -121,47 +153,92 @@ def make_traffic(port: int, pki: Pki) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    """The proxy as deployed (eBPF on with the tc splice, the default relay, and
+    ebpf.tracing.network; 2 workers) and a real Prometheus, both in a network namespace of the
+    test's own (the tc splice attaches to every interface that is up, lo included)."""
     require_ebpf()
     if prometheus_binary() is None:
         pytest.fail("prometheus is missing: `apt-get install prometheus` (scripts/bootstrap.sh)")
     tmp = tmp_path_factory.mktemp("deploy")
     pki = make_pki(tmp / "pki", ["a.test"])
     with contextlib.ExitStack() as es:
-        backend_port = es.enter_context(tls_backend(pki, ["a.test"], "A"))
-        dns = es.enter_context(start_dns_server({"backend.test": [("A", "127.0.0.1", 300)]}))
-        port, metrics_port, dead_port = free_ports(3)
+        topo = es.enter_context(Topology.loopback(f"dep{os.getpid() % 100000}"))
+        ns = topo.proxy
+
+        def enter(cm):
+            value = run_in(ns, cm.__enter__)
+            es.callback(run_in, ns, cm.__exit__, None, None, None)
+            return value
+        backend_port = enter(tls_backend(pki, ["a.test"], "A"))
+        dns = enter(start_dns_server({"backend.test": [("A", "127.0.0.1", 300)]}))
+        otlp = run_in(ns, HttpReceiver)
+        enter(otlp)
+        port, metrics_port, dead_port = 8443, 9090, 9
         cfg = base_config(
             port, metrics_port, workers=2,
             routes=[{"match": "a.test", "backend": f"backend.test:{backend_port}",
                      "allow_private": True},
                     {"match": "down.test", "backend": f"127.0.0.1:{dead_port}"}],
             dns={"nameservers": [f"127.0.0.1:{dns.port}"]},
-            ebpf={"enabled": True, "dns_cache": {"pin_path": None}})
+            ebpf={"enabled": True, "dns_cache": {"pin_path": None},
+                  "tcp_splice": {"max_flows": SPLICE_FLOWS, "linger_s": 0.2},
+                  "tracing": {"network": True}},
+            # the OTLP exporter and continuous profiling too: their families are linted as well
+            otlp={"enabled": True, "endpoint": f"http://127.0.0.1:{otlp.port}",
+                  "protocol": "http/protobuf", "interval_s": 1},
+            profiling={"enabled": True, "export_interval_s": 1})
         (tmp / "proxy").mkdir()
-        proxy = ProxyProcess(cfg, tmp / "proxy").start()
+        proxy = InNetns(ns, ProxyProcess(cfg, tmp / "proxy",
+                                         argv_prefix=proxy_prefix(ns)))
+        proxy.start()
         es.callback(proxy.stop)
-        make_traffic(port, pki)
+        run_in(ns, make_traffic, port, pki, proxy._obj)
         proxy.signal(signal.SIGHUP)                     # sniproxy_config_reloads_total exists
         total = sum(TRAFFIC.values())
         wait_until(lambda: proxy.metric("sniproxy_connections_total") >= total, 10,
                    "the workers to publish their counts")
         wait_until(lambda: proxy.metric("sniproxy_config_reloads_total") >= 1, 10, "the reload")
-        prom = es.enter_context(PrometheusServer(tmp / "prometheus", [f"127.0.0.1:{metrics_port}"],
-                                                 rule_files=[RULES]))
+        prom = InNetns(ns, PrometheusServer(tmp / "prometheus", [f"127.0.0.1:{metrics_port}"],
+                                            rule_files=[RULES]))
+        prom.start()
+        es.callback(prom.stop)
         prom.wait_target_up()
         # rate() needs two samples in its window: wait for a few scrapes.
         prom.wait_value(f'count_over_time(up{{job="{JOB}"}}[1m])', lambda v: v >= 3)
-        yield Stack(proxy, prom)
+        yield Stack(proxy, prom, ns)
+
+
+# Every family the proxy publishes (prometheus_client's family names: no _total / _bucket).
+# The module's proxy has every feature on, so all of them are on its /metrics but one.
+ALL_FAMILIES = {
+    "sniproxy_connections", "sniproxy_active_connections", "sniproxy_bytes",
+    "sniproxy_relay_connections", "sniproxy_upstream_connect_seconds",
+    "sniproxy_upstream_connect_failures", "sniproxy_client_hello_failures",
+    "sniproxy_config_reloads", "sniproxy_dns_cache_lookups", "sniproxy_worker_restarts",
+    "sniproxy_connection_limit_reached", "sniproxy_accept_errors",
+    "sniproxy_route_backend_connect_seconds", "sniproxy_route_backend_connect_failures",
+    "sniproxy_route_tcp_retransmits", "sniproxy_route_tcp_srtt_at_close_seconds",
+    "sniproxy_otlp_exports", "sniproxy_otlp_last_success_timestamp_seconds",
+    "sniproxy_otlp_queued", "sniproxy_otlp_dropped",
+    "ebpf_feature_requested", "ebpf_feature_state", "ebpf_active_connections",
+    "ebpf_map_utilization", "ebpf_dns_cache_hit_rate", "ebpf_dns_cache_level_hit_rate",
+    "ebpf_dns_cache_lookups", "ebpf_sockmap_redirects", "ebpf_sockmap_redirected_bytes",
+    "ebpf_sockmap_redirect_failures", "ebpf_sockmap_fallbacks", "ebpf_sockmap_pauses",
+    "ebpf_sockmap_inflight_over_limit", "ebpf_sockmap_fin_skbs_dropped",
+    "ebpf_sockmap_credit_notifications", "ebpf_tcp_splice_active_flows",
+    "ebpf_tcp_splice_engaged", "ebpf_tcp_splice_fallbacks", "ebpf_tcp_splice_bytes",
+    "ebpf_tcp_splice_packets", "ebpf_tcp_splice_frozen_packets", "ebpf_profiler_samples",
+    "ebpf_profiler_dropped_samples", "ebpf_profiler_drains",
+    "ebpf_profiler_overhead_cpu_percent", "ebpf_profiler_overhead_memory_bytes",
+}
+LIVE_ABSENT = {"sniproxy_accept_errors"}      # appears at the first accept() error
 
 
 def test_promtool_check_metrics_finds_nothing_on_a_live_proxy(stack):
+    from prometheus_client.parser import text_string_to_metric_families
     body = stack.proxy.metrics()
-    for family in ("sniproxy_connections_total", "sniproxy_upstream_connect_seconds_bucket",
-                   "sniproxy_upstream_connect_failures_total", "sniproxy_client_hello_failures_total",
-                   "sniproxy_config_reloads_total", "sniproxy_dns_cache_lookups_total",
-                   "ebpf_sockmap_redirects_total", "ebpf_dns_cache_hit_rate",
-                   "ebpf_map_utilization", "ebpf_feature_requested"):
-        assert f"\n{family}" in body, family          # the linter sees every kind of metric
+    families = {f.name for f in text_string_to_metric_families(body)}
+    assert families == ALL_FAMILIES - LIVE_ABSENT      # the linter sees every family
     r = subprocess.run([promtool(), "check", "metrics"], input=body, capture_output=True,
                        text=True, timeout=60)
     assert (r.returncode, r.stdout + r.stderr) == (0, "")
@@ -174,23 +251,38 @@ def test_prometheus_scrapes_the_counts_the_test_made(stack):
         got = prom.value(f'sum(sniproxy_connections_total{{job="{JOB}", route="{route}", '
                          f'outcome="{outcome}"}})')
         assert got == n, (route, outcome, got)
-    assert prom.value('sum(sniproxy_relay_connections_total{relay="sockmap"})') == OK_CONNECTIONS
+    assert prom.value('sum(sniproxy_relay_connections_total{relay="tcp_splice"})') == \
+        OK_CONNECTIONS + 1
+    assert prom.value('sum(sniproxy_relay_connections_total{relay="sockmap"})') == \
+        SOCKMAP_CONNECTIONS
     assert prom.value('sum(sniproxy_client_hello_failures_total{reason="not_tls"})') == 1
     assert prom.value('sum(sniproxy_upstream_connect_failures_total{kind="refused"})') == 2
-    assert prom.value('sum(sniproxy_upstream_connect_seconds_count)') == OK_CONNECTIONS
+    ok = OK_CONNECTIONS + 1 + SOCKMAP_CONNECTIONS
+    assert prom.value('sum(sniproxy_upstream_connect_seconds_count)') == ok
+    assert prom.value('sum(sniproxy_bytes_total{direction="backend_to_client"})') > 0
+    # the tc splice relay's figures
+    assert prom.value("sum(ebpf_tcp_splice_engaged_total)") == OK_CONNECTIONS + 1
+    assert prom.value('sum(ebpf_tcp_splice_fallbacks_total{reason="map_full"})') == \
+        SOCKMAP_CONNECTIONS
+    assert prom.value('sum(ebpf_tcp_splice_bytes_total)') > 0
+    assert prom.value("ebpf_tcp_splice_active_flows") == 0
     # the seed's ebpf_* figures
     assert prom.value('sum(ebpf_sockmap_redirects_total)') > 0
     assert prom.value('sum(ebpf_sockmap_redirected_bytes_total{direction="backend_to_client"})') > 0
     assert prom.value("ebpf_active_connections") == 0          # every connection has ended
     assert 0 < prom.value("ebpf_dns_cache_hit_rate") < 1       # first lookup(s) missed, then hits
-    assert prom.value("sum(ebpf_dns_cache_lookups_total)") >= OK_CONNECTIONS
+    assert prom.value("sum(ebpf_dns_cache_lookups_total)") >= ok
     assert prom.value('ebpf_map_utilization{map="sockmap"}') == 0
     assert prom.value('ebpf_map_utilization{map="dns_cache"}') > 0
+    assert prom.value('ebpf_map_utilization{map="tcp_splice"}') == 0
+    # ebpf.tracing.network: the kernel saw every backend connect of the route
+    assert prom.value('sum(sniproxy_route_backend_connect_seconds_count{route="a.test"})') == ok
+    assert prom.value('sum(sniproxy_route_backend_connect_failures_total{route="down.test"})') == 2
     modes = {(r["metric"]["feature"], r["metric"]["state"])
              for r in prom.query("ebpf_feature_state == 1")}
     assert modes == {("sockmap", "active"), ("dns_cache", "active"), ("stats", "active"),
-                     ("tcp_splice", "disabled")}   # off outside a netns (harness.py)
-    assert prom.value("sum(ebpf_feature_requested)") == 3
+                     ("tcp_splice", "active")}
+    assert prom.value("sum(ebpf_feature_requested)") == 4
 
 
 def test_every_rule_evaluates_without_error_in_prometheus(stack):
@@ -246,6 +338,7 @@ def test_dashboard_is_importable_json_with_the_panels_operators_expect():
                    "ebpf_feature_state", "ebpf_sockmap_redirects_total", "ebpf_tcp_splice_active_flows",
                    "ebpf_tcp_splice_engaged_total", "ebpf_tcp_splice_fallbacks_total",
                    "ebpf_tcp_splice_bytes_total", "ebpf_dns_cache_hit_rate", "ebpf_map_utilization",
+                   "sniproxy_route_backend_connect_seconds_bucket",
                    "ebpf_profiler_overhead_cpu_percent", "ebpf_profiler_overhead_memory_bytes"):
         assert metric in text, metric
 
@@ -265,11 +358,12 @@ def test_every_dashboard_query_runs_in_prometheus_on_series_that_exist(stack):
                 missing.append((title, name))
     assert not missing, f"panels query series that never exist: {missing}"
     assert set(EXPECTED_ABSENT) <= used, "stale EXPECTED_ABSENT entries"
-    # Not vacuous: the panels a deployment watches first return data now.
-    for title, expr in queries:
-        if title in ("Connections by route and outcome", "Bytes relayed", "Sockmap redirects",
-                     "Map utilization", "eBPF mode per feature", "DNS cache lookups"):
-            assert prom.query(grafana_to_promql(expr)), title
+    # Not vacuous: every query on series that exist returns data now (sockmap and tc splice
+    # panels included: the module's traffic went through both).
+    empty = [(title, expr) for title, expr in queries
+             if not set(re.findall(r"\b((?:sniproxy|ebpf)_[a-z0-9_]+)\b", expr)) & set(EXPECTED_ABSENT)
+             and not prom.query(grafana_to_promql(expr))]
+    assert not empty, f"panels with no data: {empty}"
 
 
 # ------------------------------------------------------------------------ systemd
@@ -355,83 +449,123 @@ def cap_mask(names) -> int:
     return sum(1 << bits[n] for n in names)
 
 
-def unprivileged_proxy(tmp: Path, pins: Path, pki: Pki, backend_port: int, drop: str | None):
+# Every eBPF feature of the proxy on: the tc splice (default relay), the sockmap, the DNS cache
+# and stats, and ebpf.tracing.network (the one that also needs CAP_PERFMON).
+ALL_CAPS = ("CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON")
+
+
+@pytest.fixture
+def netns():
+    with Topology.loopback(f"dpu{os.getpid() % 100000}") as t:
+        yield t.proxy
+
+
+@contextlib.contextmanager
+def unprivileged_proxy(tmp: Path, pins: Path, ns: str, drop: str | None):
+    """The proxy as `nobody` with exactly the capabilities `sni-proxy check` lists for its
+    config (minus `drop`), in network namespace `ns` with a TLS backend there; (proxy, pki, caps)
+    where the proxy's methods run in `ns`."""
     from sniproxy.config import parse_config
     from sniproxy.privileges import capabilities, required_privileges, setpriv_argv
     if shutil.which("setpriv") is None:
         skip_or_fail("setpriv (util-linux) is needed to run as another user with capabilities")
-    port, metrics_port = free_ports(2)
-    cfg = base_config(port, metrics_port, workers=2,
-                      routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend_port}"}],
-                      ebpf={"enabled": True, "dns_cache": {"pin_path": str(pins)},
-                            # as the harness runs it outside a namespace of its own (tc on
-                            # the root lo): the capabilities are those of what runs
-                            "tcp_splice": {"enabled": False}})
-    config = parse_config(cfg)
-    caps = capabilities(required_privileges(config))
-    assert caps == ("CAP_BPF", "CAP_NET_ADMIN")
-    proxy = ProxyProcess(cfg, tmp, env={"SNI_PROXY_LOG": "debug"},
-                         argv_prefix=setpriv_argv(config, NOBODY, NOBODY, drop=drop))
-    proxy.config_path.chmod(0o644)
-    return proxy.start(), port, [c for c in caps if c != drop]
+    pki = make_pki(tmp / "pki", ["a.test"])
+    for path in [tmp / "pki", *(tmp / "pki").iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    backend = tls_backend(pki, ["a.test"], "A")
+    backend_port = run_in(ns, backend.__enter__)
+    try:
+        cfg = base_config(8443, 9090, workers=2,
+                          routes=[{"match": "a.test", "backend": f"127.0.0.1:{backend_port}"}],
+                          ebpf={"enabled": True, "dns_cache": {"pin_path": str(pins)},
+                                "tcp_splice": {"pin_path": str(pins / "tcp_splice"),
+                                               "linger_s": 0.2},
+                                "tracing": {"network": True}})
+        config = parse_config(cfg)
+        caps = capabilities(required_privileges(config))
+        assert sorted(caps) == sorted(ALL_CAPS)
+        proc_dir = tmp / f"proxy-{drop}"
+        proc_dir.mkdir()
+        proxy = ProxyProcess(cfg, proc_dir, env={"SNI_PROXY_LOG": "debug"},
+                             argv_prefix=[*proxy_prefix(ns),
+                                          *setpriv_argv(config, NOBODY, NOBODY, drop=drop)])
+        proxy.config_path.chmod(0o644)
+        inns = InNetns(ns, proxy)
+        inns.start()
+        try:
+            yield inns, pki, [c for c in caps if c != drop]
+        finally:
+            proxy.stop()
+    finally:
+        run_in(ns, backend.__exit__, None, None, None)
+
+
+def served_through(proxy, pki, relay: str) -> None:
+    r = run_in(proxy._ns, curl, "a.test", 8443, "/", pki.ca_path)
+    assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
+    wait_until(lambda: proxy.metric("sniproxy_relay_connections_total", relay=relay) == 1,
+               10, f"the connection to be counted as relayed by {relay}")
 
 
 def test_unprivileged_user_with_the_unit_capabilities_runs_every_feature_active(
-        tmp_path, world_readable_dir, bpffs_for_nobody):
+        world_readable_dir, bpffs_for_nobody, netns):
     require_ebpf()
-    pki = make_pki(tmp_path / "pki", ["a.test"])
-    with tls_backend(pki, ["a.test"], "A") as backend_port:
-        proxy, port, caps = unprivileged_proxy(world_readable_dir, bpffs_for_nobody, pki,
-                                               backend_port, drop=None)
-        try:
-            for pid in [proxy.proc.pid] + [w["pid"] for w in proxy.status()["workers"]]:
-                assert capabilities_of(pid) == (NOBODY, cap_mask(caps)), pid
-            e = proxy.status()["ebpf"]
-            assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"], e["pinning"]) == \
-                ("full", "active", "active", "active", "on"), e
-            r = curl("a.test", port, "/", pki.ca_path)
-            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
-            wait_until(lambda: proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 1,
-                       10, "the connection to be counted as sockmap-relayed")
-        finally:
-            proxy.stop()
+    with unprivileged_proxy(world_readable_dir, bpffs_for_nobody, netns, drop=None) as \
+            (proxy, pki, caps):
+        status = proxy.status()
+        for pid in [status["pid"]] + [w["pid"] for w in status["workers"]]:
+            assert capabilities_of(pid) == (NOBODY, cap_mask(caps)), pid
+        e = status["ebpf"]
+        assert (e["mode"], e["tcp_splice"], e["sockmap"], e["dns_cache"], e["stats"],
+                e["pinning"]) == ("full", "active", "active", "active", "active", "on"), e
+        assert e["tcp_splice_detail"]["pin_path"] == str(bpffs_for_nobody / "tcp_splice"), e
+        # the hand-over's one-call socket reader runs with the unit's capabilities too
+        assert e["tcp_splice_detail"]["socket_state"] == "bpf_getsockopt", e["tcp_splice_detail"]
+        assert status["tracing"]["network"]["state"] == "active", status["tracing"]
+        served_through(proxy, pki, "tcp_splice")          # the default relay
+        wait_until(lambda: proxy.metric("sniproxy_route_backend_connect_seconds_count",
+                                        route="a.test") == 1, 10, "the kernel-measured connect")
 
 
-@pytest.mark.parametrize("drop", ["CAP_NET_ADMIN", "CAP_BPF"])
+@pytest.mark.parametrize("drop", ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"])
 def test_one_capability_missing_is_named_and_the_proxy_degrades(
-        tmp_path, world_readable_dir, bpffs_for_nobody, drop):
+        world_readable_dir, bpffs_for_nobody, netns, drop):
     require_ebpf()
-    pki = make_pki(tmp_path / "pki", ["a.test"])
-    with tls_backend(pki, ["a.test"], "A") as backend_port:
-        proxy, port, caps = unprivileged_proxy(world_readable_dir, bpffs_for_nobody, pki,
-                                               backend_port, drop=drop)
-        try:
-            assert capabilities_of(proxy.proc.pid) == (NOBODY, cap_mask(caps))
-            e = proxy.status()["ebpf"]
-            if drop == "CAP_NET_ADMIN":     # only the sockmap needs it
-                assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"]) == \
-                    ("partial", "disabled", "active", "active"), e
-            else:                           # everything needs CAP_BPF
-                assert (e["mode"], e["sockmap"], e["dns_cache"], e["stats"]) == \
-                    ("none", "disabled", "disabled", "disabled"), e
+    with unprivileged_proxy(world_readable_dir, bpffs_for_nobody, netns, drop=drop) as \
+            (proxy, pki, caps):
+        status = proxy.status()
+        assert capabilities_of(status["pid"]) == (NOBODY, cap_mask(caps))
+        e = status["ebpf"]
+        tracing = status["tracing"]["network"]
+        features = (e["mode"], e["tcp_splice"], e["sockmap"], e["dns_cache"], e["stats"])
+        log = proxy.log()
+        if drop == "CAP_NET_ADMIN":     # the two kernel relays need it
+            assert features == ("partial", "disabled", "disabled", "active", "active"), e
+            for feature in ("tcp_splice", "sockmap"):
+                assert f"missing capability {drop}" in e["reasons"][feature], e["reasons"]
+                assert f"eBPF {feature} disabled: missing capability {drop}" in log
+            assert "eBPF manager initialised: mode partial (tcp_splice disabled, sockmap disabled, " in log
+            assert tracing["state"] == "active", tracing
+            relay = "splice"
+        elif drop == "CAP_BPF":         # every eBPF feature needs it
+            assert features == ("none", "disabled", "disabled", "disabled", "disabled"), e
             assert f"missing capability {drop}" in e["reasons"]["sockmap"], e["reasons"]
-            log = proxy.log()
             assert f"eBPF sockmap disabled: missing capability {drop}" in log
-            if drop == "CAP_NET_ADMIN":
-                assert "eBPF manager initialised: mode partial (tcp_splice disabled, sockmap disabled, " in log
-            else:
-                assert "eBPF manager initialisation failed (falling back to the traditional " \
-                       "mode): mode none" in log
-                assert "using the traditional data forwarding mode" in log
-            r = curl("a.test", port, "/", pki.ca_path)            # degraded, still serving
-            assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
-            wait_until(lambda: proxy.metric("sniproxy_relay_connections_total") == 1, 10,
-                       "the connection to be counted")
-            assert proxy.metric("sniproxy_relay_connections_total", relay="sockmap") == 0
-            if drop == "CAP_NET_ADMIN":     # the worker's side of it, at debug level
-                assert "socket pair registration failed (program not loaded)" in proxy.log()
-        finally:
-            proxy.stop()
+            assert "eBPF manager initialisation failed (falling back to the traditional " \
+                   "mode): mode none" in log
+            assert "using the traditional data forwarding mode" in log
+            assert tracing["state"] == "degraded" and "CAP_BPF" in tracing["reason"], tracing
+            relay = "splice"
+        else:                           # the tc splice and ebpf.tracing.network need it
+            assert features == ("partial", "disabled", "active", "active", "active"), e
+            assert f"missing capability {drop}" in e["reasons"]["tcp_splice"], e["reasons"]
+            assert f"eBPF tcp_splice disabled: missing capability {drop}" in log
+            assert tracing["state"] == "degraded" and "CAP_PERFMON" in tracing["reason"], tracing
+            assert "ebpf.tracing.network: disabled: " in log
+            relay = "sockmap"
+        served_through(proxy, pki, relay)                 # degraded, still serving
+        if drop == "CAP_NET_ADMIN":     # the worker's side of it, at debug level
+            assert "socket pair registration failed (program not loaded)" in proxy.log()
 
 
 # ------------------------------------------------------------------------ Kubernetes
@@ -518,6 +652,20 @@ def test_the_seed_log_lines_with_sni_proxy_log_debug(tmp_path):
             assert r.returncode == 0 and b'"backend": "A"' in r.stdout, r
         held.close()
         wait_until(lambda: proxy.metric("sniproxy_connections_total") >= 4, 10, "4 connections")
+        # A client whose FIN arrives with its hello is in CLOSE_WAIT at the hand-over: "socket
+        # closed" (the user-space relay finishes it).
+        from tests.integration.harness import client_hello_bytes
+        wait_until(lambda: proxy.status()["ebpf"]["map_entries"]["conn"] == 0, 10,
+                   "the map empty again (room for the pair: not map full)")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            # corked: the FIN rides on the hello's segment (no thread switch can come between)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            s.sendall(client_hello_bytes("a.test"))
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+        wait_until(lambda: proxy.metric("ebpf_sockmap_fallbacks_total", reason="close_wait") == 1,
+                   10, "the CLOSE_WAIT fallback")
         log = proxy.log()
     lines = log.splitlines()
 
@@ -531,6 +679,7 @@ def test_the_seed_log_lines_with_sni_proxy_log_debug(tmp_path):
     # once per worker at WARNING (each curl may land on either worker); later ones at DEBUG
     assert failed and len(pids) == len(set(pids)), failed
     assert grep("socket pair registration failed (map full): Map capacity full", "DEBUG")
+    assert grep("socket pair registration failed (socket closed)", "WARNING")
     assert grep("DNS cache miss: backend.test", "DEBUG")
     assert grep("DNS cache hit: backend.test", "DEBUG")
 

@@ -372,22 +372,31 @@ def test_killed_sockmap_worker_leaves_no_map_entries_and_no_active_count(proxy_f
 
 # ------------------------------------------------------------------ $sni through SOCKS5
 def test_dynamic_socks_route_refuses_names_of_internal_hosts(proxy_factory):
-    from tests.integration.socks_servers import start_pproxy
+    """localhost names by definition (RFC 6761), and names that resolve here to an internal
+    address (the SOCKS server would resolve them the same way); the SOCKS server never sees
+    the request."""
+    from tests.integration.socks_servers import start_dns_server, start_pproxy
     backend = CountingBackend()
+    records = {"internal.test": [("A", "10.9.9.9", 300)], "meta.test": [("A", "169.254.169.254", 300)],
+               "loop6.test": [("AAAA", "::1", 300)], "loop.test": [("A", "127.0.0.1", 300)]}
+    names = ("localhost", "sub.localhost", *records)
     try:
-        with start_pproxy() as socks:
+        with start_pproxy() as socks, start_dns_server(records) as dns:
             p = proxy_factory(
                 routes=[{"match": "localhost", "backend": f"$sni:{backend.port}", "upstream": "corp"},
-                        {"match": "*.localhost", "backend": f"$sni:{backend.port}", "upstream": "corp"}],
-                upstreams={"corp": {"type": "socks5", "addr": socks.addr}})
-            for name in ("localhost", "sub.localhost"):
+                        {"match": "*.localhost", "backend": f"$sni:{backend.port}", "upstream": "corp"},
+                        {"match": "*.test", "backend": f"$sni:{backend.port}", "upstream": "corp"}],
+                upstreams={"corp": {"type": "socks5", "addr": socks.addr}},
+                dns={"nameservers": [f"127.0.0.1:{dns.port}"]})
+            for name in names:
                 with raw_connect(proxy_port(p), timeout=3) as s:
                     s.sendall(client_hello_bytes(name))
                     assert _recv_outcome(s) in ("eof", "reset")
-            wait_until(lambda: len(access_lines(p, outcome="forbidden")) == 2, 5,
-                       f"2 forbidden:\n{p.log()}")
+            wait_until(lambda: len(access_lines(p, outcome="forbidden")) == len(names), 5,
+                       f"{len(names)} forbidden:\n{p.log()}")
             assert backend.received == 0 and not backend.conns
             assert "allow_private" in p.log()
+            assert p.metric("sniproxy_upstream_connect_failures_total", kind="socks") == 0
     finally:
         backend.close()
 
@@ -550,3 +559,32 @@ def test_config_in_a_world_writable_directory_is_warned_about(tmp_path):
     assert "world-writable directory" in warning and f"chmod o-w {shared}" in warning
     shared.chmod(0o1777)                             # sticky, like /tmp: others cannot replace it
     assert config_file_warnings(cfg) == []
+
+
+def test_parent_death_signal_reaches_a_worker_whose_parent_is_killed(tmp_path):
+    """The second mechanism of item 4 alone (the test above also passes with only the first,
+    workers no longer holding each other's control sockets): PR_SET_PDEATHSIG as the worker
+    sets it delivers SIGTERM when the process that forked it is SIGKILLed."""
+    import sys
+    marker = tmp_path / "got-sigterm"
+    script = f"""
+import os, signal, sys, time
+from sniproxy.proxy.worker_process import set_parent_death_signal
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, "w").close(), os._exit(0)))
+    assert set_parent_death_signal(signal.SIGTERM)
+    print("ready", flush=True)
+    time.sleep(30)
+    os._exit(1)
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        parent.kill()
+        parent.wait(5)
+        wait_until(marker.exists, 5, "SIGTERM in the orphaned child")
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -38,10 +38,28 @@ def test_each_feature_names_its_capabilities():
     dns_only = config(ebpf={"enabled": True, "sockmap": {"enabled": False},
                             "tcp_splice": {"enabled": False}, "stats": {"enabled": False}})
     assert capabilities(required_privileges(dns_only)) == ("CAP_BPF",)
-    forced = config(ebpf={"enabled": True, "sockmap": {"sndbuf_bytes": 1 << 22}})
+    forced = config(ebpf={"enabled": True, "sockmap": {"sndbuf_bytes": 1 << 22},
+                          "tcp_splice": {"enabled": False}})
     assert ("CAP_NET_ADMIN", "ebpf.sockmap.sndbuf_bytes") in {
         (n.capability, n.feature) for n in required_privileges(forced)}
-    assert capabilities(required_privileges(forced)) == ("CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON")
+    assert capabilities(required_privileges(forced)) == ("CAP_BPF", "CAP_NET_ADMIN")
+
+
+def test_network_tracing_needs_perfmon_even_without_the_data_path():
+    cfg = config(ebpf={"enabled": False, "tracing": {"network": True}})
+    needs = required_privileges(cfg)
+    assert capabilities(needs) == ("CAP_BPF", "CAP_PERFMON")
+    assert {n.feature for n in needs} == {"ebpf.tracing.network"}
+
+
+def test_pin_paths_inside_another_are_opened_once():
+    from sniproxy.privileges import pin_paths
+    cfg = config(ebpf={"enabled": True, "dns_cache": {"pin_path": "/sys/fs/bpf/sp"},
+                       "tcp_splice": {"pin_path": "/sys/fs/bpf/sp/tcp_splice"}})
+    assert pin_paths(cfg) == ["/sys/fs/bpf/sp"]
+    apart = config(ebpf={"enabled": True, "dns_cache": {"pin_path": "/sys/fs/bpf/sp"},
+                         "tcp_splice": {"pin_path": "/sys/fs/bpf/sp-flows"}})
+    assert pin_paths(apart) == ["/sys/fs/bpf/sp", "/sys/fs/bpf/sp-flows"]
 
 
 def test_low_ports_need_net_bind_service():
@@ -77,4 +95,4 @@ def test_setpriv_grants_the_same_set_and_can_drop_one():
     argv = setpriv_argv(cfg, 65534, 65534)
     assert "--ambient-caps=-all,+bpf,+net_admin,+perfmon" in argv and argv[-1] == "--"
     assert "--bounding-set=-all,+bpf,+perfmon" in setpriv_argv(cfg, 65534, 65534,
-                                                             drop="CAP_NET_ADMIN")
+                                                               drop="CAP_NET_ADMIN")

@@ -51,6 +51,8 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "profiler": ("prog:perf_event", "map:stack_trace", "perf:cpu_clock"),
     "xdp": ("prog:xdp",),
     "tracing": ("prog:raw_tracepoint", "attach:tp_btf"),
+    # CAP_PERFMON: the verifier allows the programs' variable-offset stack reads (the TCP
+    # option scan) only to a loader that bypasses Spectre v1 checks (perfmon_capable)
     "tcp_splice": ("prog:sched_cls", "map:ringbuf", "sock:tcp_repair", "cap:CAP_NET_ADMIN",
                    "cap:CAP_PERFMON"),
 }
