@@ -44,8 +44,9 @@ def test_a_config_that_fits_this_host(tmp_path):
     proc = run(sni_proxy_cmd() + ["check", "--config", str(path), "--json"])
     data = json.loads(proc.stdout)
     cap = data["capacity"]
-    assert cap["evaluated"] and cap["relay"] == "sockmap" and cap["fds_per_connection"] == 2
+    assert cap["evaluated"] and cap["relay"] == "tcp_splice" and cap["fds_per_connection"] == 2
     assert cap["sockmap_entries"] == 65536                       # auto, never below the default
+    assert cap["tcp_splice_flows"] == 16384                      # auto, never below the default
     assert cap["fds_per_worker"] <= cap["fd_limit"] == hard_fd_limit()
     assert cap["ok"], [i for i in cap["items"] if not i["ok"]]
     assert proc.returncode == 0, proc.stdout

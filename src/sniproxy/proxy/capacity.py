@@ -40,7 +40,8 @@ TCP_SPLICE_FLOWS_HEADROOM = 4          # max_connections / 4 more slots for ling
 # memory of the proxy's side of a connection (two sockets, files, epoll entries; the psock and
 # map entries with the sockmap; two pipes with splice), its Python objects, and the idle
 # proxy (supervisor and shared pages, then each worker's own pages).
-KERNEL_BYTES_PER_CONNECTION = {"sockmap": 14_000, "splice": 17_700, "copy": 10_000}
+KERNEL_BYTES_PER_CONNECTION = {"tcp_splice": 5_000, "sockmap": 14_000, "splice": 17_700,
+                               "copy": 10_000}
 USER_BYTES_PER_CONNECTION = 6_000
 PROXY_IDLE_BYTES = 30 << 20
 WORKER_IDLE_BYTES = 5 << 20
@@ -157,10 +158,13 @@ class CapacityPlan:
 
 def relay_fds(config, *, kernel_relay: bool | None = None) -> tuple[int, str]:
     """(fds per connection, relay name) for the relay most connections of this config get."""
+    requested = config.ebpf_requested()
     if kernel_relay is None:
-        kernel_relay = config.ebpf_requested()["sockmap"]
+        kernel_relay = requested["sockmap"] or requested["tcp_splice"]
     if kernel_relay:
-        return FDS_SOCKETS, "sockmap"
+        # Both kernel relays hold the two sockets at most (tcp_splice keeps one after the
+        # hand-over); connections they refuse take the user-space relay, counted by reason.
+        return FDS_SOCKETS, "tcp_splice" if requested["tcp_splice"] else "sockmap"
     if config.relay.mode == "copy":
         return FDS_SOCKETS, "copy"
     return FDS_PER_CONNECTION_SPLICE, "splice"

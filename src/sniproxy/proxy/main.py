@@ -51,7 +51,9 @@ def cli_run(argv: list[str]) -> int:
         # Probed once here (and handed to the data path): the fds a connection needs depend on
         # whether the kernel relays it (2) or a splice relay does (6).
         support = probe_support_in_child()
-        kernel_relay = config.ebpf_requested()["sockmap"] and support.ok("sockmap")
+        requested = config.ebpf_requested()
+        kernel_relay = (requested["sockmap"] and support.ok("sockmap")) or \
+            (requested["tcp_splice"] and support.ok("tcp_splice"))
     config, plan = capacity.plan_and_resolve(config, host, kernel_relay=kernel_relay)
     if args.check_config:
         print(f"{args.config}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
