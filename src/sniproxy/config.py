@@ -469,9 +469,14 @@ class TcpSpliceConfig(_Model):
     # namespace that is up (which covers the listen addresses and every route), lo included.
     interfaces: tuple[Annotated[Str, Field(min_length=1, max_length=15)], ...] | None = None
     max_flows: Annotated[int, Strict(), Field(ge=1, le=1 << 22)] = 16384
-    # How long a finished flow's entries stay (TIME_WAIT-like): retransmitted FINs and the
-    # last ACK must still be translated. Linux's TIME_WAIT is 60 s.
-    linger_s: Annotated[float, Strict(), Field(ge=0, le=600)] = 60.0
+    # How long a finished flow's entries stay (TIME_WAIT-like): a FIN retransmitted because
+    # the last ACK was lost must still be translated. 10 s covers five retransmissions at
+    # the minimum RTO; a later one meets the proxy's stack, whose RST ends a connection whose
+    # data were all delivered. Not Linux's 60 s TIME_WAIT: that guards a new connection on
+    # the same tuple against old segments, which the BPF program handles at the new SYN, and
+    # each lingering flow holds a flow slot (16,384 slots / 60 s: 273 new connections a
+    # second at most; / 10 s: 1,638).
+    linger_s: Annotated[float, Strict(), Field(ge=0, le=600)] = 10.0
     # A directory on bpffs where the flow maps are pinned: a proxy started after the previous
     # one was killed (SIGKILL, crash) takes over its live flows instead of resetting them.
     # null: not pinned. bpffs is one per host, not per network namespace: one directory per

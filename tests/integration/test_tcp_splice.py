@@ -106,9 +106,12 @@ class Proxy:
         wait_until(clean, 15, "tcp_splice flows back to 0")
 
 
-def connect(host: str, port: int, family=socket.AF_INET) -> socket.socket:
+def connect(host: str, port: int, family=socket.AF_INET, source: tuple | None = None
+            ) -> socket.socket:
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(60)
+    if source is not None:
+        s.bind(source)
     s.connect((host, port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
@@ -136,9 +139,9 @@ def stream_sha(prefix: bytes, n: int) -> str:
 
 
 def upload_download(host: str, port: int, up: int, family=socket.AF_INET,
-                    before_upload=None) -> tuple[int, str]:
+                    before_upload=None, source: tuple | None = None) -> tuple[int, str]:
     """Send HELLO + `up` pattern bytes while reading everything back; (bytes read, sha256)."""
-    s = connect(host, port, family)
+    s = connect(host, port, family, source)
     out: dict = {}
 
     def reader():

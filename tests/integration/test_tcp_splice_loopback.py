@@ -265,3 +265,42 @@ def test_the_kept_backend_socket_has_its_hand_over_bytes_acknowledged(topology, 
         finally:
             s.close()
         proxy.wait_clean()
+
+
+def test_a_finished_flows_backend_port_is_reused_while_it_lingers(loop_ns, tmp_path):
+    """The kept backend socket goes when the flow ends, not after the linger: its local port
+    is free at once. With two ephemeral ports and a 60 s linger, the third connection used to
+    find both ports held (connect: EADDRNOTAVAIL); now each new connection gets a port back,
+    its SYN drops the lingering entries of that port's old flow, and it is spliced as well."""
+    t = loop_ns
+    be = t.run(t.backend, EchoBackend, BACKEND_IP)
+    proxy = Proxy(t, tmp_path, f"{BACKEND_IP}:{be.port}", tcp_splice={"linger_s": 60})
+    rounds = 6
+
+    def kept_sockets() -> str:
+        return nsexec(t.proxy, "ss", "-Htn", "state", "established",
+                      f"dst {BACKEND_IP}:{be.port}").stdout.strip()
+    # After the listeners are bound (a port bound with bind() cannot be shared; connect()
+    # shares a port between destinations). No HTTP to /status meanwhile: its TIME_WAITs
+    # would use up the two ports (netlink, `ss`, is what the loop watches).
+    ports = nsexec(t.proxy, "sysctl", "-n", "net.ipv4.ip_local_port_range").stdout.split()
+    nsexec(t.proxy, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40001")
+    try:
+        for i in range(rounds):
+            size = 64 * 1024 + i
+            # from a port of its own: the client's TIME_WAITs must not use up the two ports
+            got = t.run(t.client, upload_download, "127.0.0.1", proxy.port, size,
+                        source=("127.0.0.1", 50000 + i))
+            assert got == (len(HELLO) + size, stream_sha(HELLO, size)), i
+            # the flow has ended and the proxy closed its backend socket
+            wait_until(lambda: kept_sockets() == "", 15, f"flow {i}'s backend socket closed")
+    finally:
+        nsexec(t.proxy, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={ports[0]} {ports[1]}")
+    assert [r[0] for r in be.wait(rounds)] == [len(HELLO) + 64 * 1024 + i for i in range(rounds)]
+    spliced(proxy, rounds)
+    assert proxy.metric("ebpf_tcp_splice_engaged_total") == rounds
+    assert sum(proxy.ts()["fallbacks"].values()) == 0, proxy.ts()["fallbacks"]
+    # the flows linger (60 s) without holding their ports
+    assert proxy.ts()["lingering_flows"] == rounds
+    assert proxy.stop() == 0
+    assert t.tc_state() == ""

@@ -59,11 +59,14 @@ DIR_LAYOUT = StructLayout("sni_proxy_ts_dir", (
     ("ack_delta", "I"), ("handover_end", "I"), ("flow", "I"), ("ifindex", "I"),
     ("ts_base", "I"), ("dir", "B"), ("flags", "B"), ("win_shift_in", "B"),
     ("win_shift_out", "B"), ("gen", "I")))
+CTR_LAYOUT = StructLayout("sni_proxy_ts_ctr", (
+    ("bytes", "Q"), ("packets", "Q"), ("last_ns", "Q"), ("nxt", "I"), ("pad", "I"),
+    ("pad2", "32x")))
 FLOW_LAYOUT = StructLayout("sni_proxy_ts_flow", (
-    ("bytes", "2Q"), ("packets", "2Q"), ("last_ns", "Q"), ("frozen", "Q"), ("ts_off", "2I"),
-    ("fin_seq", "2I"), ("ts_learned", "2B"), ("fin", "2B"), ("fin_acked", "2B"), ("rst", "B"),
-    ("engaged", "B"), ("reported", "B"), ("pad", "3x"), ("ring", "I"), ("gen", "I"),
-    ("pad2", "I"), ("nxt", "2I")))
+    ("ts_off", "2I"), ("fin_seq", "2I"), ("ts_learned", "2B"), ("fin", "2B"),
+    ("fin_acked", "2B"), ("rst", "B"), ("engaged", "B"), ("reported", "B"), ("pad", "3x"),
+    ("ring", "I"), ("gen", "I"), ("pad2", "I"), ("frozen", "Q"), ("pad3", "16x"),
+    ("ctr", f"{2 * CTR_LAYOUT.size}s")))
 EVENT_LAYOUT = StructLayout("sni_proxy_ts_event", (
     ("flow", "I"), ("gen", "I"), ("why", "I"), ("pad", "I")))
 STAT_LAYOUT = EnumLayout("sni_proxy_ts_stat", "TS_STAT_", (
@@ -71,8 +74,8 @@ STAT_LAYOUT = EnumLayout("sni_proxy_ts_stat", "TS_STAT_", (
     "events", "events_lost", "redirect_fail"), end="TS_STAT_MAX", c_names=(
     "C2B_PKTS", "C2B_BYTES", "B2C_PKTS", "B2C_BYTES", "FROZEN", "TO_PROXY", "NO_FLOW", "EVENTS",
     "EVENTS_LOST", "REDIRECT_FAIL"))
-LAYOUTS = (KEY_LAYOUT, DIR_LAYOUT, FLOW_LAYOUT, EVENT_LAYOUT, STAT_LAYOUT)
-_KEY, _DIR, _FLOW = KEY_LAYOUT.struct, DIR_LAYOUT.struct, FLOW_LAYOUT.struct
+LAYOUTS = (KEY_LAYOUT, DIR_LAYOUT, CTR_LAYOUT, FLOW_LAYOUT, EVENT_LAYOUT, STAT_LAYOUT)
+_KEY, _DIR, _FLOW, _CTR = KEY_LAYOUT.struct, DIR_LAYOUT.struct, FLOW_LAYOUT.struct, CTR_LAYOUT.struct
 _EVENT = EVENT_LAYOUT.struct
 _STAT_NAMES = STAT_LAYOUT.names
 
@@ -433,16 +436,21 @@ class FlowState:
     @classmethod
     def unpack(cls, raw: bytes) -> "FlowState":
         f = _FLOW.unpack(raw)
-        # bytes0 bytes1 pk0 pk1 last frozen tsoff0 tsoff1 fin_seq0 fin_seq1 tsl0 tsl1 fin0 fin1
-        # fa0 fa1 rst engaged reported ring gen pad2
-        return cls((f[0], f[1]), (f[2], f[3]), f[4], f[5], (f[12], f[13]), (f[14], f[15]),
-                   bool(f[16]), bool(f[17]), bool(f[18]), f[20], (f[22], f[23]),
-                   f[16] - 1 if f[16] else None, (f[8], f[9]))
+        # tsoff0 tsoff1 fin_seq0 fin_seq1 tsl0 tsl1 fin0 fin1 fa0 fa1 rst engaged reported
+        # ring gen pad2 frozen ctr
+        # per direction: bytes packets last_ns nxt pad
+        c0 = _CTR.unpack_from(f[17], 0)
+        c1 = _CTR.unpack_from(f[17], _CTR.size)
+        return cls((c0[0], c1[0]), (c0[1], c1[1]), max(c0[2], c1[2]), f[16], (f[6], f[7]),
+                   (f[8], f[9]), bool(f[10]), bool(f[11]), bool(f[12]), f[14], (c0[3], c1[3]),
+                   f[10] - 1 if f[10] else None, (f[2], f[3]))
 
 
 def new_flow_value(ring: int, gen: int, nxt: tuple[int, int] = (0, 0)) -> bytes:
-    return _FLOW.pack(0, 0, 0, 0, time.monotonic_ns(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                      0, 0, 0, ring, gen, 0, nxt[0] & 0xFFFFFFFF, nxt[1] & 0xFFFFFFFF)
+    now = time.monotonic_ns()       # last seen: the idle timeout counts from the arm
+    ctr = (_CTR.pack(0, 0, now, nxt[0] & 0xFFFFFFFF, 0) +
+           _CTR.pack(0, 0, now, nxt[1] & 0xFFFFFFFF, 0))
+    return _FLOW.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ring, gen, 0, 0, ctr)
 
 
 _PID = [os.getpid()]

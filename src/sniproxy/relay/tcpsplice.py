@@ -18,10 +18,11 @@ Hand-over (docs/kernel-datapath.md has the sequence diagram):
    segments below `handover_end` still pass the egress hook (retransmissions included).
 5. The client socket is closed silently (repair mode: no FIN, no RST). The backend socket is
    kept (one fd per flow) so its local port is not reused while the 4-tuple is spliced;
-   it is closed silently once the flow's entries are gone.
+   it is closed silently when the flow ends.
 Teardown: the BPF program reports on the worker's ring when both FINs were acknowledged or
-a RST passed; run() returns then, and the entries stay for `linger_s` (retransmitted FINs and
-the last ACK must still be translated), like TIME_WAIT. Idle timeout: from the flow's
+a RST passed; run() returns then, the backend socket is closed, and the entries stay for
+`linger_s` (retransmitted FINs and the last ACK must still be translated), like TIME_WAIT,
+unless a new connection from the proxy reuses the local port (its SYN removes them). Idle timeout: from the flow's
 last-seen time, checked in user space.
 """
 from __future__ import annotations
@@ -476,6 +477,16 @@ class WorkerSplice:
 
     # --- teardown -------------------------------------------------------------------------
     def linger(self, relay: TcpSpliceRelay) -> None:
+        """The flow ended: its entries stay for `linger_s` (a retransmitted FIN or last ACK
+        must still be translated), but the kept backend socket goes now. Held through the
+        linger, it kept an fd and the local port of every flow that ended in the last
+        minute: at a few hundred new connections a second to one backend that filled the
+        flow slots and the ephemeral port range (connect() slowed down searching it). A new
+        connection that gets the port back makes the BPF program drop the lingering entries
+        at its SYN."""
+        if relay.backend_fd >= 0:
+            ts.close_silently(relay.backend_fd)
+            relay.backend_fd = -1
         self.loop.call_later(self.linger_s, self.remove, relay)
 
     def remove(self, relay: TcpSpliceRelay) -> None:

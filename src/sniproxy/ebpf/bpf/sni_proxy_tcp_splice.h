@@ -30,6 +30,9 @@
 /* skb->mark of the copy of the backend packet that engaged the flow: the ingress program cuts
  * it down to a pure ACK of the hand-over bytes for the proxy's own socket (ack_only). */
 #define SNI_PROXY_TS_MARK_ACK 0x5e1f7c02
+/* skb->mark of a packet the egress hook of lo rewrote in place: it comes back to lo's ingress
+ * as a packet of the other connection, which the ingress hook passes without a lookup. */
+#define SNI_PROXY_TS_MARK_DONE 0x5e1f7c03
 
 struct sni_proxy_ts_key {
 	__u8 family;		/* 4 or 6 */
@@ -59,12 +62,23 @@ struct sni_proxy_ts_dir {
 	__u32 gen;		/* generation of the flow slot, echoed in events */
 };
 
-/* One per spliced connection, written by BPF (counters) and reset by user space at arm. */
+/* One direction's counters, written by every packet of that direction. A cache line of its
+ * own: the two directions are usually handled on two CPUs (each packet in its sender's
+ * context), and counters sharing a line made every packet take it from the other CPU. */
+struct sni_proxy_ts_ctr {
+	__u64 bytes;		/* payload bytes */
+	__u64 packets;		/* segments (GSO counted per segment) */
+	__u64 last_ns;		/* bpf_ktime_get_ns() of the last packet this way */
+	__u32 nxt;		/* highest end of payload seen, in the receiver's space: the byte
+				 * count without retransmissions (user space sets the start) */
+	__u32 pad;
+	__u64 pad2[4];
+};
+
+/* One per spliced connection, reset by user space at arm. The first line is written rarely
+ * (first packets, FIN, RST, the proxy sockets' frozen packets) and read by every packet of
+ * both directions; the per-direction counters follow, a line each. */
 struct sni_proxy_ts_flow {
-	__u64 bytes[2];		/* payload bytes per direction */
-	__u64 packets[2];	/* segments (GSO counted per segment) */
-	__u64 last_ns;		/* bpf_ktime_get_ns() of the last spliced packet */
-	__u64 frozen;		/* packets of the proxy's own sockets dropped by the egress hook */
 	__u32 ts_off[2];	/* TSval offset per direction, valid once ts_learned[dir] */
 	__u32 fin_seq[2];	/* sequence number after the FIN, in the receiver's space */
 	__u8 ts_learned[2];
@@ -77,8 +91,9 @@ struct sni_proxy_ts_flow {
 	__u32 ring;		/* worker ring index in sni_proxy_tsrg */
 	__u32 gen;
 	__u32 pad2;
-	__u32 nxt[2];		/* highest end of payload seen, in the receiver's space: the byte
-				 * counts without retransmissions (user space sets the start) */
+	__u64 frozen;		/* packets of the proxy's own sockets dropped by the egress hook */
+	__u64 pad3[2];
+	struct sni_proxy_ts_ctr ctr[2];
 };
 
 struct sni_proxy_ts_event {
