@@ -143,7 +143,12 @@ def test_fin_both_ways_and_their_acks_report_once(dp):
     send(cl, lst, 20, 11, 0x11)       # client FIN + ACK of the backend's FIN
     assert events.drain() == []
     send(bk, bl, 11, 21, 0x10)        # ACK of the client's FIN
-    assert events.drain() == [(5, 7, ts.EV_FIN)]
+    (event,) = events.drain()
+    assert event[:3] == (5, 7, ts.EV_FIN)
+    # the event carries the final state the relay needs (no map read at the end)
+    end = event[3]
+    assert (end.gen, end.fin, end.fin_acked, end.rst_from) == (7, (1, 1), (1, 1), None)
+    assert end.fin_seq == tuple(dp.flow(5).fin_seq) and end.nxt == tuple(dp.flow(5).nxt)
     send(bk, bl, 11, 21, 0x10)        # a duplicate: no second event
     assert events.drain() == []
     st = dp.flow(5)

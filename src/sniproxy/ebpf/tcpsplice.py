@@ -39,8 +39,9 @@ EGRESS_PROG = "sni_proxy_tse"
 C2B, B2C = 0, 1
 F_TSTAMP, F_NEIGH, F_HOLD = 1, 2, 4
 EV_FIN, EV_RST = 1, 2
-# Ring buffer per worker: one 16-byte record (+8 header) per finished flow; 64 KiB holds 2730.
-RING_BYTES = 64 * 1024
+# Ring buffer per worker: one 36-byte record (+8 header, 8-aligned: 48) per finished flow;
+# 128 KiB holds 2730, over a second of new connections at the rate 16,384 flow slots allow.
+RING_BYTES = 128 * 1024
 MAX_RINGS = 64
 # tc filter priority of our programs: a fixed, uncommon number so that `tc filter show`
 # makes them recognisable and we never replace someone else's filter at the default 1.
@@ -68,7 +69,8 @@ FLOW_LAYOUT = StructLayout("sni_proxy_ts_flow", (
     ("ring", "I"), ("gen", "I"), ("pad2", "I"), ("frozen", "Q"), ("pad3", "16x"),
     ("ctr", f"{2 * CTR_LAYOUT.size}s")))
 EVENT_LAYOUT = StructLayout("sni_proxy_ts_event", (
-    ("flow", "I"), ("gen", "I"), ("why", "I"), ("pad", "I")))
+    ("flow", "I"), ("gen", "I"), ("why", "I"), ("rst", "B"), ("fin", "2B"), ("fin_acked", "2B"),
+    ("pad", "3x"), ("fin_seq", "2I"), ("nxt", "2I")))
 STAT_LAYOUT = EnumLayout("sni_proxy_ts_stat", "TS_STAT_", (
     "c2b_packets", "c2b_bytes", "b2c_packets", "b2c_bytes", "frozen", "to_proxy", "no_flow",
     "events", "events_lost", "redirect_fail"), end="TS_STAT_MAX", c_names=(
@@ -821,13 +823,32 @@ class PinnedMismatch(Exception):
     """The pinned maps of a previous proxy cannot be used (now unpinned); str() says why."""
 
 
-def parse_event(raw: bytes) -> tuple[int, int, int]:
-    flow, gen, why, _ = _EVENT.unpack(raw[:_EVENT.size])
-    return flow, gen, why
+class FlowEnd:
+    """A flow's final state as its end event carries it: the FlowState fields the relay reads
+    at the end (so the end costs no map lookup)."""
+
+    __slots__ = ("gen", "fin", "fin_acked", "rst_from", "fin_seq", "nxt")
+
+    def __init__(self, gen: int, rst: int, fin: tuple[int, int], fin_acked: tuple[int, int],
+                 fin_seq: tuple[int, int], nxt: tuple[int, int]):
+        self.gen = gen
+        self.fin = fin
+        self.fin_acked = fin_acked
+        self.rst_from = rst - 1 if rst else None
+        self.fin_seq = fin_seq
+        self.nxt = nxt
 
 
-class EventRing(MmapRingReader[tuple[int, int, int]]):
-    """Consumer of one worker's ring buffer: sni_proxy_ts_event records -> (flow, gen, why)."""
+def parse_event(raw: bytes) -> tuple[int, int, int, FlowEnd]:
+    f = _EVENT.unpack(raw[:_EVENT.size])
+    # flow gen why rst fin0 fin1 fa0 fa1 fin_seq0 fin_seq1 nxt0 nxt1
+    return f[0], f[1], f[2], FlowEnd(f[1], f[3], (f[4], f[5]), (f[6], f[7]), (f[8], f[9]),
+                                     (f[10], f[11]))
+
+
+class EventRing(MmapRingReader[tuple[int, int, int, FlowEnd]]):
+    """Consumer of one worker's ring buffer: sni_proxy_ts_event records -> (flow, gen, why,
+    FlowEnd)."""
 
     def __init__(self, ring: Map):
         super().__init__(ring, _EVENT.size, parse_event)

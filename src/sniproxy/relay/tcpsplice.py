@@ -114,23 +114,25 @@ class TcpSpliceRelay:
         self._finish(outcome, detail, linger=False)
 
     # --- events ---------------------------------------------------------------------------
-    def on_end(self, why: int) -> None:
+    def on_end(self, why: int, st=None) -> None:
+        """`st`: the flow's final state from its end event (ts.FlowEnd); None: read it."""
+        if st is None:
+            try:
+                st = self.worker.dp.flow(self.slot)
+            except OSError:
+                st = None
         if why != ts.EV_RST:
-            self._finish("ok", linger=True)
+            self._finish("ok", linger=True, st=st)
             return
-        try:
-            st = self.worker.dp.flow(self.slot)
-        except OSError:
-            st = None
         side = st.rst_from if st is not None else None
         if side is not None and st.fin[side] and st.fin_acked[side]:
             # That side had ended (its FIN acknowledged: every byte it sent arrived), then
             # reset: a late write reached its closed socket, e.g. the TLS close_notify a
             # client sends after the server closed. As the other relays, a normal end.
             name = "client" if side == ts.C2B else "backend"
-            self._finish("ok", f"the {name} reset after its end", linger=True)
+            self._finish("ok", f"the {name} reset after its end", linger=True, st=st)
             return
-        self._finish("reset", "a RST went through the spliced flow", linger=True)
+        self._finish("reset", "a RST went through the spliced flow", linger=True, st=st)
 
     def _check_idle(self) -> None:
         if self.finished.done():
@@ -141,7 +143,7 @@ class TcpSpliceRelay:
             self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
             return
         if st.reported:                 # the ring event was lost (ring full): act on it now
-            self.on_end(ts.EV_RST if st.rst else ts.EV_FIN)
+            self.on_end(ts.EV_RST if st.rst else ts.EV_FIN, st)
             return
         quiet_s = (time.monotonic_ns() - st.last_ns) / 1e9
         if quiet_s >= self.idle_timeout_s:
@@ -150,14 +152,15 @@ class TcpSpliceRelay:
             return
         self._idle = self.loop.call_later(self.idle_timeout_s - quiet_s + 0.01, self._check_idle)
 
-    def _finish(self, outcome: str, detail: str = "", *, linger: bool) -> None:
+    def _finish(self, outcome: str, detail: str = "", *, linger: bool, st=None) -> None:
         if self.finished.done():
             return
         if self._idle is not None:
             self._idle.cancel()
         up = down = 0
         try:
-            st = self.worker.dp.flow(self.slot)
+            if st is None:
+                st = self.worker.dp.flow(self.slot)
             if st.gen == self.gen:
                 # Sequence spans, not the sum of payloads (that counts retransmissions twice).
                 # A direction that ended with a FIN ends exactly before it; otherwise the
@@ -220,10 +223,10 @@ class WorkerSplice:
             self.loop.add_reader(self._events.fileno(), self._on_events)
 
     def _on_events(self) -> None:
-        for slot, gen, why in self._events.drain():
+        for slot, gen, why, end in self._events.drain():
             relay = self._by_slot.get(slot)
             if relay is not None and relay.gen == gen:
-                relay.on_end(why)
+                relay.on_end(why, end)
 
     # --- arm ------------------------------------------------------------------------------
     def try_relay(self, client: socket.socket, backend: socket.socket, *,

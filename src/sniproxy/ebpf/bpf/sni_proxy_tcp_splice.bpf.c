@@ -186,6 +186,15 @@ static __always_inline void report(struct sni_proxy_ts_flow *f, __u32 slot, __u3
 	if (f->reported)
 		return;
 	f->reported = 1;
+	ev.rst = f->rst;
+	ev.fin[0] = f->fin[0];
+	ev.fin[1] = f->fin[1];
+	ev.fin_acked[0] = f->fin_acked[0];
+	ev.fin_acked[1] = f->fin_acked[1];
+	ev.fin_seq[0] = f->fin_seq[0];
+	ev.fin_seq[1] = f->fin_seq[1];
+	ev.nxt[0] = f->ctr[0].nxt;
+	ev.nxt[1] = f->ctr[1].nxt;
 	ring = bpf_map_lookup_elem(&sni_proxy_tsrg, &f->ring);
 	if (ring && bpf_ringbuf_output(ring, &ev, sizeof(ev), 0) == 0)
 		stat(TS_STAT_EVENTS, 1);

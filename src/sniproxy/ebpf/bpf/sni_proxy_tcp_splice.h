@@ -96,11 +96,17 @@ struct sni_proxy_ts_flow {
 	struct sni_proxy_ts_ctr ctr[2];
 };
 
+/* The flow's end, with what user space needs of its final state (so it reads no map). */
 struct sni_proxy_ts_event {
 	__u32 flow;
 	__u32 gen;
 	__u32 why;
-	__u32 pad;
+	__u8 rst;		/* as in sni_proxy_ts_flow */
+	__u8 fin[2];
+	__u8 fin_acked[2];
+	__u8 pad[3];
+	__u32 fin_seq[2];
+	__u32 nxt[2];
 };
 
 #endif
