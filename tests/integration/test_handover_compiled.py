@@ -133,7 +133,7 @@ def test_entries_are_byte_identical_to_the_python_reference(ns_maps, handover):
                 assert answer == ("route", socket.inet_aton(want), want)
                 routes[answer[1]] = (lo, not ts.is_loopback(lo))
             before = time.monotonic_ns()
-            tag, slot, c2b_key, b2c_key, b_start, c_start, data, sent = arm()
+            tag, slot, c2b_key, b2c_key, b_start, c_start, data, sent, send_errno = arm()
             after = time.monotonic_ns()
             assert (tag, slot) == ("ok", 5)
             assert (c2b_key, b2c_key) == (c2b.key, b2c.key)
@@ -146,7 +146,7 @@ def test_entries_are_byte_identical_to_the_python_reference(ns_maps, handover):
             assert before <= struct.unpack_from("=Q", state, 32)[0] <= after   # last_ns
             assert dp.claims.lookup(slot) == struct.pack("=II", os.getpid(), ROW)
             assert (b_start, c_start) == (b_side.snap.write_seq, c_side.snap.write_seq)
-            assert (data, sent) == (HELLO, len(HELLO))
+            assert (data, sent, send_errno) == (HELLO, len(HELLO), 0)
             assert pc.fileno() == -1, "the client socket was not handed to the C side"
             assert backend.recv(len(HELLO), socket.MSG_WAITALL) == HELLO
             for key in (c2b_key, b2c_key):

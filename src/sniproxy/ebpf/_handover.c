@@ -20,7 +20,7 @@
  *
  *   arm(client_sock, backend_fd, flows_fd, state_fd, claims_fd, routes, attached, cursor,
  *       max_flows, ring_index, pid, gen) ->
- *     ("ok", slot, c2b_key, b2c_key, b_write_seq, c_write_seq, data, sent)
+ *     ("ok", slot, c2b_key, b2c_key, b_write_seq, c_write_seq, data, sent, send_errno)
  *   | ("fallback", reason, message)
  *   | ("route", address_key, address_text)   # routes lacks it: fill routes[key], call again
  *   | ("python",)                            # not answered here: take the Python path
@@ -325,6 +325,7 @@ static PyObject *arm(PyObject *self, PyObject *args)
 	__u8 ts;
 	int late;
 	Py_ssize_t len, sent;
+	int send_errno;
 	char ca[INET6_ADDRSTRLEN], ba[INET6_ADDRSTRLEN];
 
 	(void)self;
@@ -521,19 +522,23 @@ static PyObject *arm(PyObject *self, PyObject *args)
 	Py_DECREF(detached);
 	close_silently(client_fd);
 	sent = 0;
+	send_errno = 0;
 	while (sent < len) {
 		ssize_t n = send(backend_fd, PyBytes_AS_STRING(data) + sent, (size_t)(len - sent),
 				 MSG_DONTWAIT | MSG_NOSIGNAL);
 
 		if (n < 0 && errno == EINTR)
 			continue;
+		if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+			send_errno = errno;    /* Python logs it (debug), run() meets it too */
 		if (n <= 0)
-			break;   /* EAGAIN: the rest goes in run(); an error: run() meets it too */
+			break;   /* EAGAIN: the rest goes in run() */
 		sent += n;
 	}
-	out = Py_BuildValue("(sIy#y#IINn)", "ok", slot, (const char *)&c2b_key,
+	out = Py_BuildValue("(sIy#y#IINni)", "ok", slot, (const char *)&c2b_key,
 			    (Py_ssize_t)sizeof(c2b_key), (const char *)&b2c_key,
-			    (Py_ssize_t)sizeof(b2c_key), bs.write_seq, cs.write_seq, data, sent);
+			    (Py_ssize_t)sizeof(b2c_key), bs.write_seq, cs.write_seq, data, sent,
+			    send_errno);
 	return out;
 }
 

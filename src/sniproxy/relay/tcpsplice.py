@@ -294,7 +294,10 @@ class WorkerSplice:
                                    dp.max_flows, self.ring_index, ts._pid(), gen)
             tag = answer[0]
             if tag == "ok":
-                _, slot, c2b_key, b2c_key, b_start, c_start, data, sent = answer
+                _, slot, c2b_key, b2c_key, b_start, c_start, data, sent, send_errno = answer
+                if send_errno:
+                    log.debug("tcp_splice: hand-over write: %s",
+                              OSError(send_errno, os.strerror(send_errno)))
                 self._cursor = (slot + 1) % dp.max_flows
                 relay = TcpSpliceRelay(self, slot, gen, (c2b_key, b2c_key), backend,
                                        data[sent:], len(data), idle_timeout_s,
