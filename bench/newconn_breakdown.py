@@ -69,7 +69,8 @@ async def breakdown(n: int) -> None:
 
     for owner, names in ((server.Worker, ("_on_acceptable", "_connect", "_connected", "_step")),
                          (rts.WorkerSplice, ("try_relay", "_on_events", "_read_sides",
-                                             "_check_pair", "_oif")),
+                                             "_check_pair", "_oif", "_try_relay_compiled",
+                                             "_try_relay_python")),
                          (rts, ("_read_queued",)),
                          (SocketStateReader, ("read",)),
                          (ets, ("repair_snapshot", "tcp_facts", "flow_entries", "close_silently",

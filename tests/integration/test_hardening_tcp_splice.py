@@ -179,10 +179,13 @@ def test_partial_hello_then_fin_ends_at_once_as_client_closed(ns, tmp_path):
 
 
 # ------------------------------------------------------------------ 2
-def test_backend_reset_reaches_every_spliced_client_as_a_reset(ns, tmp_path):
+@pytest.mark.parametrize("handover", ["compiled", "python"])   # SNI_PROXY_HANDOVER
+def test_backend_reset_reaches_every_spliced_client_as_a_reset(ns, tmp_path, handover):
     """The issue's case: the backend resets after 100 KB while each client sends 200 KB."""
     backend = run_in(ns, Backend, "reset", after=100_000)
-    proxy = SplicedProxy(ns, tmp_path, backend.port, workers=2)
+    proxy = SplicedProxy(ns, tmp_path, backend.port, workers=2,
+                         env={"SNI_PROXY_HANDOVER": handover})
+    assert proxy.ts()["handover"] == handover, proxy.ts()
     payload = os.urandom(200_000)
     n = 100
 
@@ -279,9 +282,13 @@ def test_idle_timeout_fires_after_idle_s_not_twice_that(ns, tmp_path):
 
 
 # ------------------------------------------------------------------ 8
-def test_spliced_connections_cut_at_the_end_of_the_drain_report_their_bytes(ns, tmp_path):
+@pytest.mark.parametrize("handover", ["compiled", "python"])   # SNI_PROXY_HANDOVER
+def test_spliced_connections_cut_at_the_end_of_the_drain_report_their_bytes(ns, tmp_path,
+                                                                            handover):
     backend = run_in(ns, Backend, "count")
-    proxy = SplicedProxy(ns, tmp_path, backend.port, grace_s=1)
+    proxy = SplicedProxy(ns, tmp_path, backend.port, grace_s=1,
+                         env={"SNI_PROXY_HANDOVER": handover})
+    assert proxy.ts()["handover"] == handover, proxy.ts()
     sent = len(HELLO) + (4 << 20)
     s = run_in(ns, connect)
     s.sendall(HELLO)

@@ -42,6 +42,19 @@ def _tag() -> str:
     return f"{os.getpid() % 10000}{next(_seq)}"
 
 
+@pytest.fixture(params=["compiled", "python"])
+def handover(request, monkeypatch):
+    """Which tcp_splice hand-over the proxy runs (SNI_PROXY_HANDOVER; compiled: the default
+    when sniproxy.ebpf._handover is built)."""
+    monkeypatch.setenv("SNI_PROXY_HANDOVER", request.param)
+    return request.param
+
+
+def check_handover(proxy: "Proxy", handover: str) -> None:
+    detail = proxy.ts()
+    assert detail["handover"] == handover, (detail, proxy.log())
+
+
 @pytest.fixture
 def loop_ns():
     with Topology.loopback(_tag()) as t:
@@ -231,8 +244,11 @@ def spliced(proxy: Proxy, n: int = 1) -> None:
 
 
 # ============================================================================ loopback
-@pytest.mark.parametrize("socket_state", ["bpf_getsockopt", "tcp_repair"])
-def test_loopback_echo_exact_counted_and_clean(loop_ns, tmp_path, socket_state):
+@pytest.mark.parametrize("socket_state,handover", [
+    ("bpf_getsockopt", "compiled"), ("bpf_getsockopt", "python"), ("tcp_repair", "python")])
+def test_loopback_echo_exact_counted_and_clean(loop_ns, tmp_path, socket_state, handover,
+                                               monkeypatch):
+    monkeypatch.setenv("SNI_PROXY_HANDOVER", handover)
     t = loop_ns
     be = t.run(t.backend, EchoBackend, "127.0.0.2")
     proxy = Proxy(t, tmp_path, f"127.0.0.2:{be.port}", tcp_splice={
@@ -241,6 +257,7 @@ def test_loopback_echo_exact_counted_and_clean(loop_ns, tmp_path, socket_state):
     assert proxy.ts()["interfaces"] == ["lo"]
     # how the hand-over reads the sockets: one BPF getsockopt each, or TCP_REPAIR
     assert proxy.ts()["socket_state"] == socket_state, (proxy.ts(), proxy.log())
+    check_handover(proxy, handover)
     for size in (0, 1, 100_000, 8 * MiB):
         got = t.run(t.client, upload_download, "127.0.0.1", proxy.port, size)
         assert got == (len(HELLO) + size, stream_sha(HELLO, size))
@@ -681,7 +698,7 @@ def _fallback(proxy: Proxy, reason: str) -> float:
     return proxy.metric("ebpf_tcp_splice_fallbacks_total", reason=reason)
 
 
-def test_fallback_map_full_takes_sockmap_losslessly(three_ns, tmp_path):
+def test_fallback_map_full_takes_sockmap_losslessly(three_ns, tmp_path, handover):
     t = three_ns
     be = t.run(t.backend, EchoBackend, t.backend_ip)
     proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", tcp_splice={"max_flows": 1})
@@ -700,6 +717,7 @@ def test_fallback_map_full_takes_sockmap_losslessly(three_ns, tmp_path):
     kinds = sorted(line.split("relay=")[1].split()[0] for line in proxy.access())
     assert kinds == ["sockmap", "tcp_splice"], kinds
     assert _fallback(proxy, "map_full") == 1
+    check_handover(proxy, handover)
     proxy.wait_clean()
 
 
@@ -728,7 +746,7 @@ def test_different_mtus_are_clamped_and_spliced(tmp_path, mtu_client, mtu_backen
         proxy.wait_clean()
 
 
-def test_fallback_interface_not_attached(three_ns, tmp_path):
+def test_fallback_interface_not_attached(three_ns, tmp_path, handover):
     t = three_ns
     be = t.run(t.backend, EchoBackend, t.backend_ip)
     proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}",
@@ -736,10 +754,11 @@ def test_fallback_interface_not_attached(three_ns, tmp_path):
     got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, MiB)
     assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
     assert _fallback(proxy, "interface_not_attached") == 1
+    check_handover(proxy, handover)
     assert "add it to ebpf.tcp_splice.interfaces" in proxy.log()
 
 
-def test_fallback_client_fin_before_the_hand_over(three_ns, tmp_path):
+def test_fallback_client_fin_before_the_hand_over(three_ns, tmp_path, handover):
     t = three_ns
     be = t.run(t.backend, EchoBackend, t.backend_ip)
     proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
@@ -754,15 +773,17 @@ def test_fallback_client_fin_before_the_hand_over(three_ns, tmp_path):
             return read_to_eof(s)
     assert t.run(t.client, client) == (len(HELLO) + 4, hashlib.sha256(HELLO + b"tail").hexdigest())
     assert _fallback(proxy, "not_established") == 1
+    check_handover(proxy, handover)
 
 
-def test_fallback_family_mismatch(three_ns, tmp_path):
+def test_fallback_family_mismatch(three_ns, tmp_path, handover):
     t = three_ns
     be = t.run(t.backend, EchoBackend, t.backend_ip)
     proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}", v6=True)
     got = t.run(t.client, upload_download, t.proxy_client_ip6, proxy.port, MiB, socket.AF_INET6)
     assert got == (len(HELLO) + MiB, stream_sha(HELLO, MiB))
     assert _fallback(proxy, "family_mismatch") == 1
+    check_handover(proxy, handover)
 
 
 @pytest.mark.parametrize("caps,missing", [("-net_admin", "CAP_NET_ADMIN"),

@@ -214,6 +214,10 @@ class KernelDataPath:
             out["socket_state"] = "bpf_getsockopt" if reader is not None else "tcp_repair"
             if reader is None and self.tcp_splice.state_reader_note:
                 out["socket_state_detail"] = self.tcp_splice.state_reader_note
+            from sniproxy.relay.tcpsplice import handover_mode
+            out["handover"], detail = handover_mode(self.tcp_splice)
+            if detail:
+                out["handover_detail"] = detail
             out["active_flows"] = totals["ts_armed"] - totals["ts_ended"]
             out["lingering_flows"] = totals["ts_ended"] - totals["ts_removed"]
             out["engaged_total"] = totals["ts_armed"] - totals["ts_adopted"]
@@ -331,6 +335,7 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
                         "its flows go on (pinned maps)" if dp.inherited else
                         "connections it still spliced are reset at their next packet")
         _start_state_reader(dp, cfg.bpf_socket_state)
+        _log_handover(dp)
     except OSError as exc:          # BpfError is an OSError
         dp.close()
         failures["tcp_splice"] = (f"attaching the tc programs to {', '.join(names)} failed: "
@@ -338,6 +343,17 @@ def _start_tcp_splice(config, rows: int, failures: dict[str, str]):
                                   "CAP_NET_ADMIN is granted")
         return None
     return dp
+
+
+def _log_handover(dp) -> None:
+    """Which hand-over the workers run (issue 14: the compiled one, or Python and why)."""
+    from sniproxy.relay.tcpsplice import handover_mode
+    mode, why = handover_mode(dp)
+    if mode == "compiled":
+        log.info("tcp_splice: hand-over compiled (sniproxy.ebpf._handover; "
+                 "SNI_PROXY_HANDOVER=python selects the Python one)")
+    else:
+        log.info("tcp_splice: hand-over in Python: %s", why)
 
 
 def _start_state_reader(dp, wanted: bool) -> None:

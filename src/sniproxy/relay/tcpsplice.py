@@ -19,6 +19,9 @@ Hand-over (docs/kernel-datapath.md has the sequence diagram):
 5. The client socket is closed silently (repair mode: no FIN, no RST). The backend socket is
    kept (one fd per flow) so its local port is not reused while the 4-tuple is spliced;
    it is closed silently when the flow ends.
+Steps 1-5 with the BPF socket reader run in one C call (sniproxy.ebpf._handover, issue 14)
+when that extension is built; this module's Python path is the reference it mirrors, and
+runs otherwise (TCP_REPAIR, sockets the reader does not answer, SNI_PROXY_HANDOVER=python).
 Teardown: the BPF program reports on the worker's ring when both FINs were acknowledged or
 a RST passed; run() returns then, the backend socket is closed, and the entries stay for
 `linger_s` (retransmitted FINs and the last ACK must still be translated), like TIME_WAIT,
@@ -42,7 +45,19 @@ from sniproxy.ebpf.objects import BPF_ANY
 from sniproxy.ebpf.sockstate import SS_USEC_TS
 from sniproxy.relay.base import RelayResult
 
+try:
+    from sniproxy.ebpf import _handover
+    _HANDOVER_MISSING = ""
+except ImportError as _exc:            # not built (no compiler / python3-dev at install)
+    _handover = None
+    _HANDOVER_MISSING = str(_exc)
+
 log = logging.getLogger("sniproxy")
+
+# SNI_PROXY_HANDOVER=python: the Python hand-over even where the compiled one could run
+# (tests of both paths, before/after benchmarks).
+HANDOVER_ENV = "SNI_PROXY_HANDOVER"
+_PYTHON_PATH = object()              # the compiled call did not answer: take the Python path
 
 _TCP_ESTABLISHED = 1
 _TCP_CLOSE = 7
@@ -57,6 +72,20 @@ READ_CHUNK = 256 * 1024
 ORPHAN_CHECK_S = 5.0
 # ... and at most this often (a flow that keeps sending is looked at again and again).
 ORPHAN_CHECK_MIN_S = 0.2
+
+
+def handover_mode(dp: ts.TcpSpliceDataPath) -> tuple[str, str]:
+    """("compiled", "") when the hand-over runs in C, else ("python", why)."""
+    if os.environ.get(HANDOVER_ENV, "").strip().lower() == "python":
+        return "python", f"{HANDOVER_ENV}=python in the environment"
+    if _handover is None:
+        return "python", (f"the compiled hand-over sniproxy.ebpf._handover is not built "
+                          f"({_HANDOVER_MISSING}); fix: install gcc and python3-dev, then "
+                          "reinstall the package")
+    if dp.state_reader is None:
+        return "python", ("the BPF socket-state reader is off, the TCP_REPAIR path runs in "
+                          "Python (tcp_splice_detail.socket_state_detail says why)")
+    return "compiled", ""
 
 
 def _outq(sock: socket.socket) -> int:
@@ -76,13 +105,13 @@ class TcpSpliceRelay:
                  "removed")
 
     def __init__(self, worker: "WorkerSplice", slot: int, gen: int,
-                 entries: tuple[ts.DirEntry, ts.DirEntry], backend: socket.socket,
+                 keys: tuple[bytes, bytes], backend: socket.socket,
                  pending: bytes, handed_over: int, idle_timeout_s: float,
                  starts: tuple[int, int]):
         self.worker = worker
         self.slot = slot
         self.gen = gen
-        self.keys = (entries[0].key, entries[1].key)
+        self.keys = keys
         self.backend = backend
         self.backend_fd = -1
         self.pending = pending              # hand-over bytes not yet written to the backend
@@ -198,6 +227,11 @@ class WorkerSplice:
         self._by_slot: dict[int, TcpSpliceRelay] = {}
         self._gen = int(time.monotonic_ns()) & 0x7FFFFFFF
         self._routes: dict[str, tuple[float, int]] = {}
+        self.handover, self.handover_detail = handover_mode(dp)
+        # The compiled hand-over's route cache: peer address bytes -> (out ifindex, has
+        # neighbours), cleared every ROUTE_CACHE_S by a timer (no timestamp per entry).
+        self._routes_c: dict[bytes, tuple[int, bool]] = {}
+        self._routes_timer: asyncio.TimerHandle | None = None
         self._warned: set[str] = set()
         self._cursor = (ring_index * 7919) % max(1, dp.max_flows)
         self.idle_timeout_s = 300.0
@@ -218,9 +252,15 @@ class WorkerSplice:
         if self.loop is not None:
             return
         self.loop = asyncio.get_running_loop()
+        if self.handover == "compiled":
+            self._routes_timer = self.loop.call_later(ROUTE_CACHE_S, self._expire_routes)
         if self.ring is not None:
             self._events = ts.EventRing(self.ring)
             self.loop.add_reader(self._events.fileno(), self._on_events)
+
+    def _expire_routes(self) -> None:
+        self._routes_c.clear()
+        self._routes_timer = self.loop.call_later(ROUTE_CACHE_S, self._expire_routes)
 
     def _on_events(self) -> None:
         for slot, gen, why, end in self._events.drain():
@@ -237,6 +277,53 @@ class WorkerSplice:
         if active >= self.max_flows:
             return self._fallback("map_full", f"{active} flows use all {self.max_flows} slots "
                                   "(raise ebpf.tcp_splice.max_flows)")
+        if self.handover == "compiled":
+            relay = self._try_relay_compiled(client, backend, idle_timeout_s)
+            if relay is not _PYTHON_PATH:
+                return relay
+        return self._try_relay_python(client, backend, idle_timeout_s)
+
+    def _try_relay_compiled(self, client: socket.socket, backend: socket.socket,
+                            idle_timeout_s: float):
+        """The hand-over in one C call (ebpf/_handover.c): the same steps, checks, fallback
+        reasons and rollbacks as _try_relay_python with the BPF reader. _PYTHON_PATH: the
+        call did not answer (a socket the reader does not answer, usec timestamps)."""
+        dp = self.dp
+        routes = self._routes_c
+        self._gen = gen = (self._gen + 1) & 0xFFFFFFFF
+        # At most two route requests (the client's, then the backend's), then an answer.
+        for _ in range(3):
+            answer = _handover.arm(client, backend.fileno(), dp.flows.fd, dp.state.fd,
+                                   dp.claims.fd, routes, dp.ifindexes, self._cursor,
+                                   dp.max_flows, self.ring_index, ts._pid(), gen)
+            tag = answer[0]
+            if tag == "ok":
+                _, slot, c2b_key, b2c_key, b_start, c_start, data, sent, send_errno = answer
+                if send_errno:
+                    log.debug("tcp_splice: hand-over write: %s",
+                              OSError(send_errno, os.strerror(send_errno)))
+                self._cursor = (slot + 1) % dp.max_flows
+                relay = TcpSpliceRelay(self, slot, gen, (c2b_key, b2c_key), backend,
+                                       data[sent:], len(data), idle_timeout_s,
+                                       (b_start, c_start))
+                self._by_slot[slot] = relay
+                self.counters.add("ts_armed")
+                return relay
+            if tag == "fallback":
+                return self._fallback(answer[1], answer[2])
+            if tag != "route":
+                return _PYTHON_PATH
+            try:
+                oif = ts.route_oif(answer[2])
+            except OSError as exc:
+                return self._fallback("no_route", f"route lookup: {exc}")
+            if len(routes) >= ROUTE_CACHE_MAX:
+                routes.clear()
+            routes[answer[1]] = (oif, not ts.is_loopback(oif))
+        return _PYTHON_PATH
+
+    def _try_relay_python(self, client: socket.socket, backend: socket.socket,
+                          idle_timeout_s: float) -> TcpSpliceRelay | None:
         try:
             c_side, b_side, c_out, b_out = self._read_sides(client, backend)
         except ts.ArmError as exc:
@@ -296,7 +383,8 @@ class WorkerSplice:
             pass
         except OSError as exc:
             log.debug("tcp_splice: hand-over write: %s", exc)
-        relay = TcpSpliceRelay(self, slot, gen, entries, backend, data[sent:], len(data),
+        relay = TcpSpliceRelay(self, slot, gen, (entries[0].key, entries[1].key), backend,
+                               data[sent:], len(data),
                                idle_timeout_s, (b_snap.write_seq, c_snap.write_seq))
         self._by_slot[slot] = relay
         self.counters.add("ts_armed")
@@ -522,6 +610,9 @@ class WorkerSplice:
             if not relay.finished.done():
                 relay.abort("shutdown", "worker exiting")
             self.remove(relay)
+        if self._routes_timer is not None:
+            self._routes_timer.cancel()
+            self._routes_timer = None
         if self._events is not None:
             if self.loop is not None and not self.loop.is_closed():
                 try:
