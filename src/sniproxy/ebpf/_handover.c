@@ -497,8 +497,13 @@ static PyObject *arm(PyObject *self, PyObject *args)
 	b2c.flags &= ~SNI_PROXY_TS_F_HOLD;
 	err = map_update(fw_fd, &b2c_key, &b2c, BPF_ANY);
 	if (err) {
-		raise_update(fw_fd, err);
-		return NULL;
+		/* still the late check's state: undone losslessly the same way */
+		if (delete_or_raise(fw_fd, &c2b_key) < 0 || delete_or_raise(fw_fd, &b2c_key) < 0 ||
+		    delete_or_raise(cl_fd, &slot) < 0)
+			return NULL;
+		return fallback("map_full", PyUnicode_FromFormat(
+			"lifting the hold on the flow: updating map fd %d: %s", fw_fd,
+			strerror(-err)));
 	}
 	/* --- the kernel splices from here on: no way back to another relay kind --- */
 	data = read_queued(client_fd);
@@ -509,7 +514,13 @@ static PyObject *arm(PyObject *self, PyObject *args)
 		b2c.handover_end = bs.write_seq + (__u32)len;
 		err = map_update(fw_fd, &b2c_key, &b2c, BPF_ANY);
 		if (err) {
+			/* the queued bytes are read: the connection ends as an error, and
+			 * nothing of it stays in the maps */
 			Py_DECREF(data);
+			delete_or_raise(fw_fd, &c2b_key);
+			delete_or_raise(fw_fd, &b2c_key);
+			delete_or_raise(cl_fd, &slot);
+			PyErr_Clear();
 			raise_update(fw_fd, err);
 			return NULL;
 		}

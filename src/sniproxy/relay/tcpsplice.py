@@ -368,12 +368,25 @@ class WorkerSplice:
                                   "during the hand-over")
         b2c = entries[1]
         b2c.flags &= ~ts.F_HOLD
-        self.dp.update(slot, gen, b2c)
+        try:
+            self.dp.update(slot, gen, b2c)
+        except OSError as exc:
+            # Still the state of the late check above: undone losslessly the same way.
+            self.dp.remove(entries)
+            self.dp.release_slot(slot)
+            return self._fallback("map_full", f"lifting the hold on the flow: {exc}")
         # --- the kernel splices from here on: no way back to another relay kind ---
         data = _read_queued(client)
         if b_snap.write_seq + len(data) != b2c.handover_end:
             b2c.handover_end = b_snap.write_seq + len(data)
-            self.dp.update(slot, gen, b2c)
+            try:
+                self.dp.update(slot, gen, b2c)
+            except OSError:
+                # The queued bytes are read: no next relay kind can have them. The
+                # connection ends (as an error), and nothing of it stays in the maps.
+                self.dp.remove(entries)
+                self.dp.release_slot(slot)
+                raise
         ts.close_silently(client)
         sent = 0
         try:
