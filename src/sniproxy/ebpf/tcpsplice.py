@@ -500,6 +500,7 @@ class TcpSpliceDataPath:
         self.pin_note = ""               # why pinned maps found at start were not reused
         self._rings: dict[int, Map] = {}
         self.attached: list[_Attached] = []
+        self._ifindexes: frozenset[int] | None = None      # cache of `ifindexes`
         self.stale_replaced = 0          # leftover filters of a killed proxy, replaced
         # Smallest MTU of the attached interfaces when they differ, else None: see mss_clamp().
         self.clamp_mtu: int | None = None
@@ -591,6 +592,7 @@ class TcpSpliceDataPath:
                 created = _lb.tc_hook_create(ifindex)
                 att = _Attached(ifindex, name, created)
                 self.attached.append(att)
+                self._ifindexes = None
                 for point, prog in ((_lb.BPF_TC_INGRESS, INGRESS_PROG),
                                     (_lb.BPF_TC_EGRESS, EGRESS_PROG)):
                     fd = self.obj.program(prog).fd
@@ -627,13 +629,18 @@ class TcpSpliceDataPath:
     def clamp(self, sock: socket.socket) -> None:
         """TCP_MAXSEG before listen() (accepted sockets inherit it and their SYN-ACK advertises
         it) or before connect() (the SYN does), when the attached interfaces' MTUs differ."""
+        if self.clamp_mtu is None:      # before sock.family: an IntEnum built per call
+            return
         mss = self.mss_clamp(sock.family)
         if mss is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
 
     @property
-    def ifindexes(self) -> set[int]:
-        return {a.ifindex for a in self.attached}
+    def ifindexes(self) -> frozenset[int]:
+        """The attached interfaces (read by every hand-over: built once per change)."""
+        if self._ifindexes is None:
+            self._ifindexes = frozenset(a.ifindex for a in self.attached)
+        return self._ifindexes
 
     def detach(self) -> None:
         """Remove exactly our filters, and the clsact qdisc where we created it."""
@@ -647,6 +654,7 @@ class TcpSpliceDataPath:
             except BpfError as exc:
                 errors.append(f"{att.name}: {exc}")
         self.attached.clear()
+        self._ifindexes = None
         if errors:
             raise BpfError("removing the tcp_splice tc hooks", errno.EIO,
                            hint="; ".join(errors) + " (see `tc filter show dev IF ingress`)")
