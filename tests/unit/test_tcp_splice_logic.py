@@ -80,3 +80,32 @@ def test_flow_state_round_trip():
     raw = ts.new_flow_value(3, 99, (10, 20))
     st = ts.FlowState.unpack(raw)
     assert (st.gen, st.nxt, st.bytes, st.reported) == (99, (10, 20), (0, 0), False)
+
+
+def test_deadlines_fire_in_order_with_one_timer_and_refuse_an_earlier_one():
+    import asyncio
+
+    from sniproxy.relay.tcpsplice import Deadlines
+
+    fired: list = []
+
+    def fire(item):
+        if item == "bad":
+            raise RuntimeError("one flow's problem")
+        fired.append(item)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        d = Deadlines(fire)
+        now = loop.time()
+        assert d.add(now + 0.02, "a") and d.add(now + 0.02, "bad") and d.add(now + 0.05, "b")
+        first_timer = d.timer
+        assert not d.add(now + 0.01, "early"), "an earlier deadline than the last is refused"
+        await asyncio.sleep(0.03)
+        assert fired == ["a"] and d.timer is not first_timer      # "bad" raised, logged
+        await asyncio.sleep(0.04)
+        assert fired == ["a", "b"] and d.timer is None and not d.items
+        d.add(loop.time() + 10, "c")
+        d.cancel()
+        assert d.timer is None and not d.items
+    asyncio.run(main())

@@ -412,15 +412,15 @@ class Worker:
         conn.target = (ip, decision.port, decision.upstream, configured_backend(decision))
         conn.t0 = time.monotonic()
         try:
+            # Non-blocking from socket() on: one system call fewer than setblocking(False).
             sock = conn.backend = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET,
-                                                socket.SOCK_STREAM)
+                                                socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             hook = BACKEND_SOCKET_HOOK.get()     # tcp_splice's MSS clamp, if any
             if hook is not None:
                 hook(sock)
             tagger = self.app.socket_tagger
             if tagger is not None:
                 tagger(sock, decision.route_name, "backend")
-            sock.setblocking(False)
             # Before connect(): the same one syscall, and the socket never sends without it.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((ip, decision.port, 0, 0) if ":" in ip else (ip, decision.port))
@@ -492,6 +492,11 @@ class Worker:
             return
         conn.info.relay = relay.kind
         conn.relay = relay
+        start = getattr(relay, "start", None)
+        # A relay that can call back when it ends (tcp_splice) needs no coroutine: no Task,
+        # no future, no loop turn between its end and the connection's.
+        if start is not None and start(conn.ended):
+            return
         conn.coro = relay.run()
         self._step(conn)
 
@@ -530,6 +535,8 @@ class Worker:
         """End of the drain: as Task.cancel() (the relay's coroutine sees CancelledError)."""
         if conn.waiting is not None:
             conn.waiting.cancel()
+        elif conn.relay is not None and conn.coro is None:      # started with a callback
+            conn.relay.abort("shutdown", "drain timeout")
         elif conn.relay is None and conn.timer is not None:       # still connecting
             self._stop_waiting(conn)
             self._end(conn, RelayResult(0, 0, "shutdown"))
@@ -622,6 +629,10 @@ class _Conn:
 
     def wake(self, _fut) -> None:
         self.worker._step(self)
+
+    def ended(self, result: RelayResult) -> None:
+        """A relay started with a callback has ended."""
+        self.worker._end(self, result)
 
 
 def _os_outcome(exc: OSError, result: RelayResult) -> RelayResult:

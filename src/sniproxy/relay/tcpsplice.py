@@ -31,6 +31,7 @@ last-seen time, checked in user space.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import struct
 import logging
@@ -101,8 +102,8 @@ class TcpSpliceRelay:
     # Thousands of these live at once (every spliced connection, then its linger): slots,
     # and only the two flow-map keys of the entries (issue 14: held-connection memory).
     __slots__ = ("worker", "slot", "gen", "keys", "backend", "backend_fd", "pending",
-                 "handed_over", "idle_timeout_s", "starts", "loop", "finished", "_idle",
-                 "removed")
+                 "handed_over", "idle_timeout_s", "starts", "loop", "result", "_waiter",
+                 "_on_done", "_idle", "removed")
 
     def __init__(self, worker: "WorkerSplice", slot: int, gen: int,
                  keys: tuple[bytes, bytes], backend: socket.socket,
@@ -119,9 +120,22 @@ class TcpSpliceRelay:
         self.idle_timeout_s = idle_timeout_s
         self.starts = starts
         self.loop = worker.loop
-        self.finished: asyncio.Future[RelayResult] = self.loop.create_future()
+        self.result: RelayResult | None = None        # set once, when the flow has ended
+        self._waiter: asyncio.Future[RelayResult] | None = None     # run()'s
+        self._on_done = None                          # start()'s callback
         self._idle: asyncio.TimerHandle | None = None
         self.removed = False
+
+    def start(self, on_done) -> bool:
+        """The relay without a coroutine: `on_done(RelayResult)` is called when the flow
+        ends (from the end event, the idle check or an abort). False: bytes of the hand-over
+        are still to be written, run() must drive it. (The callback path of the server: no
+        coroutine, future or extra loop turn per connection.)"""
+        if self.pending:
+            return False
+        self._on_done = on_done
+        self._held()
+        return True
 
     async def run(self) -> RelayResult:
         try:
@@ -131,13 +145,22 @@ class TcpSpliceRelay:
         except OSError as exc:
             self._finish("reset", f"writing the hand-over bytes to the backend: {exc}",
                          linger=False)
+        self._held()
+        if self.result is not None:
+            return self.result
+        self._waiter = self.loop.create_future()
+        return await self._waiter
+
+    def _held(self) -> None:
         # The Python socket object goes back to the server (which closes it): keep the fd,
         # unless the flow is already out of the maps (then a normal close is right).
         if not self.removed:
             self.backend_fd = self.backend.detach()
-        if not self.finished.done():
-            self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
-        return await self.finished
+        if self.result is None:
+            deadline = self.loop.time() + self.idle_timeout_s
+            # (slot, gen), not the relay: an ended relay is not kept until its first check
+            if not self.worker.idle_checks.add(deadline, (self.slot, self.gen)):
+                self._idle = self.loop.call_at(deadline, self._check_idle)
 
     def abort(self, outcome: str, detail: str = "") -> None:
         self._finish(outcome, detail, linger=False)
@@ -164,7 +187,7 @@ class TcpSpliceRelay:
         self._finish("reset", "a RST went through the spliced flow", linger=True, st=st)
 
     def _check_idle(self) -> None:
-        if self.finished.done():
+        if self.result is not None:
             return
         try:
             st = self.worker.dp.flow(self.slot)
@@ -182,7 +205,7 @@ class TcpSpliceRelay:
         self._idle = self.loop.call_later(self.idle_timeout_s - quiet_s + 0.01, self._check_idle)
 
     def _finish(self, outcome: str, detail: str = "", *, linger: bool, st=None) -> None:
-        if self.finished.done():
+        if self.result is not None:
             return
         if self._idle is not None:
             self._idle.cancel()
@@ -206,7 +229,15 @@ class TcpSpliceRelay:
             # Entries out now: later packets from either end meet the proxy's stack, which
             # has no socket for them and answers with a RST.
             self.worker.remove(self)
-        self.finished.set_result(RelayResult(up, down, outcome, detail))
+        self.result = result = RelayResult(up, down, outcome, detail)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(result)
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            try:
+                on_done(result)
+            except Exception:       # the connection's end must not stop the event loop
+                log.exception("tcp_splice: ending a connection")
 
 
 class WorkerSplice:
@@ -237,6 +268,10 @@ class WorkerSplice:
         self.idle_timeout_s = 300.0
         # slot -> (flow-map keys, counted as ended here already)
         self._orphans: dict[int, tuple[list[bytes], bool]] = {}
+        # First idle checks and ends of lingers: one loop timer each for all flows, not a
+        # TimerHandle per flow (their deadlines come in order: a constant delay from now).
+        self.idle_checks = Deadlines(self._first_idle_check)
+        self.lingering = Deadlines(self.remove)
         try:
             asyncio.get_running_loop().call_soon(self._adopt_orphans)
         except RuntimeError:
@@ -261,6 +296,11 @@ class WorkerSplice:
     def _expire_routes(self) -> None:
         self._routes_c.clear()
         self._routes_timer = self.loop.call_later(ROUTE_CACHE_S, self._expire_routes)
+
+    def _first_idle_check(self, slot_gen: tuple[int, int]) -> None:
+        relay = self._by_slot.get(slot_gen[0])
+        if relay is not None and relay.gen == slot_gen[1]:
+            relay._check_idle()
 
     def _on_events(self) -> None:
         for slot, gen, why, end in self._events.drain():
@@ -591,7 +631,9 @@ class WorkerSplice:
         if relay.backend_fd >= 0:
             ts.close_silently(relay.backend_fd)
             relay.backend_fd = -1
-        self.loop.call_later(self.linger_s, self.remove, relay)
+        deadline = self.loop.time() + self.linger_s
+        if not self.lingering.add(deadline, relay):
+            self.loop.call_at(deadline, self.remove, relay)
 
     def remove(self, relay: TcpSpliceRelay) -> None:
         if relay.removed:
@@ -614,18 +656,20 @@ class WorkerSplice:
         self.counters.add("ts_removed")
 
     def active_relays(self) -> int:
-        return sum(1 for r in self._by_slot.values() if not r.finished.done())
+        return sum(1 for r in self._by_slot.values() if r.result is None)
 
     def close(self) -> None:
         """Worker exit: every flow out of the maps (live ones end with a RST at their next
         packet), sockets closed silently."""
         for relay in list(self._by_slot.values()):
-            if not relay.finished.done():
+            if relay.result is None:
                 relay.abort("shutdown", "worker exiting")
             self.remove(relay)
         if self._routes_timer is not None:
             self._routes_timer.cancel()
             self._routes_timer = None
+        self.idle_checks.cancel()
+        self.lingering.cancel()
         if self._events is not None:
             if self.loop is not None and not self.loop.is_closed():
                 try:
@@ -634,6 +678,47 @@ class WorkerSplice:
                     pass
             self._events.close()
             self._events = None
+
+
+class Deadlines:
+    """Calls `fire(item)` at each item's deadline, with one loop timer for all of them; the
+    deadlines must come in order (add() refuses one earlier than the last: the caller then
+    uses a timer of its own, e.g. after a reload shortened the delay)."""
+
+    __slots__ = ("fire", "items", "timer")
+
+    def __init__(self, fire):
+        self.fire = fire
+        self.items: collections.deque = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, deadline: float, item) -> bool:
+        items = self.items
+        if items and deadline < items[-1][0]:
+            return False
+        items.append((deadline, item))
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_at(deadline, self._run)
+        return True
+
+    def _run(self) -> None:
+        self.timer = None
+        loop = asyncio.get_running_loop()
+        now, items = loop.time(), self.items
+        while items and items[0][0] <= now:
+            _, item = items.popleft()
+            try:
+                self.fire(item)
+            except Exception:           # one flow's problem must not stop the others
+                log.exception("tcp_splice: a timed check of flow %s", getattr(item, "slot", "?"))
+        if items:
+            self.timer = loop.call_at(items[0][0], self._run)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.items.clear()
 
 
 def _retire_row(row) -> None:
