@@ -544,22 +544,49 @@ def _lossy_object(tmp_path) -> str:
     return str(out)
 
 
-def test_loss_and_duplicates_stay_exact(three_ns, tmp_path):
+def _tcp_counters(ns: str) -> dict[str, int]:
+    """Tcp: and TcpExt: counters of namespace `ns` (/proc/net/snmp and netstat)."""
+    out = {}
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        lines = nsexec(ns, "cat", path).stdout.splitlines()
+        for head, values in zip(lines[::2], lines[1::2]):
+            keys, vals = head.split(), values.split()
+            if keys[0] in ("Tcp:", "TcpExt:"):
+                out.update((k, int(v)) for k, v in zip(keys[1:], vals[1:]))
+    return out
+
+
+@pytest.mark.parametrize("where", ["sender_egress", "receiver_ingress"])
+def test_loss_and_duplicates_stay_exact(three_ns, tmp_path, where):
     """1% loss and 2% duplicated packets on both far ends (a tc program: this kernel has no
-    sch_netem; delay and reordering: test_tcp_splice_impair.py): TCP recovers end to end."""
+    sch_netem; delay and reordering: test_tcp_splice_impair.py): TCP recovers end to end.
+    At the senders' egress a drop is local (TCP resends it as it would after a full qdisc);
+    at the receivers' ingress the packet crossed the splice and is lost just before its
+    receiver, who asks for it again with duplicate ACKs and SACK blocks that cross the splice
+    the other way (translated): the senders recover by SACK, not only by timeouts."""
     t = three_ns
     obj = _lossy_object(tmp_path)
+    hook, sec = (("egress", "tc") if where == "sender_egress" else ("ingress", "tc"))
+    prog = "lossy_link" if where == "sender_egress" else "lossy_link_ingress"
     for side in ("c", "b"):
         ns, dev = t.links[side]
         nsexec(ns, "tc", "qdisc", "add", "dev", dev, "clsact")
-        nsexec(ns, "tc", "filter", "add", "dev", dev, "egress", "bpf", "da", "obj", obj,
-               "sec", "tc")
+        nsexec(ns, "tc", "filter", "add", "dev", dev, hook, "bpf", "da", "obj", obj,
+               "sec", sec, "program", prog)
+    before = {ns: _tcp_counters(ns) for ns in (t.client, t.backend)}
     be = t.run(t.backend, EchoBackend, t.backend_ip)
     proxy = Proxy(t, tmp_path, f"{t.backend_ip}:{be.port}")
     got = t.run(t.client, upload_download, t.proxy_client_ip, proxy.port, 16 * MiB)
     assert got == (len(HELLO) + 16 * MiB, stream_sha(HELLO, 16 * MiB))
     spliced(proxy)
     proxy.wait_clean()
+    if where == "sender_egress":
+        return      # a local drop is sent again as a new transmission: nothing to count
+    for ns in (t.client, t.backend):      # both ends sent 16 MiB and lost some of it
+        after = _tcp_counters(ns)
+        assert after["RetransSegs"] > before[ns]["RetransSegs"], ns
+        assert after.get("TCPSackRecovery", 0) > before[ns].get("TCPSackRecovery", 0), (
+            ns, "no SACK recovery: the SACK blocks did not make it across the splice")
 
 
 def test_timestamps_off_on_the_client_side(three_ns, tmp_path):
