@@ -19,6 +19,7 @@ import pytest
 from tests.ebpf_required import require_ebpf
 from tests.integration.harness import wait_until
 from tests.integration.netns import Topology, run_in
+from tests.integration.test_sockstate import reader  # noqa: F401  (fixture)
 from tests.integration.test_tcp_splice import (
     HELLO, MiB, EchoBackend, Proxy, _tag, spliced, stream_sha, upload_download,
 )
@@ -27,13 +28,9 @@ pytestmark = pytest.mark.ebpf
 ROW = 2                       # the ring index (counter row) the tests arm with
 
 
-@pytest.fixture(scope="module")
-def reader():
+@pytest.fixture(autouse=True, scope="module")
+def _ebpf():
     require_ebpf()
-    from sniproxy.ebpf.sockstate import SocketStateReader
-    r = SocketStateReader.open()
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")

@@ -109,3 +109,19 @@ def test_deadlines_fire_in_order_with_one_timer_and_refuse_an_earlier_one():
         d.cancel()
         assert d.timer is None and not d.items
     asyncio.run(main())
+
+
+def test_handover_env_value_that_is_no_hand_over_is_named(monkeypatch, caplog):
+    from sniproxy.relay import tcpsplice as relay_ts
+
+    class NoReader:
+        state_reader = None
+
+    monkeypatch.setenv(relay_ts.HANDOVER_ENV, "pyhton")
+    with caplog.at_level("WARNING", logger="sniproxy"):
+        mode, why = relay_ts.handover_mode(NoReader())
+    assert mode == "python" and "reader is off" in why      # the default's own choice
+    assert "SNI_PROXY_HANDOVER='pyhton' is not a hand-over: use python or compiled" in caplog.text
+    monkeypatch.setenv(relay_ts.HANDOVER_ENV, "python")
+    assert relay_ts.handover_mode(NoReader()) == (
+        "python", "SNI_PROXY_HANDOVER=python in the environment")

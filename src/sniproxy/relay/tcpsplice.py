@@ -77,8 +77,12 @@ ORPHAN_CHECK_MIN_S = 0.2
 
 def handover_mode(dp: ts.TcpSpliceDataPath) -> tuple[str, str]:
     """("compiled", "") when the hand-over runs in C, else ("python", why)."""
-    if os.environ.get(HANDOVER_ENV, "").strip().lower() == "python":
+    wanted = os.environ.get(HANDOVER_ENV, "").strip().lower()
+    if wanted == "python":
         return "python", f"{HANDOVER_ENV}=python in the environment"
+    if wanted not in ("", "compiled"):
+        log.warning("%s=%r is not a hand-over: use python or compiled (or leave it unset); "
+                    "the default runs", HANDOVER_ENV, wanted)
     if _handover is None:
         return "python", (f"the compiled hand-over sniproxy.ebpf._handover is not built "
                           f"({_HANDOVER_MISSING}); fix: install gcc and python3-dev, then "
