@@ -66,8 +66,15 @@ def test_cli_otlp_grpc_known_split(ebpf, burns):
     assert abs(split_a - 0.70) <= 0.05, shares
     assert shares["run"] >= 0.95
     d = req.dictionary
-    threads = {_attrs(d, s.attribute_indices)["thread.id"] for s in p.samples}
-    assert len(threads) == 2 and all(t != b.pid for t in threads)      # the two worker threads
+    per_thread: dict[int, int] = {}
+    for s in p.samples:
+        tid = _attrs(d, s.attribute_indices)["thread.id"]
+        per_thread[tid] = per_thread.get(tid, 0) + sum(s.values)
+    # The two worker threads, told apart by thread id. The main thread may catch a sample or two
+    # while it starts them (its stack has no `run`, and `run` holds >= 95 % of the samples).
+    workers = {t: n for t, n in per_thread.items() if t != b.pid}
+    assert len(workers) == 2, per_thread
+    assert per_thread.get(b.pid, 0) <= 0.05 * total, per_thread
     assert {_attrs(d, s.attribute_indices)["thread.name"] for s in p.samples} == {"burn"}
 
 
