@@ -65,6 +65,7 @@ async def breakdown(n: int) -> None:
     from sniproxy.proxy.app import ProxyApp
     from sniproxy.relay import tcpsplice as rts
     from sniproxy.relay.datapath import KernelDataPath
+    from sniproxy.proxy.worker_process import tune_gc
     from sniproxy.telemetry import metrics as metrics_mod
 
     for owner, names in ((server.Worker, ("_on_acceptable", "_connect", "_connected", "_step")),
@@ -99,6 +100,7 @@ async def breakdown(n: int) -> None:
             kernel = kdp.worker_factory()(metrics)
             worker = server.Worker(ProxyApp(config, metrics, kernel_relay=kernel), [lsock])
             worker.start()
+            tune_gc()                                     # as worker_main does
             await _churn(held, port, hello, 200)          # warm-up: lazy imports, first epoll
             _timing[0] = True
             cpu0 = time.process_time()

@@ -296,3 +296,48 @@ def test_without_the_extension_the_python_hand_over_runs_and_status_says_so(
         assert "hand-over in Python" in proxy.log()
         proxy.wait_clean()
         assert proxy.stop() == 0
+
+
+def _remove_case(dp, mode: str, handover) -> tuple[set[bytes], set[int], object]:
+    """Flow 3 (generation 7) ended with two keys: the first still its own, the second taken
+    over by flow 5 (a new connection on the same tuple); a third key was never inserted.
+    Remove flow 3 by `mode`'s path -> (keys left, claimed slots left, the error text)."""
+    from sniproxy.ebpf import tcpsplice as ts
+
+    def entry(slot: int, gen: int) -> bytes:
+        raw = bytearray(ts._DIR.size)
+        struct.pack_into("=I", raw, 48, slot)      # sni_proxy_ts_dir.flow
+        struct.pack_into("=I", raw, 64, gen)       # sni_proxy_ts_dir.gen
+        assert ts._DIR.unpack(bytes(raw))[7] == slot and ts._DIR.unpack(bytes(raw))[14] == gen
+        return bytes(raw)
+
+    own, taken, absent = (bytes([n]) * 40 for n in (1, 2, 3))
+    dp.flows.update(own, entry(3, 7), ts.BPF_ANY)
+    dp.flows.update(taken, entry(5, 1), ts.BPF_ANY)
+    for slot in (3, 5):
+        dp.claims.update(slot, struct.pack("=II", os.getpid(), ROW), ts.BPF_ANY)
+    problem = None
+    if mode == "compiled":
+        problem = handover.remove(dp.flows.fd, dp.claims.fd, (own, taken, absent), 3, 7)
+    else:
+        dp.delete_keys([own, taken, absent], 3, 7)
+        dp.release_slot(3)
+    left = {k for k, _ in dp.flows.items()}
+    claimed = set(dp.claimed())
+    for key in left:
+        dp.flows.delete(key)
+    for slot in claimed:
+        dp.release_slot(slot)
+    return left, claimed, problem
+
+
+def test_remove_deletes_what_the_python_path_deletes(ns_maps, handover):
+    """A flow's end (WorkerSplice.remove): only the keys still of its (slot, generation) go,
+    then its slot claim; the compiled call and the Python reference leave the same maps."""
+    t, dp = ns_maps
+    python = t.run(t.proxy, _remove_case, dp, "python", handover)
+    compiled = t.run(t.proxy, _remove_case, dp, "compiled", handover)
+    assert python == ({bytes([2]) * 40}, {5}, None)
+    assert compiled == python
+    with pytest.raises(ValueError, match="40-byte"):
+        handover.remove(dp.flows.fd, dp.claims.fd, (b"short",), 3, 7)

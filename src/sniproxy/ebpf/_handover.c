@@ -78,6 +78,20 @@ static int map_update(int fd, const void *key, const void *value, __u64 flags)
 	return 0;
 }
 
+static int map_lookup(int fd, const void *key, void *value)
+{
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = fd;
+	attr.key = (__u64)(unsigned long)key;
+	attr.value = (__u64)(unsigned long)value;
+	if (syscall(__NR_bpf, BPF_MAP_LOOKUP_ELEM, &attr,
+		    offsetof(union bpf_attr, flags) + sizeof(attr.flags)) < 0)
+		return -errno;
+	return 0;
+}
+
 static int map_delete(int fd, const void *key)
 {
 	union bpf_attr attr;
@@ -307,6 +321,59 @@ static void close_silently(int fd)
 		setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 	}
 	close(fd);
+}
+
+static PyObject *py_close_silently(PyObject *self, PyObject *arg)
+{
+	int fd = PyLong_AsLong(arg);
+
+	if (fd == -1 && PyErr_Occurred())
+		return NULL;
+	close_silently(fd);
+	Py_RETURN_NONE;
+}
+
+/* --------------------------------------------------------------------------- remove */
+/* WorkerSplice.remove's map work (TcpSpliceDataPath.delete_keys, then release_slot) for the
+ * flow in `slot` of generation `gen`: each key deleted only if its entry still points at
+ * (slot, gen) (a new connection on the same tuple may own it now), then the slot's claim.
+ * Returns None, or the first error's text (the caller logs it, as the Python path does). */
+static PyObject *remove_flow(PyObject *self, PyObject *args)
+{
+	int flows_fd, claims_fd, err;
+	PyObject *keys;
+	unsigned slot, gen;
+	Py_ssize_t i, n;
+	PyObject *problem = NULL;
+
+	if (!PyArg_ParseTuple(args, "iiO!II", &flows_fd, &claims_fd, &PyTuple_Type, &keys,
+			      &slot, &gen))
+		return NULL;
+	n = PyTuple_GET_SIZE(keys);
+	for (i = 0; i < n; i++) {
+		PyObject *key = PyTuple_GET_ITEM(keys, i);
+		struct sni_proxy_ts_dir entry;
+
+		if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != sizeof(struct sni_proxy_ts_key)) {
+			PyErr_SetString(PyExc_ValueError, "remove: keys are 40-byte flow-map keys");
+			Py_XDECREF(problem);
+			return NULL;
+		}
+		err = map_lookup(flows_fd, PyBytes_AS_STRING(key), &entry);
+		if (err == -ENOENT)
+			continue;
+		if (err == 0 && (entry.flow != slot || entry.gen != gen))
+			continue;
+		if (err == 0)
+			err = map_delete(flows_fd, PyBytes_AS_STRING(key));
+		if (err < 0 && err != -ENOENT && problem == NULL)
+			problem = PyUnicode_FromFormat("flow-map key %zd of flow %u: %s", i, slot,
+						       strerror(-err));
+	}
+	map_delete(claims_fd, &slot);      /* as release_slot's callers: a missing claim is fine */
+	if (problem != NULL)
+		return problem;
+	Py_RETURN_NONE;
 }
 
 /* --------------------------------------------------------------------------- arm */
@@ -557,6 +624,11 @@ static PyObject *arm(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
 	{"arm", arm, METH_VARARGS,
 	 "The tcp_splice hand-over of one connection (see the module's C header comment)."},
+	{"close_silently", py_close_silently, METH_O,
+	 "close_silently(fd): close a TCP socket fd without FIN or RST (ebpf/tcpsplice.py's)."},
+	{"remove", remove_flow, METH_VARARGS,
+	 "remove(flows_fd, claims_fd, keys, slot, gen) -> None | error text: a flow out of the "
+	 "maps (WorkerSplice.remove's delete_keys and release_slot)."},
 	{NULL, NULL, 0, NULL},
 };
 
