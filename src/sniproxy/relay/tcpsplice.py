@@ -73,6 +73,11 @@ READ_CHUNK = 256 * 1024
 ORPHAN_CHECK_S = 5.0
 # ... and at most this often (a flow that keeps sending is looked at again and again).
 ORPHAN_CHECK_MIN_S = 0.2
+# The BPF program wakes a worker for its end events only when a batch waits in its ring
+# (SNI_PROXY_TS_RING_WAKE_BYTES): the worker drains it this often while it has flows. A
+# finished connection is accounted (and its backend fd closed) at most this much later; a
+# busy worker is no longer woken once per finished connection.
+END_POLL_S = 0.05
 
 
 def handover_mode(dp: ts.TcpSpliceDataPath) -> tuple[str, str]:
@@ -267,6 +272,7 @@ class WorkerSplice:
         # neighbours), cleared every ROUTE_CACHE_S by a timer (no timestamp per entry).
         self._routes_c: dict[bytes, tuple[int, bool]] = {}
         self._routes_timer: asyncio.TimerHandle | None = None
+        self._end_poll: asyncio.TimerHandle | None = None
         self._warned: set[str] = set()
         self._cursor = (ring_index * 7919) % max(1, dp.max_flows)
         self.idle_timeout_s = 300.0
@@ -305,6 +311,14 @@ class WorkerSplice:
         relay = self._by_slot.get(slot_gen[0])
         if relay is not None and relay.gen == slot_gen[1]:
             relay._check_idle()
+
+    def _poll_ends(self) -> None:
+        """END_POLL_S: the ring's events (the BPF program did not wake us for them), again
+        while flows live or linger."""
+        if self._events is not None:
+            self._on_events()
+        self._end_poll = (self.loop.call_later(END_POLL_S, self._poll_ends)
+                          if self._by_slot else None)
 
     def _on_events(self) -> None:
         for slot, gen, why, end in self._events.drain():
@@ -352,6 +366,8 @@ class WorkerSplice:
                                        (b_start, c_start))
                 self._by_slot[slot] = relay
                 self.counters.add("ts_armed")
+                if self._end_poll is None:
+                    self._end_poll = self.loop.call_later(END_POLL_S, self._poll_ends)
                 return relay
             if tag == "fallback":
                 return self._fallback(answer[1], answer[2])
@@ -445,6 +461,8 @@ class WorkerSplice:
                                idle_timeout_s, (b_snap.write_seq, c_snap.write_seq))
         self._by_slot[slot] = relay
         self.counters.add("ts_armed")
+        if self._end_poll is None:
+            self._end_poll = self.loop.call_later(END_POLL_S, self._poll_ends)
         return relay
 
     def _read_sides(self, client: socket.socket, backend: socket.socket):
@@ -689,6 +707,9 @@ class WorkerSplice:
         if self._routes_timer is not None:
             self._routes_timer.cancel()
             self._routes_timer = None
+        if self._end_poll is not None:
+            self._end_poll.cancel()
+            self._end_poll = None
         self.idle_checks.cancel()
         self.lingering.cancel()
         if self._events is not None:

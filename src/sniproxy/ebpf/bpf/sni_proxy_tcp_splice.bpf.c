@@ -179,6 +179,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct parsed *p)
 static __always_inline void report(struct sni_proxy_ts_flow *f, __u32 slot, __u32 why)
 {
 	struct sni_proxy_ts_event ev = { .flow = slot, .gen = f->gen, .why = why };
+	__u64 flags;
 	void *ring;
 
 	/* Plain test-and-set: two CPUs may both report; user space ignores a duplicate (and
@@ -196,7 +197,13 @@ static __always_inline void report(struct sni_proxy_ts_flow *f, __u32 slot, __u3
 	ev.nxt[0] = f->ctr[0].nxt;
 	ev.nxt[1] = f->ctr[1].nxt;
 	ring = bpf_map_lookup_elem(&sni_proxy_tsrg, &f->ring);
-	if (ring && bpf_ringbuf_output(ring, &ev, sizeof(ev), 0) == 0)
+	if (!ring) {
+		stat(TS_STAT_EVENTS_LOST, 1);
+		return;
+	}
+	flags = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) >= SNI_PROXY_TS_RING_WAKE_BYTES ?
+		BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(ring, &ev, sizeof(ev), flags) == 0)
 		stat(TS_STAT_EVENTS, 1);
 	else
 		stat(TS_STAT_EVENTS_LOST, 1);

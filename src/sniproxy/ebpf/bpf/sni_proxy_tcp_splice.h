@@ -20,6 +20,10 @@
 /* sni_proxy_ts_event.why */
 #define SNI_PROXY_TS_EV_FIN 1	/* both directions sent FIN and saw it acknowledged */
 #define SNI_PROXY_TS_EV_RST 2	/* a RST went through (either way) */
+/* End events wake the worker only once this many bytes wait in its ring (about 340 events):
+ * below that the worker drains the ring on a timer (relay/tcpsplice.py END_POLL_S), so a
+ * busy worker is not woken once per finished connection (issue 14). */
+#define SNI_PROXY_TS_RING_WAKE_BYTES (16 * 1024)
 
 /* skb->mark of a spliced packet between the ingress redirect and the egress hook: tells it
  * apart from a packet of the proxy's own socket with the same 4-tuple (loopback). */
