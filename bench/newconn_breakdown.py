@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import functools
 import importlib.util
+import os
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def _time_calls(owner, name: str) -> None:
     setattr(owner, name, wrapper)
 
 
-async def breakdown(n: int) -> None:
+async def breakdown(n: int, steps: bool = True) -> None:
     from sniproxy.config import parse_config
     from sniproxy.ebpf import tcpsplice as ets
     from sniproxy.ebpf.sockstate import SocketStateReader
@@ -78,7 +79,7 @@ async def breakdown(n: int) -> None:
                                 "facts_of", "snapshot_of", "pack_key")),
                          (ets.TcpSpliceDataPath, ("insert", "claim_slot", "update")),
                          (clienthello, ("parse_client_hello",))):
-        for name in names:
+        for name in names if steps else ():
             _time_calls(owner, name)
     held = _held()
     hello = held.capture_hello("p.held.test")
@@ -103,9 +104,11 @@ async def breakdown(n: int) -> None:
             tune_gc()                                     # as worker_main does
             await _churn(held, port, hello, 200)          # warm-up: lazy imports, first epoll
             _timing[0] = True
-            cpu0 = time.process_time()
+            t0 = os.times()
             await _churn(held, port, hello, n)
-            cpu = time.process_time() - cpu0
+            t1 = os.times()
+            user, system = t1.user - t0.user, t1.system - t0.system
+            cpu = user + system
             _timing[0] = False
         finally:
             if kernel is not None and kernel.tcp_splice is not None:
@@ -113,7 +116,8 @@ async def breakdown(n: int) -> None:
             if kdp is not None:
                 kdp.close()
             backends.stop()
-    print(f"process CPU per connection: {cpu / n * 1e6:.1f} us")
+    print(f"process CPU per connection: {cpu / n * 1e6:.1f} us (user {user / n * 1e6:.1f}, "
+          f"system {system / n * 1e6:.1f})")
     for name, (ns, calls) in sorted(_spent.items(), key=lambda kv: -kv[1][0]):
         print(f"{name:20s} {ns / n / 1000:7.1f} us/conn   {calls / n:5.2f} calls/conn")
 
@@ -137,11 +141,13 @@ async def _churn(held, port: int, hello: bytes, count: int) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-n", type=int, default=3000)
+    p.add_argument("--no-steps", action="store_true",
+                   help="wrap nothing: the process CPU line alone, without the wrappers' cost")
     p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not args.in_netns:
         return _held().run_in_netns([*sys.argv[1:], "--in-netns"], script=__file__)
-    asyncio.run(breakdown(args.n))
+    asyncio.run(breakdown(args.n, steps=not args.no_steps))
     return 0
 
 
