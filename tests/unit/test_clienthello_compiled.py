@@ -7,7 +7,9 @@ ssl, and the switch (SNI_PROXY_CLIENTHELLO, the extension missing) in real subpr
 from __future__ import annotations
 
 import array
+import ctypes
 import json
+import mmap
 import os
 import socket
 import subprocess
@@ -340,6 +342,45 @@ def test_many_extensions_fill_a_record() -> None:
     assert isinstance(hello, ClientHello) and len(hello.extension_types) == len(many)
     assert fast(_rebuild(many[:5] + many[:1])) is None          # a duplicate after them
     assert fast(data) == hello                                  # nothing left set
+
+
+class GuardedBuffer:
+    """Bytes placed at the very end of a readable page, the next page PROT_NONE: a read one
+    byte past the buffer the fast path is given kills the process (SIGSEGV) instead of
+    reading what happens to follow, as in a bytes object (its trailing NUL, the heap)."""
+
+    def __init__(self) -> None:
+        self.page = mmap.PAGESIZE
+        self.map = mmap.mmap(-1, 2 * self.page)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        if libc.mprotect(base + self.page, self.page, 0) != 0:   # PROT_NONE
+            raise OSError(ctypes.get_errno(), "mprotect")
+        self.view = memoryview(self.map)
+
+    def at_end(self, data: bytes) -> memoryview:
+        assert len(data) <= self.page
+        start = self.page - len(data)
+        self.map[start:self.page] = data
+        return self.view[start:self.page]
+
+
+def test_no_read_past_the_end_of_the_buffer() -> None:
+    guard = GuardedBuffer()
+    cases = [s for s in SEEDS]
+    cases += [_host(name) for name in NAMES.values()]
+    cases.append(_rebuild([extension(t, b"") for t in range(100, 700)]))
+    for data in cases:
+        for cut in range(len(data) + 1):
+            check(guard.at_end(data[:cut]))
+    # and the record claiming more than is there, at every length field
+    data = bytearray(SEEDS[1])
+    for pos in range(len(data) - 1):
+        saved = data[pos:pos + 2]
+        data[pos:pos + 2] = b"\xff\xff"
+        check(guard.at_end(bytes(data)))
+        data[pos:pos + 2] = saved
 
 
 def test_non_bytes_never_raise() -> None:
