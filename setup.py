@@ -34,8 +34,8 @@ class BuildPyWithBpf(build_py):
 # What runs instead when an extension is not built, for the warning.
 WITHOUT = {
     "sniproxy.ebpf._handover": "the tcp_splice hand-over will run in Python",
-    "sniproxy.proxy._clienthello": "ClientHellos will be parsed in Python only (slower per "
-                                   "new connection)",
+    "sniproxy.proxy._clienthello": "ClientHellos will be parsed in Python only, slower per "
+                                   "new connection",
 }
 
 
