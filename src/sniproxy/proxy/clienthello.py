@@ -282,7 +282,7 @@ def _is_grease(value: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 # sniproxy.proxy._clienthello (_clienthello.c) parses the hello nearly every client sends, the
-# whole of it in one complete record, ~10x cheaper per new connection than the code below. It
+# whole of it in one complete record, ~20x cheaper than the code below (0.55 us against 11). It
 # answers only when the code below would return a ClientHello from its "Fast path" block, and
 # then returns the same ClientHello; for anything else it returns None and the code below
 # decides (so rejections keep their reasons and messages). This module stays the reference.
@@ -319,8 +319,15 @@ def select_parser(wanted: str | None = None) -> tuple[str, str]:
             f"the compiled parser sniproxy.proxy._clienthello is not built ({_COMPILED_MISSING}); "
             "fix: install gcc and python3-dev, then reinstall the package")
     else:
-        _clienthello.configure(ClientHello, tuple(f.name for f in fields(ClientHello)))
-        PARSER, PARSER_DETAIL = "compiled", ""
+        try:
+            # The C code fills these 7 fields in this order; a field added to ClientHello
+            # without teaching _clienthello.c lands here, not in half-built objects.
+            _clienthello.configure(ClientHello, tuple(f.name for f in fields(ClientHello)))
+            PARSER, PARSER_DETAIL = "compiled", ""
+        except (TypeError, ValueError) as exc:
+            PARSER, PARSER_DETAIL = "python", (
+                f"the compiled parser does not match this ClientHello ({exc}); fix: rebuild "
+                "the package (pip install -e .)")
     _fast = _clienthello.parse if PARSER == "compiled" else None
     return PARSER, PARSER_DETAIL
 
