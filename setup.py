@@ -1,9 +1,10 @@
 """Build hook: compile the BPF programs (`make bpf`) so sdists/wheels carry the .bpf.o objects,
-and the tcp_splice hand-over extension (sniproxy.ebpf._handover, issue 14).
+and the two C extensions of issue 14: the tcp_splice hand-over (sniproxy.ebpf._handover) and
+the ClientHello parser's common case (sniproxy.proxy._clienthello).
 
-A user installing the wheel needs libbpf1 at run time, not clang. The extension needs gcc and
-the Python headers at build time (python3-dev); the proxy runs without it (the Python
-hand-over), so a failed compile is reported, not fatal.
+A user installing the wheel needs libbpf1 at run time, not clang. The extensions need gcc and
+the Python headers at build time (python3-dev); the proxy runs without them (the Python
+hand-over, the Python parser), so a failed compile is reported, not fatal.
 """
 import shutil
 import subprocess
@@ -30,23 +31,36 @@ class BuildPyWithBpf(build_py):
         super().run()
 
 
+# What runs instead when an extension is not built, for the warning.
+WITHOUT = {
+    "sniproxy.ebpf._handover": "the tcp_splice hand-over will run in Python",
+    "sniproxy.proxy._clienthello": "ClientHellos will be parsed in Python only, slower per "
+                                   "new connection",
+}
+
+
+def _not_built(names, exc) -> None:
+    for name in names:
+        print(f"warning: {name} not built ({exc}); {WITHOUT.get(name, 'Python runs instead')} "
+              "(install gcc and python3-dev to build it)")
+
+
 class OptionalBuildExt(build_ext):
-    """The compiled hand-over is an optimisation: without a compiler or python3-dev the
-    package still installs and the hand-over runs in Python (/status says why)."""
+    """The compiled extensions are optimisations: without a compiler or python3-dev the
+    package still installs and their Python equivalents run (/status, `sni-proxy check` and
+    the log say which)."""
 
     def run(self):
         try:
             super().run()
         except Exception as exc:       # distutils/setuptools raise several error types
-            print(f"warning: sniproxy.ebpf._handover not built ({exc}); the tcp_splice "
-                  "hand-over will run in Python (install gcc and python3-dev to build it)")
+            _not_built([ext.name for ext in self.extensions], exc)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as exc:
-            print(f"warning: {ext.name} not built ({exc}); the tcp_splice hand-over will run "
-                  "in Python (install gcc and python3-dev to build it)")
+            _not_built([ext.name], exc)
 
 
 HANDOVER = Extension(
@@ -59,5 +73,12 @@ HANDOVER = Extension(
                         "-Wno-missing-field-initializers"],
 )
 
+CLIENTHELLO = Extension(
+    "sniproxy.proxy._clienthello",
+    sources=["src/sniproxy/proxy/_clienthello.c"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                        "-Wno-missing-field-initializers"],
+)
+
 setup(cmdclass={"build_py": BuildPyWithBpf, "build_ext": OptionalBuildExt},
-      ext_modules=[HANDOVER])
+      ext_modules=[HANDOVER, CLIENTHELLO])

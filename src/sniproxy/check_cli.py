@@ -69,8 +69,11 @@ def cli_check(argv: list[str]) -> int:
         ok = ok and capacity.get("ok", True)
 
     unit = _unit_lines(args.config) if args.config else None
+    from sniproxy.proxy import clienthello       # which parser new connections get (issue 14)
+    parser = {"parser": clienthello.PARSER, "detail": clienthello.PARSER_DETAIL}
     if args.json:
         data = report.to_dict()
+        data["clienthello_parser"] = parser
         if unit is not None:
             data["systemd_unit_lines"] = unit
         data["requested"] = {
@@ -96,6 +99,9 @@ def cli_check(argv: list[str]) -> int:
                 print("  With fallback_mode \"auto\" the proxy still runs, degraded: "
                       + "; ".join(f"{f}: {'active' if report.ok(f) else 'disabled'}"
                                   for f in features))
+        print(f"ClientHello parser: {parser['parser']}"
+              + (f" ({parser['detail']})" if parser["detail"] else
+                 " (sniproxy.proxy._clienthello, the Python parser behind it)"))
         if capacity is not None:
             print()
             print(capacity["text"])

@@ -1,5 +1,6 @@
 """The sans-IO ClientHello reader: real hellos, synthetic ones of every size, every split,
-every reject reason, and hypothesis for the inputs nobody thought of."""
+every reject reason, and hypothesis for the inputs nobody thought of; each test against both
+parsers (the `parser` fixture)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,21 @@ except ImportError:  # tests/ became a package
     )
 
 OUTCOMES = (ClientHello, NeedMore, Rejected)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["compiled", "python"])
+def parser(request: pytest.FixtureRequest):
+    """Every test here runs against both parsers: the compiled common case with the Python
+    parser behind it (the default), and the Python parser alone (SNI_PROXY_CLIENTHELLO=python).
+    Module scope: hypothesis refuses function-scoped fixtures around @given tests."""
+    from sniproxy.proxy import clienthello
+    chosen, why = clienthello.select_parser(request.param)
+    try:
+        if chosen != request.param:
+            pytest.fail(f"the {request.param} ClientHello parser does not run: {why}")
+        yield chosen
+    finally:
+        clienthello.select_parser()           # back to what the environment selects
 
 
 def pq_hello(**kwargs: object) -> bytes:
