@@ -487,6 +487,7 @@ def test_two_workers_share_the_port_and_metrics_aggregate(proxy_factory, backend
     p = proxy_factory(workers=2, routes=[{"match": "a.test", "backend": f"127.0.0.1:{backends['A']}"}])
     status = p.status()
     assert [w["alive"] for w in status["workers"]] == [True, True]
+    assert status["clienthello_parser"] == {"parser": "compiled"}, status["clienthello_parser"]
     n = 40
     for _ in range(n):
         with raw_connect(p) as s:

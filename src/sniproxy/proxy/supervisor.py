@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from sniproxy import __version__
 from sniproxy.config import ConfigError, config_file_warnings, load_config
 from sniproxy.proxy.portowner import port_in_use_hint
-from sniproxy.proxy import capacity
+from sniproxy.proxy import capacity, clienthello
 from sniproxy.proxy.server import create_listener
 from sniproxy.proxy.worker_process import encode_control, worker_main
 from sniproxy.telemetry import metrics as metrics_mod
@@ -380,6 +380,10 @@ class Supervisor:
             "workers": [{"index": s.index, "pid": s.pid, "alive": s.alive, "restarts": s.restarts}
                         for s in self.slots],
             "active_connections": self._active_connections(),
+            # Which ClientHello parser new connections get (the workers inherit the choice).
+            "clienthello_parser": {"parser": clienthello.PARSER,
+                                   **({"detail": clienthello.PARSER_DETAIL}
+                                      if clienthello.PARSER_DETAIL else {})},
             "ebpf": self.ebpf.status() if self.ebpf is not None else ebpf_off_status(self.config),
             "tracing": {"network": self.route_tcp.status() if self.route_tcp is not None else {
                 "state": "disabled", "reason": "ebpf.tracing.network is false in the config"}},
