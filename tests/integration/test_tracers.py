@@ -992,6 +992,25 @@ def test_network_bounds_user_space_ring_and_sockets():
     assert snap.stats["sockets_full"] >= 9
 
 
+def test_ring_reader_waits_for_events_without_holding_its_lock():
+    """snapshot() drains the ring under the lock the reader thread drains it under. The
+    reader once waited for events (ring_buffer__poll, 100 ms at a time) holding that lock and
+    took it back microseconds after each release, so a snapshot queued behind it, on a loaded
+    machine for seconds: `trace` commands printed and stopped after Ctrl-C that late. Idle,
+    the lock is free but for the reader's drains (microseconds every 100 ms)."""
+    from sniproxy.observe.tracing import EbpfNetworkTracer
+
+    with EbpfNetworkTracer(events=("connect",), pid=os.getpid()) as tracer:
+        lock = tracer._reader._rb_lock
+        free = 0
+        for _ in range(20):        # samples 10 ms apart: two poll periods
+            if lock.acquire(blocking=False):
+                lock.release()
+                free += 1
+            time.sleep(0.01)
+    assert free >= 15, f"the reader held its lock at {20 - free} of 20 samples"
+
+
 def test_memory_allocation_bound_is_counted(bins):
     from sniproxy.observe.tracing import EbpfMemoryTracer
 
