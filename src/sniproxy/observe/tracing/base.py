@@ -331,10 +331,10 @@ class RingReader:
         self._stop = threading.Event()
         self._rb: RingBuffer = RingBuffer(obj.map(map_name).fd, self._handle,
                                           what=f"{tracer.NAME} events ({map_name})")
-        # close() writes a byte here so the reader ends now, not at its next timeout.
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poller = select.poll()
         self._poller.register(self._rb.epoll_fd(), select.POLLIN)
+        # close() writes a byte here so the reader ends now, not at its next timeout.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poller.register(self._wake_r, select.POLLIN)
         self._thread = threading.Thread(target=self._run, name=f"sni-proxy-{tracer.NAME}",
                                         daemon=True)
