@@ -344,7 +344,7 @@ def netns_pair():
             ["ip", "netns", "exec", b, sys.executable, "-c", _SINK_SERVER, SERVER_IP,
              str(SERVER_PORT)], stdout=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "listening"
-        yield {"client_ns": a, "server_ns": b, "link": link}
+        yield {"client_ns": a, "server_ns": b, "link": link, "client_dev": ta}
     finally:
         for proc in (server, link):
             if proc is not None:
@@ -427,6 +427,28 @@ for case in sys.argv[1:]:
         libc = ctypes.CDLL(None, use_errno=True)
         assert libc.connect(s.fileno(), (ctypes.c_ubyte * 16)(), 16) == 0
         out["reset"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR); s.close()
+    elif kind == "spin":
+        # arg: CPU/DST/PORT/SRC,SRC,...: on that CPU, connect from each source address,
+        # reading SO_ERROR in a busy loop (sock_error() clears sk_err as it reads it); "early":
+        # the error was taken while the socket was still SYN_SENT, before the kernel's close ran
+        import os
+        cpu, dst, port, sources = arg.split("/")
+        os.sched_setaffinity(0, {int(cpu)})
+        errors, early = [], 0
+        for src in sources.split(","):
+            s = socket.socket(); s.bind((src, 0)); s.setblocking(False)
+            try: s.connect((dst, int(port)))
+            except BlockingIOError: pass
+            end = time.monotonic() + 5
+            e = 0
+            while not e and time.monotonic() < end:
+                e = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            early += e != 0 and state == 2    # TCP_SYN_SENT
+            errors.append(e); s.close()
+            if early >= 3:
+                break
+        out["spin"] = [errors, early]
 print(json.dumps(out), flush=True)
 """
 
@@ -499,6 +521,48 @@ def test_connect_failures_carry_their_reason(netns_pair):
                    (BLACKHOLE_IP, SERVER_PORT, "timed_out", errno.ETIMEDOUT),
                    (BLACKHOLE_IP, SERVER_PORT, "aborted", 0),
                    (BLACKHOLE_IP, SERVER_PORT, "reset", errno.ECONNRESET)], got
+
+
+def test_connect_reason_when_the_application_took_the_error_first(netns_pair):
+    """sk_err is read-and-cleared by SO_ERROR without the socket lock: an application reading
+    it on another CPU can take an ICMP error between the kernel storing it and the state
+    change the tracer sees, where it reads 0. The reason must still be unreachable (it came
+    out as reset: tcp_disconnect's ECONNRESET is also stored after the change). A RST and
+    the SYN timer close through the same race, but their window is a few instructions (the
+    ICMP's includes freeing the SYN) and each timer try costs a 1 s SYN RTO: not tested so."""
+    from sniproxy.observe.tracing import EbpfNetworkTracer
+
+    _netem(netns_pair, delay_ms=1)
+    # One source address per connect: B rate-limits the ICMP errors it sends per destination
+    # (ip_error and icmp_send share one token bucket: about two at once, then one per 2 s).
+    sources = [f"{NET}.{i}" for i in range(100, 200)]
+    subprocess.run(["ip", "-n", netns_pair["client_ns"], "-force", "-batch", "-"], text=True,
+                   input="".join(f"addr replace {src}/32 dev {netns_pair['client_dev']}\n"
+                                 for src in sources), capture_output=True, timeout=30, check=True)
+    # The race needs the application to run while the link process (in whose context the
+    # ICMP error is received) closes the socket: one CPU each, else the scheduler may well
+    # put them on one and the application never reads at the wrong moment.
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "this race needs two CPUs"
+    link_pid = netns_pair["link"].pid
+    link_cpus = os.sched_getaffinity(link_pid)
+    os.sched_setaffinity(link_pid, {cpus[0]})
+    try:
+        with EbpfNetworkTracer(events=("connect",), remote_ports=[SERVER_PORT]) as tracer:
+            errors, early = _client(netns_pair, f"spin:{cpus[1]}/{UNREACHABLE_IP}/{SERVER_PORT}/"
+                                                + ",".join(sources))["spin"]
+
+            def failed(s):
+                return [e for e in s.of_kind("connect_failed") if e.daddr == UNREACHABLE_IP]
+            snap = tracer.wait_for(lambda s: len(failed(s)) >= len(errors), timeout_s=10)
+    finally:
+        os.sched_setaffinity(link_pid, link_cpus)
+    assert errors == [errno.EHOSTUNREACH] * len(errors)
+    # the race happened (about one connect in ten on an idle 2-CPU machine; the client stops
+    # after three), else this test proved nothing
+    assert early >= 1, f"no error taken before the close in {len(errors)} connects"
+    got = [(e.saddr, e.reason, e.err) for e in failed(snap)]
+    assert got == [(src, "unreachable", errno.EHOSTUNREACH) for src in sources[:len(errors)]]
 
 
 def _retrans_segs(netns: dict) -> int:
@@ -926,6 +990,25 @@ def test_network_bounds_user_space_ring_and_sockets():
         snap = tracer.snapshot()
     assert len(snap.events) <= 1
     assert snap.stats["sockets_full"] >= 9
+
+
+def test_ring_reader_waits_for_events_without_holding_its_lock():
+    """snapshot() drains the ring under the lock the reader thread drains it under. The
+    reader once waited for events (ring_buffer__poll, 100 ms at a time) holding that lock and
+    took it back microseconds after each release, so a snapshot queued behind it, on a loaded
+    machine for seconds: `trace` commands printed and stopped after Ctrl-C that late. Idle,
+    the lock is free but for the reader's drains (microseconds every 100 ms)."""
+    from sniproxy.observe.tracing import EbpfNetworkTracer
+
+    with EbpfNetworkTracer(events=("connect",), pid=os.getpid()) as tracer:
+        lock = tracer._reader._rb_lock
+        free = 0
+        for _ in range(20):        # samples 10 ms apart: two poll periods
+            if lock.acquire(blocking=False):
+                lock.release()
+                free += 1
+            time.sleep(0.01)
+    assert free >= 15, f"the reader held its lock at {20 - free} of 20 samples"
 
 
 def test_memory_allocation_bound_is_counted(bins):

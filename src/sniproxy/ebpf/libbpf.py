@@ -1279,6 +1279,11 @@ class RingBuffer:
             _check_int(ret, f"consuming {self.what}")
         return max(ret, 0)
 
+    def epoll_fd(self) -> int:
+        """libbpf's epoll fd over the ring (readable when the kernel woke the reader): to
+        wait in select/poll without holding whatever serializes poll() and consume()."""
+        return ring_buffer_epoll_fd(self._ptr, self.what)
+
     def close(self) -> None:
         ptr, self._ptr = self._ptr, 0
         if ptr:
@@ -1406,3 +1411,16 @@ def prog_test_run(prog_fd: int, data: bytes, out_size: int = 65536) -> tuple[int
     ret = _require_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
     _check_int(ret, "BPF_PROG_TEST_RUN")
     return opts.retval, buf_out.raw[:opts.data_size_out]
+
+
+# --- tracer ring reader (flaky CLI stop): wait for the ring without holding its lock ------------
+if _lib is not None:
+    _lib.ring_buffer__epoll_fd.argtypes = [c_void_p]
+    _lib.ring_buffer__epoll_fd.restype = c_int
+
+
+def ring_buffer_epoll_fd(ptr: int, what: str = "ring buffer") -> int:
+    """``ring_buffer__epoll_fd``: the epoll fd ring_buffer__poll() waits on (libbpf >= 0.3)."""
+    if not ptr:
+        raise BpfError(f"epoll fd of {what}", errno_mod.EBADF, hint="the reader is closed")
+    return _check_int(_require_lib().ring_buffer__epoll_fd(ptr), f"epoll fd of {what}")

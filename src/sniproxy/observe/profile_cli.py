@@ -17,12 +17,12 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from typing import TextIO
 
 from .config import ConfigValidationError, ProfilerConfig, create_recommended_config
 from .profiler import EbpfCpuProfiler, Overhead, Profile, ProfilerError
+from .signal_event import SignalSafeEvent
 
 OUTPUT_KINDS = {".svg": "flame graph SVG", ".pb.gz": "pprof", ".pprof": "pprof",
                 ".folded": "folded stacks", ".txt": "folded stacks"}
@@ -217,7 +217,8 @@ def cli_profile(argv: list[str]) -> int:
     err: TextIO = sys.stderr
     if config is None:
         return 2
-    stop = threading.Event()
+    # Not a threading.Event: set() from the handler could deadlock (signal_event.py).
+    stop = SignalSafeEvent()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     profiler = EbpfCpuProfiler(config, include_idle=args.include_idle)
     try:
@@ -225,6 +226,7 @@ def cli_profile(argv: list[str]) -> int:
     except ProfilerError as exc:
         print(f"sni-proxy profile: cannot start: {exc}", file=err)
         _restore(previous)
+        stop.close()
         return 1
     try:
         end_reason = _sample_until_done(profiler, args, stop, err)
@@ -233,6 +235,7 @@ def cli_profile(argv: list[str]) -> int:
         if profiler.running:
             profiler.stop()
         _restore(previous)
+        stop.close()
         if args.metrics_file:
             # A stopped profiler costs nothing: stale figures would keep an alert firing.
             try:
@@ -269,7 +272,7 @@ def _parse_args(argv: list[str]):
     return args, config
 
 
-def _sample_until_done(profiler: EbpfCpuProfiler, args, stop: threading.Event,
+def _sample_until_done(profiler: EbpfCpuProfiler, args, stop: SignalSafeEvent,
                        err: TextIO) -> str:
     """Wake once a second: duration, exited targets, the metrics file, a progress line.
     Returns why sampling ended."""

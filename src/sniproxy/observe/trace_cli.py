@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 import time
 from typing import Callable
 
+from .signal_event import SignalSafeEvent
 from .tracing import format as fmt
 from .tracing.base import TracerError
 
@@ -251,10 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- running --------------------------------------------------------------------------------
 class _Stopper:
-    """Ctrl-C / SIGTERM / duration end -> one event the main loop waits on."""
+    """Ctrl-C / SIGTERM / duration end -> one event the main loop waits on (a SignalSafeEvent:
+    a threading.Event set from the handler could deadlock the main thread)."""
 
     def __init__(self, duration: float | None) -> None:
-        self.event = threading.Event()
+        self.event = SignalSafeEvent()
         self.deadline = time.monotonic() + duration if duration else None
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.event.set())

@@ -184,24 +184,52 @@ static __always_inline void fill_flow(struct tcp_event *e, const struct sock *sk
 
 #define SHUTDOWN_MASK 3		/* RCV_SHUTDOWN | SEND_SHUTDOWN (include/net/sock.h) */
 #define ECONNRESET 104
+#define ECONNREFUSED 111
+#define ETIMEDOUT 110
+#define EHOSTUNREACH 113
 
 /* sk_err of a connect that left SYN_SENT for CLOSE, as the application will see it.
- * tcp_reset() (RST answering the SYN: ECONNREFUSED), ICMP errors and the SYN timer
- * (ETIMEDOUT) set sk_err before the state change; tcp_disconnect() (connect(AF_UNSPEC) on a
- * connecting socket, or the kernel aborting it) sets ECONNRESET just after it, so the
- * tracepoint reads 0 there. An application's close() marks the socket fully shut down
- * first (__tcp_close), and a connect that failed before its SYN left (no local port:
- * inet_hash_connect) has sent nothing: both keep 0, "aborted". */
+ *
+ * tcp_reset() (RST answering the SYN: ECONNREFUSED), ICMP errors (tcp_v4_err/tcp_v6_err)
+ * and the SYN timer (tcp_write_err: sk_err_soft or ETIMEDOUT) store sk_err before the state
+ * change; tcp_disconnect() (connect(AF_UNSPEC) or shutdown() on a connecting socket)
+ * stores ECONNRESET just after it, so the tracepoint reads 0 there. An application's
+ * close() marks the socket fully shut down first (__tcp_close), and a connect that failed
+ * before its SYN left (no local port: inet_hash_connect) has sent nothing: both keep 0,
+ * "aborted".
+ *
+ * sk_err is also read-and-cleared by the application (SO_ERROR, sock_error()) without the
+ * socket lock: an application that polls or reads SO_ERROR on another CPU between the
+ * kernel storing the error and this tracepoint takes it first, and sk_err reads 0 here
+ * (seen under load: three tracers on one close, the first read EHOSTUNREACH and the second
+ * 0). So 0 is not taken as "disconnected": what closed the socket says which error it was.
+ *  - the SYN timer gave up: tcp_write_timer_handler() clears icsk_pending before running
+ *    tcp_retransmit_timer(), every other path closes with the timer still pending;
+ *  - a RST: the only segment that closes a SYN_SENT socket, and tcp_v4_rcv/tcp_v6_rcv
+ *    count every segment in segs_in before processing it (an ICMP error is not counted);
+ *  - tcp_disconnect(): runs in the process that holds the socket lock (lock_sock), while
+ *    softirq paths (ICMP, RST, timer) only close a socket nobody owns;
+ *  - else an ICMP error: its errno is not kept anywhere else, but one that came while the
+ *    socket was locked is in sk_err_soft; EHOSTUNREACH otherwise (host and admin-prohibited
+ *    unreachables, time exceeded: the usual ones). */
 static __always_inline int connect_error(const struct sock *sk)
 {
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 	int err = BPF_CORE_READ(sk, sk_err);
+	int soft;
 
 	if (err)
 		return err;
-	if (BPF_CORE_READ(sk, sk_shutdown) != SHUTDOWN_MASK &&
-	    BPF_CORE_READ((const struct tcp_sock *)sk, segs_out) > 0)
+	if (BPF_CORE_READ(sk, sk_shutdown) == SHUTDOWN_MASK || BPF_CORE_READ(tp, segs_out) == 0)
+		return 0;
+	soft = BPF_CORE_READ(sk, sk_err_soft);
+	if (!BPF_CORE_READ((const struct inet_connection_sock *)sk, icsk_pending))
+		return soft ? soft : ETIMEDOUT;
+	if (BPF_CORE_READ(tp, segs_in) > 0)
+		return ECONNREFUSED;
+	if (BPF_CORE_READ(sk, sk_lock.owned))
 		return ECONNRESET;
-	return 0;
+	return soft ? soft : EHOSTUNREACH;
 }
 
 static __always_inline struct tcp_event *reserve(void)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from collections import deque
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: How long the reader thread waits in one ring_buffer__poll: the bound on how late stop()
-#: notices and on how stale snapshot() can be before its own consume().
+#: How long the reader thread waits for a wake-up before it drains the ring anyway: the bound
+#: on how stale events are before someone reads them (snapshot() drains them itself).
 POLL_TIMEOUT_MS = 100
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 HOOK_TP_BTF, HOOK_RAW_TP = "tp_btf", "raw_tp"
@@ -296,8 +297,16 @@ def overhead_report(profiler: Any = None, tracers: tuple[BaseTracer, ...] = ()) 
 class RingReader:
     """A thread draining one ring buffer into a bounded deque (and an optional callback).
 
-    The reader polls every POLL_TIMEOUT_MS: events are at most that late in a snapshot
-    taken without flush() (snapshot() flushes).
+    The reader drains the ring every POLL_TIMEOUT_MS, or sooner when the BPF side wakes it
+    (ring a quarter full): events are at most that late in a snapshot taken without flush()
+    (snapshot() flushes).
+
+    It waits in poll() on libbpf's epoll fd and a wake-up pipe without holding the lock that
+    serializes consume() calls: with ring_buffer__poll() under that lock (100 ms at a time)
+    flush() from another thread queued behind it, and as the reader took the lock again a
+    few microseconds after releasing it, a waiting thread woken by the release usually found
+    it taken already; on a loaded machine a snapshot waited seconds, and `trace` commands
+    were that late to print and to stop after Ctrl-C.
 
     At the bound the oldest events are dropped and counted (`dropped`), so a snapshot never
     grows without limit; events the kernel could not even queue are the BPF side's
@@ -316,11 +325,17 @@ class RingReader:
         self.received = 0
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
-        # libbpf's ring_buffer is not thread-safe: poll (reader) and consume (flush) take turns.
+        # libbpf's ring_buffer is not thread-safe: the reader's and flush()'s consume() take
+        # turns; held only while records are handled, never while waiting for them.
         self._rb_lock = threading.Lock()
         self._stop = threading.Event()
         self._rb: RingBuffer = RingBuffer(obj.map(map_name).fd, self._handle,
                                           what=f"{tracer.NAME} events ({map_name})")
+        self._poller = select.poll()
+        self._poller.register(self._rb.epoll_fd(), select.POLLIN)
+        # close() writes a byte here so the reader ends now, not at its next timeout.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller.register(self._wake_r, select.POLLIN)
         self._thread = threading.Thread(target=self._run, name=f"sni-proxy-{tracer.NAME}",
                                         daemon=True)
         self._thread.start()
@@ -341,11 +356,11 @@ class RingReader:
         t = time.thread_time_ns()
         try:
             while not self._stop.is_set():
+                # The BPF side wakes us only when the ring fills up (a quarter): after a quiet
+                # wait, take what was queued without a wake-up all the same.
+                self._poller.poll(POLL_TIMEOUT_MS)
                 with self._rb_lock:
-                    # The BPF side wakes us only when the ring fills up: after a quiet
-                    # poll, take what was queued without a wake-up.
-                    if self._rb.poll(POLL_TIMEOUT_MS) == 0:
-                        self._rb.consume()
+                    self._rb.consume()
                 now = time.thread_time_ns()
                 self._tracer._add_cpu(now - t)
                 t = now
@@ -374,8 +389,16 @@ class RingReader:
 
     def close(self) -> None:
         self._stop.set()
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass        # full (a wake-up is pending) or closed already (second close())
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         with self._rb_lock:
             self._rb.consume()
             self._rb.close()
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
