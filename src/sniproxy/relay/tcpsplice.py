@@ -226,8 +226,10 @@ class TcpSpliceRelay:
                 # Sequence spans, not the sum of payloads (that counts retransmissions twice).
                 # A direction that ended with a FIN ends exactly before it; otherwise the
                 # highest byte seen (a plain max in BPF, which two CPUs can race).
-                up, down = (ts.seq_span(self.starts[d], st.fin_seq[d] - 1) if st.fin[d]
-                            else ts.seq_span(self.starts[d], st.nxt[d]) for d in (0, 1))
+                # (ts.seq_span, inline: this runs for every finished connection)
+                start_up, start_down = self.starts
+                up = ((st.fin_seq[0] - 1 if st.fin[0] else st.nxt[0]) - start_up) & 0xFFFFFFFF
+                down = ((st.fin_seq[1] - 1 if st.fin[1] else st.nxt[1]) - start_down) & 0xFFFFFFFF
                 up = max(self.handed_over, up)
         except OSError:
             pass
