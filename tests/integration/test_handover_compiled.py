@@ -23,6 +23,7 @@ from tests.integration.test_sockstate import reader  # noqa: F401  (fixture)
 from tests.integration.test_tcp_splice import (
     HELLO, MiB, EchoBackend, Proxy, _tag, spliced, stream_sha, upload_download,
 )
+from tests.hidden_module import sitecustomize_hiding
 
 pytestmark = pytest.mark.ebpf
 ROW = 2                       # the ring index (counter row) the tests arm with
@@ -259,21 +260,7 @@ def test_both_paths_arm_and_count_the_same(ns_dp, handover):
         assert not client_kept, mode
 
 
-BLOCK_HANDOVER = '''\
-import sys
-
-
-class _HideHandover:
-    """As if the extension had not been built (no compiler at install)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "sniproxy.ebpf._handover":
-            raise ImportError("hidden by the test")
-        return None
-
-
-sys.meta_path.insert(0, _HideHandover())
-'''
+BLOCK_HANDOVER = sitecustomize_hiding('sniproxy.ebpf._handover')
 
 
 def test_without_the_extension_the_python_hand_over_runs_and_status_says_so(

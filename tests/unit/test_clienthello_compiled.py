@@ -43,6 +43,7 @@ from tests.unit.hello_builder import (
     vec8,
     vec16,
 )
+from tests.hidden_module import sitecustomize_hiding
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -477,21 +478,7 @@ print(json.dumps({"parser": ch.PARSER, "detail": ch.PARSER_DETAIL, "sni": hello.
                   "fast": ch._fast is not None}))
 """
 
-HIDE_EXTENSION = '''\
-import sys
-
-
-class _HideClientHello:
-    """As if the extension had not been built (no compiler at install)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "sniproxy.proxy._clienthello":
-            raise ImportError("hidden by the test")
-        return None
-
-
-sys.meta_path.insert(0, _HideClientHello())
-'''
+HIDE_EXTENSION = sitecustomize_hiding('sniproxy.proxy._clienthello')
 
 
 def _probe(env_value: str | None, pythonpath: str = "") -> tuple[dict, str]:
