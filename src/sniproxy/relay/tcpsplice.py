@@ -676,22 +676,19 @@ class WorkerSplice:
                                        relay.slot, relay.gen)
             if problem is not None:
                 log.warning("tcp_splice: removing flow %d: %s", relay.slot, problem)
-            if relay.backend_fd >= 0:
-                _handover.close_silently(relay.backend_fd)
-                relay.backend_fd = -1
         else:
             try:
                 # Only the keys still of this flow (slot, generation): see delete_keys.
                 self.dp.delete_keys(list(relay.keys), relay.slot, relay.gen)
             except OSError as exc:
                 log.warning("tcp_splice: removing flow %d: %s", relay.slot, exc)
-            if relay.backend_fd >= 0:
-                ts.close_silently(relay.backend_fd)
-                relay.backend_fd = -1
             try:
                 self.dp.release_slot(relay.slot)
             except OSError:
                 pass
+        if relay.backend_fd >= 0:
+            self._close_silently(relay.backend_fd)
+            relay.backend_fd = -1
         if self._by_slot.get(relay.slot) is relay:
             del self._by_slot[relay.slot]
         self.counters.add("ts_removed")
