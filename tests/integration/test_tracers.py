@@ -475,9 +475,18 @@ def test_connect_latency_under_netem_delay(netns_pair):
     from sniproxy.observe.tracing import EbpfNetworkTracer
 
     _netem(netns_pair, delay_ms=20)
-    with EbpfNetworkTracer(events=("connect",), remote_ports=[SERVER_PORT]) as tracer:
-        seen = _client(netns_pair, "ok:10", "ss")
-        snap = tracer.wait_for(lambda s: len(s.of_kind("connect")) >= 11, timeout_s=10)
+    # sch_netem sends a delayed packet from a kernel timer, on time whatever else runs; the
+    # user-space link is a process the scheduler may leave waiting behind busy ones (two busy
+    # loops on 2 CPUs made its median connect 22.9 ms). A real-time priority, for this test
+    # only, keeps it on time as the wire it stands for: the tracer is what is measured here.
+    link_pid = netns_pair["link"].pid
+    os.sched_setscheduler(link_pid, os.SCHED_FIFO, os.sched_param(10))
+    try:
+        with EbpfNetworkTracer(events=("connect",), remote_ports=[SERVER_PORT]) as tracer:
+            seen = _client(netns_pair, "ok:10", "ss")
+            snap = tracer.wait_for(lambda s: len(s.of_kind("connect")) >= 11, timeout_s=10)
+    finally:
+        os.sched_setscheduler(link_pid, os.SCHED_OTHER, os.sched_param(0))
     mine = [e for e in snap.of_kind("connect") if e.saddr == CLIENT_IP]
     assert len(mine) == 11
     # the last one against `ss -ti`'s rtt of the same socket, both within 2 ms of 20 ms
