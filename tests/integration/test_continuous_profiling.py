@@ -138,11 +138,15 @@ def test_drain_empties_the_maps_and_counts_each_sample_once(ebpf, burns):
     from sniproxy.observe.config import EbpfConfig
     from sniproxy.observe.profiler import MAP_COUNTS, MAP_STACKS, EbpfCpuProfiler
 
-    b = burns("ratio", 10)
+    b = burns("ratio", 120)     # killed below once sampled: it must outlast a slow machine's waits
     with EbpfCpuProfiler(EbpfConfig().with_pids(b.pid).with_sample_rate(199)) as profiler:
-        time.sleep(0.7)     # sampling time, not synchronisation
+        # Samples follow the CPU time burn gets, not the wall clock: 0.7 s of wall gave it 31
+        # samples (not ~140) on 2 CPUs shared with busy loops. Wait for the kernel's count.
+        def sampled(n: int) -> None:
+            wait_until(lambda: profiler.stats().samples >= n, 60, f"{n} samples in the kernel")
+        sampled(140)
         first = profiler.drain()
-        time.sleep(0.7)
+        sampled(profiler.stats().samples + 140)
         second = profiler.drain()
         left = profiler._obj.map(MAP_COUNTS).count()
         b.kill()
