@@ -16,7 +16,8 @@ from tests.ebpf_required import skip_or_fail
 from tests.integration.harness import ProxyProcess, base_config, free_ports, make_pki, tls_backend, wait_until
 from tests.integration.otlp_receiver import GrpcReceiver
 from tests.integration.test_otlp_metrics import otlp_env, request
-from tests.integration.test_profiler import assert_sample_count, burn_bin, burns, ebpf, on_cpu_s  # noqa: F401
+from tests.integration.test_profiler import (  # noqa: F401
+    assert_sample_count, assert_split, burn_bin, burns, ebpf, on_cpu_s)
 
 NAME = "a.test"
 
@@ -131,7 +132,7 @@ def test_continuous_profiling_30s_at_19hz(ebpf, proxy, burns, pki, tmp_path):
     flat = go_pprof_top(files)
     a, bb = flat.get("burn_a", 0), flat.get("burn_b", 0)
     assert a + bb > 0.9, flat
-    assert abs(a / (a + bb) - 0.70) <= 0.05, flat
+    assert_split(a, bb, samples[-1])
 
 
 def test_drain_empties_the_maps_and_counts_each_sample_once(ebpf, burns):
