@@ -37,6 +37,16 @@ def assert_sample_count(n: int, rate: int, cpu_s: float, rel: float = 0.10) -> N
     assert abs(n - expected) <= tolerance, f"{n} samples, expected {expected:.0f} +- {tolerance:.0f}"
 
 
+def assert_split(share_a: float, share_b: float, n: int, expected: float = 0.70) -> None:
+    """burn_a's part of burn_a + burn_b within 5 points of `expected`, or within 4 sigma of the
+    sampling noise of n samples when a loaded machine gave the burner fewer (its 30 us slices
+    are far below the sampling period: each sample is an independent draw, binomial)."""
+    split = share_a / (share_a + share_b)
+    tolerance = max(0.05, 4 * math.sqrt(expected * (1 - expected) / max(n, 1)))
+    assert abs(split - expected) <= tolerance, \
+        f"burn_a {split:.3f} of {n} samples, expected {expected} +- {tolerance:.3f} ({share_a}, {share_b})"
+
+
 def on_cpu_s(pid: int) -> float:
     """Time `pid`'s threads spent on a CPU so far (ns-precise, /proc/PID/schedstat per thread)."""
     total = 0
@@ -130,8 +140,7 @@ def test_known_ratio_and_sample_count(ebpf, burns):
     share_a = profile.function_share("burn_a", tgid=b.pid)
     share_b = profile.function_share("burn_b", tgid=b.pid)
     assert share_a + share_b > 0.9, (share_a, share_b)
-    split_a = share_a / (share_a + share_b)
-    assert abs(split_a - 0.70) <= 0.05, (share_a, share_b)
+    assert_split(share_a, share_b, profile.samples_of(b.pid))
     top = [f.name for f in profile.top_functions(2, tgid=b.pid)]
     assert top == ["burn_a", "burn_b"]
     # clang + frame pointers: complete user stacks, the caller `run` is on (nearly) all of them

@@ -431,11 +431,21 @@ for case in sys.argv[1:]:
         # arg: CPU/DST/PORT/SRC,SRC,...: on that CPU, connect from each source address,
         # reading SO_ERROR in a busy loop (sock_error() clears sk_err as it reads it); "early":
         # the error was taken while the socket was still SYN_SENT, before the kernel's close ran
+        # "soft": the ICMP came while this process held the socket lock (preempted inside
+        # connect() on a loaded machine): the kernel then keeps the error in sk_err_soft and
+        # does not close the socket; SO_ERROR hands that out too (and clears it), and the
+        # close that follows is this process's own, with no error left in the socket. Seen
+        # as TcpExt LockDroppedIcmps moving in this namespace.
         import os
+        def lock_dropped_icmps():
+            with open("/proc/net/netstat") as f:
+                lines = [ln.split() for ln in f if ln.startswith("TcpExt:")]
+            return int(lines[1][lines[0].index("LockDroppedIcmps")])
         cpu, dst, port, sources = arg.split("/")
         os.sched_setaffinity(0, {int(cpu)})
-        errors, early = [], 0
+        errors, early, soft = [], 0, []
         for src in sources.split(","):
+            dropped = lock_dropped_icmps()
             s = socket.socket(); s.bind((src, 0)); s.setblocking(False)
             try: s.connect((dst, int(port)))
             except BlockingIOError: pass
@@ -444,11 +454,12 @@ for case in sys.argv[1:]:
             while not e and time.monotonic() < end:
                 e = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-            early += e != 0 and state == 2    # TCP_SYN_SENT
+            soft.append(lock_dropped_icmps() != dropped)
+            early += e != 0 and state == 2 and not soft[-1]   # TCP_SYN_SENT
             errors.append(e); s.close()
             if early >= 3:
                 break
-        out["spin"] = [errors, early]
+        out["spin"] = [errors, early, soft]
 print(json.dumps(out), flush=True)
 """
 
@@ -475,9 +486,18 @@ def test_connect_latency_under_netem_delay(netns_pair):
     from sniproxy.observe.tracing import EbpfNetworkTracer
 
     _netem(netns_pair, delay_ms=20)
-    with EbpfNetworkTracer(events=("connect",), remote_ports=[SERVER_PORT]) as tracer:
-        seen = _client(netns_pair, "ok:10", "ss")
-        snap = tracer.wait_for(lambda s: len(s.of_kind("connect")) >= 11, timeout_s=10)
+    # sch_netem sends a delayed packet from a kernel timer, on time whatever else runs; the
+    # user-space link is a process the scheduler may leave waiting behind busy ones (two busy
+    # loops on 2 CPUs made its median connect 22.9 ms). A real-time priority, for this test
+    # only, keeps it on time as the wire it stands for: the tracer is what is measured here.
+    link_pid = netns_pair["link"].pid
+    os.sched_setscheduler(link_pid, os.SCHED_FIFO, os.sched_param(10))
+    try:
+        with EbpfNetworkTracer(events=("connect",), remote_ports=[SERVER_PORT]) as tracer:
+            seen = _client(netns_pair, "ok:10", "ss")
+            snap = tracer.wait_for(lambda s: len(s.of_kind("connect")) >= 11, timeout_s=10)
+    finally:
+        os.sched_setscheduler(link_pid, os.SCHED_OTHER, os.sched_param(0))
     mine = [e for e in snap.of_kind("connect") if e.saddr == CLIENT_IP]
     assert len(mine) == 11
     # the last one against `ss -ti`'s rtt of the same socket, both within 2 ms of 20 ms
@@ -549,8 +569,8 @@ def test_connect_reason_when_the_application_took_the_error_first(netns_pair):
     os.sched_setaffinity(link_pid, {cpus[0]})
     try:
         with EbpfNetworkTracer(events=("connect",), remote_ports=[SERVER_PORT]) as tracer:
-            errors, early = _client(netns_pair, f"spin:{cpus[1]}/{UNREACHABLE_IP}/{SERVER_PORT}/"
-                                                + ",".join(sources))["spin"]
+            errors, early, soft = _client(netns_pair, f"spin:{cpus[1]}/{UNREACHABLE_IP}/{SERVER_PORT}/"
+                                                      + ",".join(sources))["spin"]
 
             def failed(s):
                 return [e for e in s.of_kind("connect_failed") if e.daddr == UNREACHABLE_IP]
@@ -562,7 +582,14 @@ def test_connect_reason_when_the_application_took_the_error_first(netns_pair):
     # after three), else this test proved nothing
     assert early >= 1, f"no error taken before the close in {len(errors)} connects"
     got = [(e.saddr, e.reason, e.err) for e in failed(snap)]
-    assert got == [(src, "unreachable", errno.EHOSTUNREACH) for src in sources[:len(errors)]]
+    # A soft error taken by the application (see the client) leaves nothing in the socket for
+    # the tracer: the application's close of a connecting socket is "aborted" (seen once in
+    # a suite run with busy loops, I/O and memory churn), unless the SYN's retry brought the
+    # error again before the application read it.
+    assert len(got) == len(errors), (got, errors)
+    for row, src, was_soft in zip(got, sources, soft):
+        allowed = [(src, "unreachable", errno.EHOSTUNREACH)] + ([(src, "aborted", 0)] if was_soft else [])
+        assert row in allowed, (got, soft)
 
 
 def _retrans_segs(netns: dict) -> int:
