@@ -11,10 +11,11 @@ run_cnt of sni_proxy_tse (egress: splices each packet in place on lo) and sni_pr
 {"rr": {prog: [ns per run, runs]}, "bulk": {...}}. Bounded: the proxy, the namespace and the
 sysctl are undone on exit.
 """
-import json, os, socket, subprocess, sys, threading, time
-sys.path.insert(0, os.getcwd())
+import json, os, socket, subprocess, sys, time
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tests.integration.netns import Topology, run_in
 from tests.integration.harness import client_hello_bytes
+from bench.splice_backend import start_hello_backend
 HELLO = client_hello_bytes("data.test")
 RR = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
 BULK = 256 << 20
@@ -32,29 +33,7 @@ t = Topology.loopback(f"p{os.getpid() % 1000}")
 p = None
 subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
 try:
-    def backend():
-        ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind((t.backend_ip, 9443)); ls.listen(16)
-        def serve(c):
-            n = 0
-            while n < len(HELLO): n += len(c.recv(65536))
-            c.sendall(b"k")
-            m = c.recv(1)
-            if m == b"B":
-                buf = bytearray(1 << 20)
-                while c.recv_into(buf): pass
-                c.sendall(b"done")
-            else:
-                while True:
-                    d = c.recv(1)
-                    if not d: break
-                    c.sendall(d)
-            c.close()
-        def loop():
-            while True:
-                c, _ = ls.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-        threading.Thread(target=loop, daemon=True).start()
-    run_in(t.backend, backend)
+    run_in(t.backend, start_hello_backend, t.backend_ip, 9443, HELLO)
     cfg = {"listen_addr": f"{t.proxy_client_ip}:8443", "metrics_addr": None, "workers": 1,
            "default_backend": f"{t.backend_ip}:9443", "log": {"access_log": False},
            "ebpf": {"enabled": True, "dns_cache": {"pin_path": None}, "tcp_splice": {"enabled": True, "linger_s": 1.0}}}

@@ -3,39 +3,18 @@
 #   .venv/bin/python bench/tcp_splice_veth_sanity.py {direct,tcp_splice,sockmap,userspace}
 """Three netns (client, proxy, backend) over veth: direct (routed through the proxy ns) vs
 through sni-proxy with a relay kind. Bulk 1 GiB up, RR 1-byte ping-pong 3 s."""
-import json, os, socket, subprocess, sys, threading, time
+import json, os, socket, subprocess, sys, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tests.integration.netns import Topology, run_in, nsexec
 from tests.integration.harness import client_hello_bytes
+from bench.splice_backend import start_hello_backend
 HELLO = client_hello_bytes("data.test")
 BULK = 1 << 30
 mode = sys.argv[1]
 t = Topology.three(f"bv{os.getpid() % 1000}")
 try:
     nsexec(t.proxy, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    def backend():
-        ls = socket.socket(); ls.bind((t.backend_ip, 9443)); ls.listen(16)
-        def serve(c):
-            n = 0
-            while n < len(HELLO):
-                n += len(c.recv(65536))
-            c.sendall(b"k")
-            m = c.recv(1)
-            if m == b"B":
-                buf = bytearray(1 << 20)
-                while c.recv_into(buf): pass
-                c.sendall(b"done")
-            else:
-                while True:
-                    d = c.recv(1)
-                    if not d: break
-                    c.sendall(d)
-            c.close()
-        def loop():
-            while True:
-                c, _ = ls.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-        threading.Thread(target=loop, daemon=True).start()
-    run_in(t.backend, backend)
+    run_in(t.backend, start_hello_backend, t.backend_ip, 9443, HELLO)
     target = (t.backend_ip, 9443)
     p = None
     if mode != "direct":
